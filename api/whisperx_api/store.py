@@ -1,0 +1,261 @@
+"""Redis layout shared by the status writers and the gateways (docs/architecture.md).
+
+Bulk data (transcripts, logs) and the Replicate-facing record live here, never in etcd.
+Every record change is published on one channel so gateways can wake `Prefer: wait`
+requests without polling.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from whisperx_api.records import PredictionRecord
+
+EVENTS_CHANNEL = "wx:events"
+WEBHOOKS_DUE = "wx:wh:due"
+
+
+def _key(namespace: str, prediction_id: str, part: str) -> str:
+    return f"wx:p:{namespace}:{prediction_id}:{part}"
+
+
+def index_key(namespace: str) -> str:
+    return f"wx:idx:{namespace}"
+
+
+def output_key(namespace: str, prediction_id: str) -> str:
+    return _key(namespace, prediction_id, "out")
+
+
+def _delivery_key(delivery_id: str) -> str:
+    return f"wx:wh:d:{delivery_id}"
+
+
+# Applies a report sequence number only if it moves forward (atomic on the server).
+_ADVANCE_SEQ = """
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+local seq = tonumber(ARGV[1])
+if seq > current then
+  redis.call('SET', KEYS[1], seq)
+  return 1
+end
+return 0
+"""
+
+# Enqueues a delivery unless one with the same `once` marker was enqueued before, so a
+# terminal webhook re-sent after a crash-and-resume is queued exactly once.
+_ENQUEUE_ONCE = """
+if ARGV[1] ~= '' then
+  if redis.call('SET', ARGV[1], '1', 'NX') == false then
+    return 0
+  end
+end
+redis.call('HSET', KEYS[1], 'url', ARGV[2], 'body', ARGV[3], 'event', ARGV[4],
+           'ns', ARGV[5], 'id', ARGV[6], 'attempts', 0)
+redis.call('ZADD', KEYS[2], ARGV[7], ARGV[8])
+return 1
+"""
+
+# Takes due deliveries and leases them (pushes their due time forward) in one step, so
+# two delivery loops never send the same attempt.
+_LEASE_DUE = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+for _, id in ipairs(ids) do
+  redis.call('ZADD', KEYS[1], ARGV[3], id)
+end
+return ids
+"""
+
+
+@dataclass
+class PredictionView:
+    record: PredictionRecord
+    output: Any
+    logs: str
+
+
+@dataclass
+class WebhookDelivery:
+    id: str
+    url: str
+    body: str
+    event: str
+    namespace: str
+    prediction_id: str
+    attempts: int = 0
+
+
+class Store:
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.redis = client
+        self._advance_seq = client.register_script(_ADVANCE_SEQ)
+        self._lease_due = client.register_script(_LEASE_DUE)
+        self._enqueue_once = client.register_script(_ENQUEUE_ONCE)
+
+    @classmethod
+    def from_url(cls, url: str) -> Store:
+        return cls(aioredis.Redis.from_url(url, decode_responses=True))
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    # --- records ---
+
+    async def put_record(self, record: PredictionRecord) -> None:
+        """Stores the record, indexes it for listing, and tells waiting gateways."""
+        created = record.state.created_at
+        score = created.timestamp() if created else time.time()
+        event = {"ns": record.namespace, "id": record.id, "status": record.state.phase.value}
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(_key(record.namespace, record.id, "rec"), json.dumps(record.to_json()))
+            pipe.zadd(index_key(record.namespace), {record.id: score})
+            pipe.publish(EVENTS_CHANNEL, json.dumps(event))
+            await pipe.execute()
+
+    async def get_record(self, namespace: str, prediction_id: str) -> PredictionRecord | None:
+        raw = await self.redis.get(_key(namespace, prediction_id, "rec"))
+        return PredictionRecord.from_json(json.loads(raw)) if raw else None
+
+    async def get_view(self, namespace: str, prediction_id: str) -> PredictionView | None:
+        """Record, output and logs in one round trip."""
+        rec, out, logs = await self.redis.mget(
+            _key(namespace, prediction_id, "rec"),
+            output_key(namespace, prediction_id),
+            _key(namespace, prediction_id, "logs"),
+        )
+        if rec is None:
+            return None
+        return PredictionView(
+            record=PredictionRecord.from_json(json.loads(rec)),
+            output=json.loads(out) if out else None,
+            logs=str(logs or ""),
+        )
+
+    async def list_ids(
+        self, namespace: str, *, before: float | None = None, limit: int = 100
+    ) -> list[tuple[str, float]]:
+        """Ids newest first, strictly older than `before` (a created time) when given."""
+        top = f"({before}" if before is not None else "+inf"
+        rows = await self.redis.zrevrangebyscore(
+            index_key(namespace), top, "-inf", start=0, num=limit, withscores=True
+        )
+        return [(str(row[0]), float(row[1])) for row in rows]
+
+    async def get_views(self, namespace: str, ids: list[str]) -> list[PredictionView]:
+        if not ids:
+            return []
+        keys: list[str] = []
+        for prediction_id in ids:
+            keys += [
+                _key(namespace, prediction_id, "rec"),
+                output_key(namespace, prediction_id),
+                _key(namespace, prediction_id, "logs"),
+            ]
+        values = await self.redis.mget(keys)
+        views = []
+        for i in range(0, len(values), 3):
+            rec, out, logs = values[i : i + 3]
+            if rec is not None:
+                views.append(
+                    PredictionView(
+                        PredictionRecord.from_json(json.loads(rec)),
+                        json.loads(out) if out else None,
+                        str(logs or ""),
+                    )
+                )
+        return views
+
+    # --- runner data ---
+
+    async def put_output(self, namespace: str, prediction_id: str, output: Any) -> None:
+        await self.redis.set(output_key(namespace, prediction_id), json.dumps(output))
+
+    async def append_logs(self, namespace: str, prediction_id: str, text: str) -> None:
+        if text:
+            await self.redis.append(_key(namespace, prediction_id, "logs"), text)
+
+    async def advance_seq(self, namespace: str, prediction_id: str, seq: int) -> bool:
+        """True when `seq` is newer than every report applied so far."""
+        applied = await self._advance_seq(keys=[_key(namespace, prediction_id, "seq")], args=[seq])
+        return bool(applied)
+
+    async def delete_prediction(self, namespace: str, prediction_id: str) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for part in ("rec", "out", "logs", "seq", "wh-completed"):
+                pipe.delete(_key(namespace, prediction_id, part))
+            pipe.zrem(index_key(namespace), prediction_id)
+            await pipe.execute()
+
+    # --- client webhook outbox ---
+
+    async def enqueue_webhook(
+        self,
+        *,
+        url: str,
+        body: str,
+        event: str,
+        namespace: str,
+        prediction_id: str,
+        once: bool = False,
+        due: float | None = None,
+    ) -> str | None:
+        """Queues a delivery; with `once`, at most one per prediction and event, ever.
+
+        Returns the delivery id, or None when a `once` delivery was queued before.
+        """
+        delivery_id = f"msg_{uuid.uuid4().hex}"
+        marker = _key(namespace, prediction_id, f"wh-{event}") if once else ""
+        queued = await self._enqueue_once(
+            keys=[_delivery_key(delivery_id), WEBHOOKS_DUE],
+            args=[
+                marker, url, body, event, namespace, prediction_id,
+                time.time() if due is None else due, delivery_id,
+            ],
+        )  # fmt: skip
+        return delivery_id if queued else None
+
+    async def lease_due_webhooks(
+        self, *, limit: int = 50, lease_seconds: float = 60.0
+    ) -> list[WebhookDelivery]:
+        now = time.time()
+        ids = await self._lease_due(keys=[WEBHOOKS_DUE], args=[now, limit, now + lease_seconds])
+        deliveries = []
+        for delivery_id in ids:
+            raw = await self.redis.hgetall(_delivery_key(delivery_id))
+            data = {str(k): str(v) for k, v in raw.items()}
+            if not data:
+                await self.redis.zrem(WEBHOOKS_DUE, delivery_id)
+                continue
+            deliveries.append(
+                WebhookDelivery(
+                    id=delivery_id,
+                    url=data["url"],
+                    body=data["body"],
+                    event=data["event"],
+                    namespace=data["ns"],
+                    prediction_id=data["id"],
+                    attempts=int(data.get("attempts", 0)),
+                )
+            )
+        return deliveries
+
+    async def finish_webhook(self, delivery_id: str) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zrem(WEBHOOKS_DUE, delivery_id)
+            pipe.delete(_delivery_key(delivery_id))
+            await pipe.execute()
+
+    async def retry_webhook(self, delivery_id: str, attempts: int, due: float) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(_delivery_key(delivery_id), "attempts", attempts)
+            pipe.zadd(WEBHOOKS_DUE, {delivery_id: due})
+            await pipe.execute()
+
+    async def pending_webhooks(self) -> int:
+        return int(await self.redis.zcard(WEBHOOKS_DUE))

@@ -1,0 +1,151 @@
+"""Client webhooks, signed as Replicate signs them (the Standard Webhooks scheme).
+
+Deliveries go through a Redis outbox (`Store.enqueue_webhook`), so a terminal webhook
+queued before an operator restart is still delivered after it. Terminal deliveries are
+retried with exponential backoff; `start`, `output` and `logs` are best effort, as on
+Replicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import hmac
+import logging
+import secrets
+import time
+from collections.abc import Iterable
+
+import aiohttp
+
+from whisperx_api.store import Store, WebhookDelivery
+
+log = logging.getLogger(__name__)
+
+SECRET_PREFIX = "whsec_"
+THROTTLED_EVENTS = frozenset({"logs", "output"})
+THROTTLE_SECONDS = 0.5
+
+
+def generate_secret() -> str:
+    return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+def _secret_bytes(secret: str) -> bytes:
+    return base64.b64decode(secret.removeprefix(SECRET_PREFIX))
+
+
+def signature(secret: str, message_id: str, timestamp: int, body: str) -> str:
+    signed = f"{message_id}.{timestamp}.{body}".encode()
+    digest = hmac.new(_secret_bytes(secret), signed, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(digest).decode()
+
+
+def signed_headers(
+    secret: str, message_id: str, body: str, timestamp: int | None = None
+) -> dict[str, str]:
+    ts = int(time.time()) if timestamp is None else timestamp
+    return {
+        "Content-Type": "application/json",
+        "webhook-id": message_id,
+        "webhook-timestamp": str(ts),
+        "webhook-signature": signature(secret, message_id, ts, body),
+    }
+
+
+class Throttle:
+    """At most one `logs`/`output` webhook per prediction every 500 ms."""
+
+    def __init__(self, interval: float = THROTTLE_SECONDS) -> None:
+        self.interval = interval
+        self._last: dict[tuple[str, str], float] = {}
+
+    def allow(
+        self, namespace: str, prediction_id: str, event: str, now: float | None = None
+    ) -> bool:
+        if event not in THROTTLED_EVENTS:
+            return True
+        current = time.monotonic() if now is None else now
+        key = (namespace, prediction_id)
+        if current - self._last.get(key, float("-inf")) < self.interval:
+            return False
+        self._last[key] = current
+        return True
+
+    def forget(self, namespace: str, prediction_id: str) -> None:
+        self._last.pop((namespace, prediction_id), None)
+
+
+def wanted(event: str, events_filter: Iterable[str]) -> bool:
+    """Replicate always sends `completed`; other events only when the filter lists them."""
+    return event == "completed" or event in set(events_filter)
+
+
+def backoff_seconds(attempts: int) -> float:
+    return float(min(2**attempts, 300))
+
+
+class WebhookSender:
+    """Delivers due outbox entries; run one per status writer process."""
+
+    def __init__(
+        self,
+        store: Store,
+        secret: str,
+        *,
+        max_attempts: int = 12,
+        timeout: float = 10.0,
+        poll_interval: float = 0.2,
+    ) -> None:
+        self.store = store
+        self.secret = secret
+        self.max_attempts = max_attempts
+        self.timeout = aiohttp.ClientTimeout(total=timeout)
+        self.poll_interval = poll_interval
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        """Called after an enqueue so a delivery does not wait for the next poll."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        async with aiohttp.ClientSession(timeout=self.timeout) as session:
+            while True:
+                try:
+                    due = await self.store.lease_due_webhooks()
+                except Exception:
+                    log.exception("webhook outbox unavailable; retrying")
+                    due = []
+                if due:
+                    await asyncio.gather(*(self._deliver(session, d) for d in due))
+                    continue
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+
+    async def _deliver(self, session: aiohttp.ClientSession, delivery: WebhookDelivery) -> None:
+        headers = signed_headers(self.secret, delivery.id, delivery.body)
+        try:
+            async with session.post(delivery.url, data=delivery.body, headers=headers) as resp:
+                ok = 200 <= resp.status < 300
+                detail = f"HTTP {resp.status}"
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            ok, detail = False, f"{type(exc).__name__}: {exc}"
+        attempts = delivery.attempts + 1
+        if ok:
+            await self.store.finish_webhook(delivery.id)
+            return
+        if delivery.event != "completed" or attempts >= self.max_attempts:
+            log.warning(
+                "webhook %s for %s/%s (%s) dropped after %d attempt(s): %s",
+                delivery.id, delivery.namespace, delivery.prediction_id, delivery.event,
+                attempts, detail,
+            )  # fmt: skip
+            await self.store.finish_webhook(delivery.id)
+            return
+        log.info("webhook %s failed (%s); retry %d", delivery.id, detail, attempts)
+        await self.store.retry_webhook(
+            delivery.id, attempts, time.time() + backoff_seconds(attempts)
+        )

@@ -1,0 +1,94 @@
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from whisperx_api import lifecycle as lc
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+def run(*events: lc.Event) -> lc.PredictionState:
+    state = lc.PredictionState()
+    for event in events:
+        state = lc.apply(state, event).state
+    return state
+
+
+def test_happy_path_sets_times_conditions_and_metrics() -> None:
+    state = run(
+        lc.Created(at=at(0)),
+        lc.Started(at=at(2)),
+        lc.Completed(
+            status=lc.Phase.SUCCEEDED,
+            at=at(10),
+            predict_time=7.5,
+            audio_duration=60.0,
+            detected_language="en",
+        ),
+    )
+    assert state.phase is lc.Phase.SUCCEEDED
+    assert state.started_at == at(2) and state.completed_at == at(10)
+    assert state.total_time == 10.0 and state.predict_time == 7.5
+    assert {c.type: c.status for c in state.conditions} == {"Running": "False", "Succeeded": "True"}
+    status = state.to_status()
+    assert status["metrics"] == {"predictTime": 7.5, "totalTime": 10.0}
+    assert lc.PredictionState.from_status(status) == state
+
+
+def test_start_emits_start_webhook_and_completion_emits_completed() -> None:
+    state = run(lc.Created(at=at(0)))
+    started = lc.apply(state, lc.Started(at=at(1)))
+    assert started.webhook_event == "start" and started.state.phase is lc.Phase.PROCESSING
+    done = lc.apply(started.state, lc.Completed(status=lc.Phase.FAILED, at=at(2), error="boom"))
+    assert done.webhook_event == "completed"
+    assert done.state.error == "boom" and done.state.reason == "RunnerFailed"
+
+
+@pytest.mark.parametrize(
+    "late",
+    [
+        lc.Started(at=at(20)),
+        lc.Completed(status=lc.Phase.FAILED, at=at(20), error="late"),
+        lc.Failed(reason="OOMKilled", message="late", at=at(20)),
+        lc.CancelRequested(at=at(20)),
+        lc.Queued(reason="Suspended", message="", at=at(20)),
+    ],
+)
+def test_terminal_phase_absorbs_every_later_event(late: lc.Event) -> None:
+    done = run(lc.Created(at=at(0)), lc.Completed(status=lc.Phase.SUCCEEDED, at=at(5)))
+    transition = lc.apply(done, late)
+    assert not transition.changed and transition.state == done
+
+
+def test_queued_then_admitted_keeps_starting_and_is_not_failed() -> None:
+    queued = run(lc.Created(at=at(0)), lc.Queued("Suspended", "waiting for quota", at(1)))
+    assert queued.phase is lc.Phase.STARTING and queued.queued
+    assert not lc.apply(queued, lc.Queued("Suspended", "waiting for quota", at(2))).changed
+    admitted = lc.apply(queued, lc.Admitted(at=at(3))).state
+    assert not admitted.queued and admitted.phase is lc.Phase.STARTING
+
+
+def test_condition_transition_time_kept_while_status_unchanged() -> None:
+    state = run(lc.Created(at=at(0)), lc.Queued("Suspended", "a", at(1)))
+    again = state.with_condition("Queued", True, "Suspended", "b", at(9))
+    cond = again.condition("Queued")
+    assert cond is not None and cond.last_transition_time == at(1) and cond.message == "b"
+
+
+def test_cancel_before_start_and_failure_reason() -> None:
+    canceled = run(lc.Created(at=at(0)), lc.CancelRequested(at=at(1)))
+    assert canceled.phase is lc.Phase.CANCELED and canceled.error is None
+    failed = run(lc.Created(at=at(0)), lc.Failed("OOMKilled", "runner ran out of memory", at(3)))
+    assert failed.phase is lc.Phase.FAILED
+    assert failed.reason == "OOMKilled" and failed.error == "runner ran out of memory"
+    cond = failed.condition("Failed")
+    assert cond is not None and cond.status == "True" and cond.reason == "OOMKilled"
+
+
+def test_completed_requires_terminal_status() -> None:
+    with pytest.raises(ValueError):
+        lc.apply(lc.PredictionState(), lc.Completed(status=lc.Phase.PROCESSING, at=at(1)))
