@@ -61,7 +61,7 @@ class KubeConfig:
         current = config.get("current-context")
         context = next(c["context"] for c in config["contexts"] if c["name"] == current)
         cluster = next(c["cluster"] for c in config["clusters"] if c["name"] == context["cluster"])
-        user = next(
+        user: dict[str, Any] = next(
             (u["user"] for u in config.get("users", []) if u["name"] == context.get("user")), {}
         )
         server = cluster["server"].rstrip("/")
