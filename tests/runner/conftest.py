@@ -1,0 +1,226 @@
+"""Runner fixtures: loopback HTTP servers (audio source, report endpoint), espeak-ng
+speech, a model directory, and one Transcriber loaded for the whole session."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from whisperx_api.reports import SIGNATURE_HEADER, ReportAuthError, parse_report, verify
+from whisperx_runner.models import write_punkt_data
+
+REPORT_TOKEN = "0f" * 32
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class ReportServer:
+    """A report endpoint that checks signatures the way the status writer does."""
+
+    url: str
+    token: str = REPORT_TOKEN
+    reports: list[dict[str, Any]] = field(default_factory=list)
+    arrivals: list[float] = field(default_factory=list)
+    # Answer these statuses, in order, before accepting (to exercise retries).
+    failures: list[int] = field(default_factory=list)
+    refused: int = 0
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        try:
+            verify(self.token, body, request.headers.get(SIGNATURE_HEADER))
+        except ReportAuthError as exc:
+            self.refused += 1
+            return web.json_response({"detail": str(exc)}, status=401)
+        report = parse_report(body)  # the protocol's own models: a bad body fails here
+        if self.failures:
+            return web.json_response({"detail": "try later"}, status=self.failures.pop(0))
+        self.reports.append(json.loads(body))
+        self.arrivals.append(asyncio.get_running_loop().time())
+        self.event.set()
+        return web.json_response({"applied": True, "seq": report.seq})
+
+    def events(self) -> list[str]:
+        return [r["event"] for r in self.reports]
+
+    def completed(self) -> dict[str, Any]:
+        done = [r for r in self.reports if r["event"] == "completed"]
+        assert len(done) == 1, self.events()
+        return done[0]
+
+    def logs_text(self) -> str:
+        return "".join(r.get("logs", "") for r in self.reports)
+
+    async def wait_for(self, predicate: Callable[[], bool], seconds: float) -> None:
+        async with asyncio.timeout(seconds):
+            while not predicate():
+                self.event.clear()
+                await self.event.wait()
+
+
+async def _serve(app: web.Application) -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    server = site._server
+    assert server is not None and server.sockets
+    return runner, int(server.sockets[0].getsockname()[1])
+
+
+@pytest.fixture
+async def report_server() -> AsyncIterator[ReportServer]:
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    server = ReportServer(url="")
+    app.router.add_post("/reports/{ns}/{id}", server.handle)
+    runner, port = await _serve(app)
+    server.url = f"http://127.0.0.1:{port}/reports/default/p1"
+    yield server
+    await runner.cleanup()
+
+
+@dataclass
+class AudioServer:
+    """Loopback HTTP server for audio sources; `base` is http://127.0.0.1:<port>."""
+
+    base: str
+    routes: dict[str, Handler]
+
+    def url(self, path: str) -> str:
+        return self.base + path
+
+
+@pytest.fixture(scope="session")
+def fox_bytes(fox_wav: Path) -> bytes:
+    return fox_wav.read_bytes()
+
+
+@pytest.fixture
+async def audio_server(fox_bytes: bytes) -> AsyncIterator[AudioServer]:
+    fox = fox_bytes
+
+    async def wav(_: web.Request) -> web.Response:
+        return web.Response(body=fox, content_type="audio/wav")
+
+    async def dynamic(request: web.Request) -> web.StreamResponse:
+        handler = server.routes.get(request.path)
+        if handler is None:
+            raise web.HTTPNotFound()
+        return await handler(request)
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", dynamic)
+    runner, port = await _serve(app)
+    server = AudioServer(f"http://127.0.0.1:{port}", {"/fox.wav": wav})
+    yield server
+    await runner.cleanup()
+
+
+# --- speech and models -----------------------------------------------------------------
+
+FIRST_VOICE = (
+    "Good morning everyone. Today we will talk about the weather in the mountains. "
+    "The mornings are cold and the afternoons are warm. Many people enjoy walking on "
+    "the trails when the sun is shining. Remember to bring water and a warm jacket, "
+    "because the wind can be strong near the top of the hill."
+)
+SECOND_VOICE = (
+    "Thank you for the report. Now let us look at the news from the city. The new "
+    "library opened on Monday and many families visited it. The children read books "
+    "about animals and space. Next week the museum will open a new exhibition about "
+    "old ships and the history of the harbor."
+)
+
+
+def speak(text: str, path: Path, voice: str) -> Path:
+    subprocess.run(["espeak-ng", "-v", voice, "-w", str(path), text], check=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def two_voice_wav(speech_dir: Path) -> Path:
+    """About a minute of speech: a low male voice, then a female voice. whisperx merges
+    VAD regions into chunks of up to 30 s, so the clip is long enough to give at least
+    two segments, one per voice."""
+    first = speak(FIRST_VOICE, speech_dir / "voice1.wav", voice="en+m3")
+    second = speak(SECOND_VOICE, speech_dir / "voice2.wav", voice="en+f4")
+    out = speech_dir / "two_voices.wav"
+    subprocess.run(
+        ["sox", str(first), str(second), "-r", "16000", "-c", "1", "-b", "16", str(out)],
+        check=True,
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model directory with a tiny random-weight wav2vec2 CTC aligner for English.
+
+    No registry package ships real English alignment weights: this model exercises the
+    real alignment code path, but the word timestamps it yields carry no meaning."""
+    root = tmp_path_factory.mktemp("models")
+    target = root / "align" / "en"
+    script = f"""
+import json, torch
+from pathlib import Path
+from transformers import (Wav2Vec2Config, Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor,
+                          Wav2Vec2ForCTC, Wav2Vec2Processor)
+target = Path({str(target)!r}); target.mkdir(parents=True)
+vocab = {{"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "|": 4}}
+for c in "ETAOINSHRDLCUMWFGYPBVK'XJQZ":
+    vocab[c] = len(vocab)
+(target / "vocab.json").write_text(json.dumps(vocab))
+tokenizer = Wav2Vec2CTCTokenizer(str(target / "vocab.json"), unk_token="<unk>",
+                                 pad_token="<pad>", word_delimiter_token="|")
+extractor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0,
+                                     do_normalize=True, return_attention_mask=False)
+Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(target)
+torch.manual_seed(0)
+config = Wav2Vec2Config(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, conv_dim=(32,) * 7,
+                        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
+                        pad_token_id=0)
+Wav2Vec2ForCTC(config).save_pretrained(target)
+"""
+    # A child process: importing transformers here would slow every runner test.
+    subprocess.run([sys.executable, "-c", script], check=True)
+    write_punkt_data(root / "nltk_data")
+    return root
+
+
+@pytest.fixture(scope="session")
+def runner_env(model_dir: Path) -> dict[str, str]:
+    """Environment for runner subprocesses: tiny.en on CPU, loopback allowed."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WHISPERX_")}
+    env.update(
+        WHISPERX_MODEL="tiny.en",
+        WHISPERX_DEVICE="cpu",
+        WHISPERX_MODEL_DIR=str(model_dir),
+        WHISPERX_ALLOW_HOSTS="127.0.0.1",
+        PYANNOTE_METRICS_ENABLED="false",
+    )
+    return env
+
+
+@pytest.fixture(scope="session")
+def transcriber(model_dir: Path) -> Iterator[Any]:
+    """One tiny.en Transcriber for the session (loading costs seconds)."""
+    from whisperx_runner.config import RunnerConfig
+    from whisperx_runner.pipeline import Transcriber
+
+    config = RunnerConfig(model="tiny.en", device="cpu", model_dir=model_dir)
+    transcriber = Transcriber(config, keep_loaded=True)
+    transcriber.load()
+    yield transcriber
+    transcriber.release()
