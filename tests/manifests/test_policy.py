@@ -1,0 +1,458 @@
+"""Policy checks on what the overlays render: hardened pods, pinned images, no Secret
+values anywhere in the tree, references that resolve, least-privilege RBAC, and
+NetworkPolicies that allow exactly the flows of the design."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import manifest_support as support
+import pytest
+import yaml
+from manifest_support import CONTROL_NS, TENANT_NS, Endpoint
+
+Objs = list[dict[str, Any]]
+OVERLAYS = sorted(support.OVERLAYS)
+
+
+# --- pods -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("root", OVERLAYS)
+def test_every_pod_is_hardened(root: str, rendered: dict[str, Objs]) -> None:
+    problems = []
+    checked = 0
+    for obj, pod_spec in support.workloads(rendered[root]):
+        checked += 1
+        problems += [
+            f"{support.ident(obj)}: {p}" for p in support.pod_security_violations(pod_spec)
+        ]
+    assert checked >= 4  # operator, gateway, Redis, prefetch
+    assert problems == []
+
+
+def test_pod_check_reports_each_violation() -> None:
+    bad_pod = {
+        "hostNetwork": True,
+        "securityContext": {"runAsUser": 0},
+        "initContainers": [{"name": "init", "image": "busybox:1.36"}],
+        "containers": [
+            {
+                "name": "app",
+                "image": "x:1",
+                "resources": {"requests": {"cpu": "1", "memory": "1Gi"}},
+                "securityContext": {
+                    "runAsNonRoot": True,
+                    "runAsUser": 1000,
+                    "allowPrivilegeEscalation": False,
+                    "capabilities": {"drop": ["ALL"], "add": ["NET_ADMIN"]},
+                    "readOnlyRootFilesystem": True,
+                    "seccompProfile": {"type": "RuntimeDefault"},
+                },
+            }
+        ],
+    }
+    problems = support.pod_security_violations(bad_pod)
+    assert problems == [
+        "hostNetwork is set",
+        "pod runs as uid 0",
+        "init: runAsNonRoot is not true",
+        "init: no non-zero runAsUser",
+        "init: allowPrivilegeEscalation is not false",
+        "init: capabilities do not drop ALL",
+        "init: root filesystem is writable",
+        "init: no RuntimeDefault seccomp profile",
+        "init: no cpu request",
+        "init: no memory request",
+        "init: no memory limit",
+        "app: adds capabilities ['NET_ADMIN']",
+        "app: no memory limit",
+    ]
+
+
+@pytest.mark.parametrize("root", OVERLAYS)
+def test_namespaces_enforce_restricted_pod_security(root: str, rendered: dict[str, Objs]) -> None:
+    for ns in (o for o in rendered[root] if o["kind"] == "Namespace"):
+        labels = ns["metadata"]["labels"]
+        assert labels["pod-security.kubernetes.io/enforce"] == "restricted", support.ident(ns)
+
+
+@pytest.mark.parametrize("root", OVERLAYS)
+def test_images_are_pinned(root: str, rendered: dict[str, Objs]) -> None:
+    objs = rendered[root]
+    images = [
+        c["image"] for _, spec in support.workloads(objs) for c in support.all_containers(spec)
+    ]
+    settings = support.find_prefixed(objs, "ConfigMap", "whisperx-operator-settings", CONTROL_NS)
+    images.append(settings["data"]["WHISPERX_RUNNER_IMAGE"])  # the image of every Job
+    assert [v for image in images for v in support.image_violations(image)] == []
+
+
+def test_image_check_refuses_floating_tags() -> None:
+    assert support.image_violations("redis") != []
+    assert support.image_violations("redis:latest") != []
+    assert support.image_violations("registry:5000/team/app") != []
+    assert support.image_violations("registry:5000/team/app:1.2.3") == []
+    assert support.image_violations("app@sha256:" + "0" * 64) == []
+
+
+@pytest.mark.parametrize("root", OVERLAYS)
+def test_api_access_only_where_needed(root: str, rendered: dict[str, Objs]) -> None:
+    """Only the operator and the gateway get a service account token."""
+    for obj, spec in support.workloads(rendered[root]):
+        name = obj["metadata"]["name"]
+        mounted = spec.get("automountServiceAccountToken", True)
+        assert mounted == (name in ("whisperx-operator", "whisperx-gateway")), name
+
+
+# --- secrets --------------------------------------------------------------------------
+
+SECRET_TEMPLATES = support.MANIFESTS / "secret-templates"
+# Credential shapes that must never be committed outside tests/ (where fake ones live).
+TOKEN_PATTERNS = [
+    re.compile(r"hf_[A-Za-z0-9]{30,}"),
+    re.compile(r"whsec_[A-Za-z0-9+/=]{24,}"),
+    re.compile(r"r8_[A-Za-z0-9]{30,}"),
+    re.compile(r"AKIA[0-9A-Z]{16}"),
+    re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
+]
+
+
+def repository_files() -> list[Path]:
+    """Tracked files and untracked ones that are not ignored: what a commit can carry."""
+    out = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=support.REPO,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    return [support.REPO / p for p in out.split("\0") if p and (support.REPO / p).is_file()]
+
+
+def secret_value_problems(path: Path, text: str) -> list[str]:
+    problems = []
+    if path.suffix in (".yaml", ".yml", ".json"):
+        try:
+            docs = list(yaml.safe_load_all(text))
+        except yaml.YAMLError:
+            docs = []
+        for doc in docs:
+            if not isinstance(doc, dict):
+                continue
+            if doc.get("kind") == "Secret":
+                for field in ("data", "stringData"):
+                    for key, value in (doc.get(field) or {}).items():
+                        if value not in (None, ""):
+                            problems.append(f"{path}: Secret has a value for {key}")
+            is_kustomization = (
+                path.name == "kustomization.yaml" or doc.get("kind") == "Kustomization"
+            )
+            if is_kustomization and doc.get("secretGenerator"):
+                problems.append(f"{path}: secretGenerator commits Secret contents")
+    if "tests" not in path.relative_to(support.REPO).parts[:1]:
+        for pattern in TOKEN_PATTERNS:
+            if pattern.search(text):
+                problems.append(f"{path}: looks like a credential ({pattern.pattern})")
+    return problems
+
+
+def test_no_secret_values_in_the_tree() -> None:
+    problems = []
+    files = repository_files()
+    assert any(p.suffix == ".yaml" for p in files)
+    for path in files:
+        try:
+            text = path.read_text()
+        except (UnicodeDecodeError, OSError):
+            continue
+        problems += secret_value_problems(path, text)
+    assert problems == []
+
+
+def test_secret_scan_catches_values(tmp_path: Path) -> None:
+    path = support.REPO / "manifests" / "leak.yaml"  # never written: only its name is used
+    filled = "apiVersion: v1\nkind: Secret\nmetadata: {name: x}\nstringData: {password: hunter2}\n"
+    assert secret_value_problems(path, filled) != []
+    encoded = "apiVersion: v1\nkind: Secret\nmetadata: {name: x}\ndata: {key: aHVudGVyMg==}\n"
+    assert secret_value_problems(path, encoded) != []
+    generator = "secretGenerator:\n- name: x\n  literals: [a=b]\n"
+    assert secret_value_problems(path.with_name("kustomization.yaml"), generator) != []
+    token = "env: hf_" + "a" * 34
+    assert secret_value_problems(path.with_name("notes.md"), token) != []
+    empty = "apiVersion: v1\nkind: Secret\nmetadata: {name: x}\nstringData: {password: ''}\n"
+    assert secret_value_problems(path, empty) == []
+
+
+def secret_templates() -> dict[tuple[str, str], set[str]]:
+    """(namespace, name) -> keys, from manifests/secret-templates/*.yaml."""
+    templates = {}
+    for path in sorted(SECRET_TEMPLATES.glob("*.yaml")):
+        doc = yaml.safe_load(path.read_text())
+        assert doc["kind"] == "Secret"
+        keys = set(doc.get("stringData") or {}) | set(doc.get("data") or {})
+        templates[(doc["metadata"]["namespace"], doc["metadata"]["name"])] = keys
+    return templates
+
+
+def secret_references(objs: Objs) -> set[tuple[str, str, str | None]]:
+    """(namespace, Secret name, key or None for a whole-Secret volume)."""
+    refs: set[tuple[str, str, str | None]] = set()
+    for obj, spec in support.workloads(objs):
+        ns = obj["metadata"]["namespace"]
+        for volume in spec.get("volumes", []):
+            if "secret" in volume:
+                refs.add((ns, volume["secret"]["secretName"], None))
+        for c in support.all_containers(spec):
+            for item in c.get("env", []):
+                ref = item.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    refs.add((ns, ref["name"], ref["key"]))
+            for source in c.get("envFrom", []):
+                if "secretRef" in source:
+                    refs.add((ns, source["secretRef"]["name"], None))
+    return refs
+
+
+@pytest.mark.parametrize("root", OVERLAYS)
+def test_secrets_are_referenced_not_rendered(root: str, rendered: dict[str, Objs]) -> None:
+    """No overlay renders a Secret; each Secret it references has a template (name and
+    key) documenting it, and each template is referenced."""
+    objs = rendered[root]
+    assert [o for o in objs if o["kind"] == "Secret"] == []
+    templates = secret_templates()
+    refs = secret_references(objs)
+    for ns, name, key in refs:
+        assert (ns, name) in templates, f"{ns}/{name} has no template"
+        assert key is None or key in templates[(ns, name)], f"{ns}/{name} has no key {key}"
+    assert {(ns, name) for ns, name, _ in refs} == set(templates)
+    readme = (SECRET_TEMPLATES / "README.md").read_text()
+    for _, name in templates:
+        assert f"create secret generic {name}" in readme, f"README says how to create {name}"
+
+
+# --- references -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("root", OVERLAYS)
+def test_references_resolve(root: str, rendered: dict[str, Objs]) -> None:
+    """ConfigMaps, PVCs and service accounts that pods use exist in their namespace;
+    Services select pods and name ports that exist; bindings name existing roles."""
+    objs = rendered[root]
+    have = {(o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]) for o in objs}
+    problems = []
+    for obj, spec in support.workloads(objs):
+        ns = obj["metadata"]["namespace"]
+        wanted = [("ServiceAccount", spec.get("serviceAccountName", "default"))]
+        for volume in spec.get("volumes", []):
+            if "configMap" in volume:
+                wanted.append(("ConfigMap", volume["configMap"]["name"]))
+            if "persistentVolumeClaim" in volume:
+                wanted.append(
+                    ("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
+                )
+        for c in support.all_containers(spec):
+            for source in c.get("envFrom", []):
+                if "configMapRef" in source:
+                    wanted.append(("ConfigMap", source["configMapRef"]["name"]))
+            mounts = {m["name"] for m in c.get("volumeMounts", [])}
+            declared = {v["name"] for v in spec.get("volumes", [])}
+            if obj["kind"] == "StatefulSet":
+                declared |= {t["metadata"]["name"] for t in obj["spec"]["volumeClaimTemplates"]}
+            problems += [f"{support.ident(obj)}: no volume {m}" for m in mounts - declared]
+        problems += [
+            f"{support.ident(obj)}: {kind} {name} missing"
+            for kind, name in wanted
+            if (kind, ns, name) not in have
+        ]
+    for svc in (o for o in objs if o["kind"] == "Service"):
+        ns = svc["metadata"]["namespace"]
+        pods = [
+            spec
+            for obj, spec in support.workloads(objs)
+            if obj["metadata"]["namespace"] == ns
+            and support.selector_matches(
+                {"matchLabels": svc["spec"]["selector"]},
+                support.pod_template(obj)["metadata"]["labels"],  # type: ignore[index]
+            )
+        ]
+        if not pods:
+            problems.append(f"{support.ident(svc)} selects no pods")
+        port_names = {
+            p.get("name") for s in pods for c in s["containers"] for p in c.get("ports", [])
+        }
+        for port in svc["spec"]["ports"]:
+            target = port.get("targetPort", port["port"])
+            if isinstance(target, str) and target not in port_names:
+                problems.append(f"{support.ident(svc)}: no container port {target}")
+    for binding in (o for o in objs if o["kind"] in ("RoleBinding", "ClusterRoleBinding")):
+        ns = binding["metadata"].get("namespace")
+        role = binding["roleRef"]
+        role_ns = ns if role["kind"] == "Role" else None
+        if (role["kind"], role_ns, role["name"]) not in have:
+            problems.append(f"{support.ident(binding)}: {role['kind']} {role['name']} missing")
+        for subject in binding["subjects"]:
+            if ("ServiceAccount", subject["namespace"], subject["name"]) not in have:
+                problems.append(f"{support.ident(binding)}: subject {subject} missing")
+    assert problems == []
+
+
+# --- RBAC -----------------------------------------------------------------------------
+
+OPERATOR_RIGHTS = {
+    ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
+    ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
+    *{("kopf.dev", "clusterkopfpeerings", v) for v in ("get", "list", "watch", "patch")},
+    ("", "events", "create"),
+    ("events.k8s.io", "events", "create"),
+    *{("whisperx.io", "predictions", v) for v in ("get", "list", "watch", "patch", "delete")},
+    ("whisperx.io", "predictions/status", "get"),
+    ("whisperx.io", "predictions/status", "patch"),
+    *{("batch", "jobs", v) for v in ("get", "list", "watch", "create", "patch", "delete")},
+    *{("", "pods", v) for v in ("get", "list", "watch")},
+    *{("", "secrets", v) for v in ("get", "create", "delete")},
+}
+GATEWAY_RIGHTS = {
+    *{("whisperx.io", "predictions", v) for v in ("get", "list", "watch", "create", "patch")},
+    ("", "secrets", "create"),
+}
+
+
+def rights_of(objs: Objs, service_account: str) -> dict[str | None, set[tuple[str, str, str]]]:
+    """Binding namespace (None: cluster-wide) -> what the service account may do there."""
+    roles = {
+        (o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]): o
+        for o in objs
+        if o["kind"] in ("Role", "ClusterRole")
+    }
+    rights: dict[str | None, set[tuple[str, str, str]]] = {}
+    for binding in (o for o in objs if o["kind"] in ("RoleBinding", "ClusterRoleBinding")):
+        if not any(
+            s["kind"] == "ServiceAccount" and s["name"] == service_account
+            for s in binding["subjects"]
+        ):
+            continue
+        ns = binding["metadata"].get("namespace")
+        ref = binding["roleRef"]
+        role = roles[(ref["kind"], ns if ref["kind"] == "Role" else None, ref["name"])]
+        rights.setdefault(ns, set()).update(support.rule_triples(role["rules"]))
+    return rights
+
+
+@pytest.mark.parametrize("root", OVERLAYS)
+def test_rbac_is_least_privilege(root: str, rendered: dict[str, Objs]) -> None:
+    objs = rendered[root]
+    assert rights_of(objs, "whisperx-operator") == {None: OPERATOR_RIGHTS}
+    # The gateway: only in the tenant namespaces it serves, nothing cluster-wide.
+    assert rights_of(objs, "whisperx-gateway") == {TENANT_NS: GATEWAY_RIGHTS}
+    assert rights_of(objs, "whisperx-runner") == {}
+    for role in (o for o in objs if o["kind"] in ("Role", "ClusterRole")):
+        for group, resource, verb in support.rule_triples(role["rules"]):
+            assert "*" not in (group, resource, verb), support.ident(role)
+            assert verb not in ("escalate", "bind", "impersonate"), support.ident(role)
+            if resource == "secrets":
+                # list/watch would expose every Secret's contents.
+                assert verb not in ("list", "watch"), support.ident(role)
+
+
+# --- network --------------------------------------------------------------------------
+
+
+def _pod(objs: Objs, name: str, ip: str) -> Endpoint:
+    for obj, _ in support.workloads(objs):
+        if obj["metadata"]["name"] == name:
+            labels = support.pod_template(obj)["metadata"]["labels"]  # type: ignore[index]
+            return Endpoint(ip, obj["metadata"]["namespace"], labels)
+    raise KeyError(name)
+
+
+@pytest.mark.parametrize("root", OVERLAYS)
+def test_network_policies_allow_only_the_designed_flows(
+    root: str, rendered: dict[str, Objs]
+) -> None:
+    objs = rendered[root]
+    net = support.NetworkModel(
+        objs, extra_namespaces={"kube-system": {}, "default": {}, "other-team": {}}
+    )
+    operator = _pod(objs, "whisperx-operator", "10.244.0.10")
+    gateway = _pod(objs, "whisperx-gateway", "10.244.0.11")
+    redis = _pod(objs, "whisperx-redis", "10.244.0.12")
+    prefetch = _pod(objs, "whisperx-prefetch", "10.244.0.13")
+    # Runner pods are created by the operator; these are the labels it sets.
+    runner = Endpoint("10.244.0.14", TENANT_NS, {"whisperx.io/prediction": "p1"})
+    stray = Endpoint("10.244.0.15", "default", {"app": "anything"})
+    foreign_runner = Endpoint("10.244.0.16", "other-team", {"whisperx.io/prediction": "p2"})
+    dns = Endpoint("10.244.0.2", "kube-system", {"k8s-app": "kube-dns"})
+    api_service, api_endpoint = Endpoint("10.96.0.1"), Endpoint("172.18.0.2")
+    client, public_web = Endpoint("203.0.113.10"), Endpoint("93.184.216.34")
+    metadata_server, private_host = Endpoint("169.254.169.254"), Endpoint("10.0.0.5")
+
+    allowed = [
+        (client, gateway, 8000),
+        (stray, gateway, 8000),
+        (gateway, redis, 6379),
+        (operator, redis, 6379),
+        (runner, operator, 8081),
+        (runner, public_web, 443),
+        (runner, public_web, 8080),  # audio URLs may name any port
+        (prefetch, public_web, 443),
+        (operator, api_service, 443),
+        (operator, api_endpoint, 6443),
+        (gateway, api_service, 443),
+        (operator, public_web, 443),  # webhook delivery
+    ]
+    denied = [
+        (client, redis, 6379),
+        (stray, redis, 6379),
+        (runner, redis, 6379),
+        (prefetch, redis, 6379),
+        (client, operator, 8081),
+        (stray, operator, 8081),
+        (foreign_runner, operator, 8081),  # not a tenant namespace
+        (gateway, operator, 8081),
+        (prefetch, operator, 8081),
+        (runner, gateway, 8000),
+        (runner, metadata_server, 80),
+        (runner, private_host, 80),
+        (prefetch, public_web, 80),
+        (redis, public_web, 443),
+        (redis, api_service, 443),
+        (operator, runner, 8080),
+        (client, runner, 8080),
+        (client, gateway, 8080),
+        (gateway, public_web, 80),
+    ]
+    wrong = [f"{s} -> {d}:{p} denied" for s, d, p in allowed if not net.allowed(s, d, p)]
+    wrong += [f"{s} -> {d}:{p} allowed" for s, d, p in denied if net.allowed(s, d, p)]
+    for pod in (operator, gateway, runner, prefetch):
+        if not net.allowed(pod, dns, 53, "UDP"):
+            wrong.append(f"{pod} cannot resolve names")
+    if net.allowed(redis, dns, 53, "UDP"):
+        wrong.append("redis may send DNS queries")
+    assert wrong == []
+
+
+def test_network_model_semantics() -> None:
+    """The evaluator itself: no policy allows all; a policy denies what it does not list."""
+    a = Endpoint("10.0.0.1", "ns", {"app": "a"})
+    b = Endpoint("10.0.0.2", "ns", {"app": "b"})
+    namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "ns"}}
+    assert support.NetworkModel([namespace], {}).allowed(a, b, 80)
+    policy = {
+        "kind": "NetworkPolicy",
+        "metadata": {"name": "p", "namespace": "ns"},
+        "spec": {
+            "podSelector": {"matchLabels": {"app": "b"}},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": [{"podSelector": {"matchLabels": {"app": "a"}}}], "ports": [{"port": 80}]}
+            ],
+        },
+    }
+    net = support.NetworkModel([namespace, policy], {})
+    assert net.allowed(a, b, 80)
+    assert not net.allowed(a, b, 81)
+    assert not net.allowed(b, b, 80)
+    assert net.allowed(b, a, 81)
