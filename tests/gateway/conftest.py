@@ -8,12 +8,15 @@ tests/local; the Kubernetes backend in test_kube_backend.py.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import sys
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import pytest
@@ -24,6 +27,7 @@ from whisperx_api.store import Store
 from whisperx_api.webhooks import generate_secret
 from whisperx_gateway.app import create_app
 from whisperx_gateway.auth import TokenMap
+from whisperx_gateway.backend import Backend
 from whisperx_gateway.config import GatewayConfig
 from whisperx_gateway.local_backend import LocalBackend, LocalSettings
 
@@ -37,60 +41,67 @@ TOKENS = {TOKEN: "alpha", OTHER_TOKEN: "beta"}
 class Gateway:
     url: str
     store: Store
-    backend: LocalBackend
+    backend: Any
     config: GatewayConfig
     token: str = TOKEN
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def auth(self, token: str | None = None) -> dict[str, str]:
         return {"Authorization": f"Bearer {token or self.token}"}
 
 
 @contextlib.asynccontextmanager
-async def serve_local(
+async def serve(
     redis_url: str,
+    make_backend: Callable[[Store, str, str], Backend],
     *,
-    runner: Sequence[str] = STAND_IN_RUNNER,
-    concurrency: int = 2,
-    stop_grace: float = 5.0,
+    port: int | None = None,
     **config: Any,
 ) -> AsyncIterator[Gateway]:
-    """The gateway app with local mode's backend, listening on a free loopback port."""
-    port = free_port()
+    """The gateway app on a free loopback port; `make_backend(store, url, secret)`."""
+    port = port or free_port()
     url = f"http://127.0.0.1:{port}"
-    secret = generate_secret()
+    config.setdefault("webhook_secret", generate_secret())
     gateway_config = GatewayConfig(
-        tokens=TokenMap.from_mapping(TOKENS),
-        redis_url=redis_url,
-        public_url=url,
-        webhook_secret=secret,
-        **config,
+        tokens=TokenMap.from_mapping(TOKENS), redis_url=redis_url, public_url=url, **config
     )
     store = Store.from_url(redis_url)
-    backend = LocalBackend(
-        store,
-        LocalSettings(
-            runner_command=runner,
-            model="tiny.en",
-            concurrency=concurrency,
-            stop_grace=stop_grace,
-            allow_hosts="127.0.0.1",
-        ),
-        report_key=b"test-report-key",
-        webhook_secret=secret,
-        public_url=url,
-    )
-    runner_ = web.AppRunner(create_app(gateway_config, store, backend))
-    await runner_.setup()
+    backend = make_backend(store, url, gateway_config.webhook_secret or "")
+    runner = web.AppRunner(create_app(gateway_config, store, backend))
+    await runner.setup()
     try:
-        await web.TCPSite(runner_, "127.0.0.1", port).start()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
         inspect = Store.from_url(redis_url)
         try:
             yield Gateway(url=url, store=inspect, backend=backend, config=gateway_config)
         finally:
             await inspect.close()
     finally:
-        await runner_.cleanup()
+        await runner.cleanup()
+
+
+def serve_local(
+    redis_url: str,
+    *,
+    runner: Sequence[str] = STAND_IN_RUNNER,
+    concurrency: int = 2,
+    stop_grace: float = 5.0,
+    **config: Any,
+) -> contextlib.AbstractAsyncContextManager[Gateway]:
+    """The gateway with local mode's backend running `runner`."""
+
+    def make_backend(store: Store, url: str, secret: str) -> LocalBackend:
+        settings = LocalSettings(
+            runner_command=runner,
+            model="tiny.en",
+            concurrency=concurrency,
+            stop_grace=stop_grace,
+            allow_hosts="127.0.0.1",
+        )
+        return LocalBackend(
+            store, settings, report_key=b"test-report-key", webhook_secret=secret, public_url=url
+        )
+
+    return serve(redis_url, make_backend, **config)
 
 
 @pytest.fixture
@@ -105,4 +116,56 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-WEBHOOK_EVENTS_ALL = ("start", "output", "logs", "completed")
+T = TypeVar("T")
+
+
+async def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    return await asyncio.to_thread(fn, *args, **kwargs)
+
+
+@dataclass
+class Receiver:
+    """A client's webhook endpoint on loopback: records what arrives."""
+
+    url: str
+    deliveries: list[tuple[dict[str, str], str]] = field(default_factory=list)
+    # Status codes to answer, in order, before answering 200.
+    failures: list[int] = field(default_factory=list)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def bodies(self) -> list[dict[str, Any]]:
+        return [json.loads(body) for _, body in self.deliveries]
+
+    async def wait_for(self, predicate: Callable[[Receiver], bool], seconds: float = 20) -> None:
+        deadline = time.monotonic() + seconds
+        while not predicate(self):
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"webhooks received: {self.bodies()}"
+            self.arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.arrived.wait(), remaining)
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    port = free_port()
+    state = Receiver(url=f"http://127.0.0.1:{port}/hook")
+
+    async def hook(request: web.Request) -> web.Response:
+        if state.failures:
+            return web.Response(status=state.failures.pop(0))
+        state.deliveries.append((dict(request.headers), await request.text()))
+        state.arrived.set()
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    yield state
+    await runner.cleanup()
+
+
+def completed(r: Receiver) -> bool:
+    return any(b["status"] in ("succeeded", "failed", "canceled") for b in r.bodies())

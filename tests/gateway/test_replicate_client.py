@@ -9,31 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
-import json
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
 
 import aiohttp
 import pytest
 import replicate
-from aiohttp import web
 from replicate.exceptions import ModelError, ReplicateError
 from replicate.helpers import base64_encode_file
 from replicate.webhook import InvalidSignatureError, Webhooks, WebhookSigningSecret
 
-from tests.conftest import free_port
-from tests.gateway.conftest import TOKEN, Gateway, serve_local
+from tests.gateway.conftest import TOKEN, Gateway, Receiver, call, completed, serve_local
 
 AUDIO = "data:audio/wav;base64,UklGRg=="
-T = TypeVar("T")
-
-
-async def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    return await asyncio.to_thread(fn, *args, **kwargs)
 
 
 @pytest.fixture
@@ -137,52 +125,6 @@ async def test_client_errors_carry_status_and_detail(client: replicate.Client) -
 
 
 # --- webhooks ---
-
-
-@dataclass
-class Receiver:
-    url: str
-    deliveries: list[tuple[dict[str, str], str]] = field(default_factory=list)
-    # Status codes to answer, in order, before answering 200.
-    failures: list[int] = field(default_factory=list)
-    arrived: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def bodies(self) -> list[dict[str, Any]]:
-        return [json.loads(body) for _, body in self.deliveries]
-
-    async def wait_for(self, predicate: Callable[[Receiver], bool], seconds: float = 20) -> None:
-        deadline = time.monotonic() + seconds
-        while not predicate(self):
-            remaining = deadline - time.monotonic()
-            assert remaining > 0, f"webhooks received: {self.bodies()}"
-            self.arrived.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.arrived.wait(), remaining)
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    port = free_port()
-    state = Receiver(url=f"http://127.0.0.1:{port}/hook")
-
-    async def hook(request: web.Request) -> web.Response:
-        if state.failures:
-            return web.Response(status=state.failures.pop(0))
-        state.deliveries.append((dict(request.headers), await request.text()))
-        state.arrived.set()
-        return web.Response(status=204)
-
-    app = web.Application()
-    app.router.add_post("/hook", hook)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    yield state
-    await runner.cleanup()
-
-
-def completed(r: Receiver) -> bool:
-    return any(b["status"] in ("succeeded", "failed", "canceled") for b in r.bodies())
 
 
 async def test_webhooks_are_signed_as_replicate_signs_them(

@@ -1,0 +1,153 @@
+"""The cluster path: the gateway creates Prediction resources in the emulated Kubernetes
+API (tests/kube_fixtures.py), and the real operator runs them as Jobs (a kubelet runs the
+Job's command, the operator's stand-in runner) and writes status, Redis and webhooks."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import replicate
+from replicate.webhook import Webhooks
+
+from tests.conftest import free_port
+from tests.gateway.conftest import TOKEN, Gateway, Receiver, call, completed, serve
+from tests.kube_fixtures import (  # noqa: F401
+    PREDICTIONS,
+    SECRETS,
+    Emulator,
+    emulator_url,
+    kube,
+    kubelet,
+    operator,
+    operator_environment,
+)
+from whisperx_api.kube import KubeClient, KubeConfig
+from whisperx_api.store import Store
+from whisperx_gateway.kube_backend import KubeBackend
+
+GATEWAY_PORT = free_port()
+NAMESPACE = "alpha"  # TOKEN's namespace
+
+
+def kube_gateway(
+    redis_url: str, emulator: Emulator, **config: Any
+) -> contextlib.AbstractAsyncContextManager[Gateway]:
+    def make_backend(store: Store, url: str, secret: str) -> KubeBackend:
+        return KubeBackend(KubeClient(KubeConfig.load(server=emulator_url(emulator))))
+
+    return serve(redis_url, make_backend, **config)
+
+
+@pytest.fixture
+def operator_env(kube: Emulator, redis_url: str, tmp_path: Path) -> dict[str, str]:  # noqa: F811
+    # The operator writes the gateway's URLs into webhook bodies.
+    return operator_environment(
+        kube, redis_url, tmp_path, WHISPERX_PUBLIC_URL=f"http://127.0.0.1:{GATEWAY_PORT}"
+    )
+
+
+@pytest.fixture
+async def cluster_gateway(
+    redis_url: str,
+    kube: Emulator,  # noqa: F811
+    kubelet: Any,  # noqa: F811
+    operator: Any,  # noqa: F811
+    operator_env: dict[str, str],
+) -> AsyncIterator[Gateway]:
+    async with kube_gateway(
+        redis_url, kube, port=GATEWAY_PORT, webhook_secret=operator_env["WHISPERX_WEBHOOK_SECRET"]
+    ) as gw:
+        yield gw
+
+
+async def test_create_makes_a_prediction_resource_and_a_secret(
+    redis_url: str,
+    kube: Emulator,  # noqa: F811
+) -> None:
+    """Without an operator: what the gateway itself writes, and reads before any status."""
+    async with kube_gateway(redis_url, kube) as gw, aiohttp.ClientSession() as http:
+        body = {
+            "version": "whisperx-a40-large",
+            "input": {
+                "audio_file": "https://example.com/a.wav",
+                "huggingface_access_token": "hf_1",
+            },
+            "webhook": "https://example.com/hook",
+            "webhook_events_filter": ["completed"],
+        }
+        headers = {**gw.auth(), "Cancel-After": "10m"}
+        async with http.post(gw.url + "/v1/predictions", json=body, headers=headers) as resp:
+            assert resp.status == 201
+            created = await resp.json()
+        prediction_id = created["id"]
+        assert created["status"] == "starting" and created["model"] == "whisperx/whisperx-a40-large"
+        assert created["input"] == {"audio_file": "https://example.com/a.wav"}
+
+        obj = kube.get(PREDICTIONS, NAMESPACE, prediction_id)
+        assert obj is not None
+        assert obj["metadata"]["labels"]["whisperx.io/source"] == "api"
+        spec = obj["spec"]
+        assert spec["input"] == {"audio_file": "https://example.com/a.wav"}
+        assert spec["hardware"] == "whisperx-a40-large"
+        assert spec["activeDeadlineSeconds"] == 600
+        assert spec["webhook"] == "https://example.com/hook"
+        assert spec["webhookEventsFilter"] == ["completed"]
+        ref = spec["secretInputs"]["huggingface_access_token"]
+        secret = kube.get(SECRETS, NAMESPACE, ref["name"])
+        assert secret is not None
+        assert base64.b64decode(secret["data"][ref["key"]]) == b"hf_1"
+        (owner,) = secret["metadata"]["ownerReferences"]
+        assert owner["uid"] == obj["metadata"]["uid"] and owner["kind"] == "Prediction"
+
+        # No operator, so no Redis record yet: the API server answers.
+        async with http.get(created["urls"]["get"], headers=gw.auth()) as resp:
+            assert resp.status == 200
+            assert (await resp.json())["status"] == "starting"
+        async with http.post(created["urls"]["cancel"], headers=gw.auth()) as resp:
+            assert resp.status == 200
+        cancel_requested = kube.get(PREDICTIONS, NAMESPACE, prediction_id)
+        assert cancel_requested is not None and cancel_requested["spec"]["cancel"] is True
+        async with http.get(gw.url + "/v1/predictions/nosuchone", headers=gw.auth()) as resp:
+            assert resp.status == 404
+
+
+async def test_the_official_client_through_the_operator(
+    cluster_gateway: Gateway,
+    receiver: Receiver,
+) -> None:
+    client = replicate.Client(api_token=TOKEN, base_url=cluster_gateway.url)
+    output = await call(
+        client.run, "acme/whisperx", input={"audio_file": "https://fake.test/succeed"}
+    )
+    assert output["segments"][0]["text"] == " the quick brown fox"
+
+    hanging = await call(
+        client.predictions.create,
+        version="whisperx",
+        input={"audio_file": "https://fake.test/hang"},
+        webhook=receiver.url,
+    )
+    await receiver.wait_for(lambda r: any(b["status"] == "processing" for b in r.bodies()))
+    await call(hanging.cancel)
+    await asyncio.wait_for(call(hanging.wait), 30)
+    assert hanging.status == "canceled"
+
+    # Webhooks come from the operator, signed with the secret the gateway hands out.
+    await receiver.wait_for(completed)
+    secret = await call(client.webhooks.default.secret)
+    for headers, body in receiver.deliveries:
+        Webhooks.validate(headers=headers, body=body, secret=secret, tolerance=60)
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(hanging.urls["get"], headers=cluster_gateway.auth()) as resp,
+    ):
+        assert receiver.bodies()[-1] == await resp.json()
+    page = await call(client.predictions.list)
+    assert [p.status for p in page.results] == ["canceled", "succeeded"]
