@@ -119,7 +119,13 @@ class WebhookSender:
                     log.exception("webhook outbox unavailable; retrying")
                     due = []
                 if due:
-                    await asyncio.gather(*(self._deliver(session, d) for d in due))
+                    results = await asyncio.gather(
+                        *(self._deliver(session, d) for d in due), return_exceptions=True
+                    )
+                    for delivery, result in zip(due, results, strict=True):
+                        if isinstance(result, Exception):
+                            # Its lease expires and it is retried; the loop goes on.
+                            log.error("webhook %s: %r", delivery.id, result)
                     continue
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
@@ -131,7 +137,9 @@ class WebhookSender:
             async with session.post(delivery.url, data=delivery.body, headers=headers) as resp:
                 ok = 200 <= resp.status < 300
                 detail = f"HTTP {resp.status}"
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+            # ValueError: a URL aiohttp cannot send to (e.g. credentials it cannot
+            # encode); it must fail this delivery only, never the delivery loop.
             ok, detail = False, f"{type(exc).__name__}: {exc}"
         attempts = delivery.attempts + 1
         if ok:

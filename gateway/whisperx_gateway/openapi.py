@@ -232,14 +232,17 @@ _CREATE_HEADERS = [
         "required": False,
         "description": "`wait` or `wait=N`: hold the answer until the prediction ends or N "
         "seconds (default 60) pass; on timeout the status reads `starting`",
-        "schema": {"type": "string", "pattern": r"^wait(=[1-9][0-9]*)?$"},
+        "schema": {"type": "string"},
     },
     {
         "name": "Cancel-After",
         "in": "header",
         "required": False,
         "description": "Longest run time (`300`, `90s`, `5m`, `1h30m`)",
-        "schema": {"type": "string", "pattern": r"^([0-9]+|([0-9]+(h|m|s))+)$"},
+        "schema": {
+            "type": "string",
+            "pattern": r"^([0-9]+(\.[0-9]+)?|([0-9]+(\.[0-9]+)?(ms|h|m|s))+)$",
+        },
     },
 ]
 

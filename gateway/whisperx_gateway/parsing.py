@@ -7,6 +7,7 @@ so the views stay thin and all of this is testable without a network.
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import math
 import re
@@ -14,6 +15,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Annotated, Any
 
+import yarl
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from whisperx_api.schema import (
@@ -56,6 +58,30 @@ class CreateBody(BaseModel):
     stream: bool | None = None
 
 
+_HOSTNAME = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*\.?$")
+
+
+def webhook_url_problem(url: str) -> str | None:
+    """Why a webhook URL could not be delivered to, or None when it can."""
+    if not url.isascii() or any(c.isspace() for c in url):
+        return "must be an ASCII URL without spaces (write international hosts in punycode)"
+    try:
+        parsed = yarl.URL(url)
+        host = parsed.host
+    except ValueError as exc:
+        return f"not a valid URL: {exc}"
+    if parsed.scheme not in ("http", "https") or not host:
+        return "must be an http(s) URL with a host"
+    if re.fullmatch(r"[0-9.]+", host) or ":" in host:
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            return f"{host!r} is not a valid IP address"
+    elif not _HOSTNAME.match(host):
+        return f"{host!r} is not a valid host name"
+    return None
+
+
 @dataclass(frozen=True)
 class CreateRequest:
     version: str | None
@@ -95,6 +121,11 @@ def parse_create_body(data: Any, *, version_required: bool) -> CreateRequest:
         value = given.pop(name, None)
         if value is not None:
             secret_values[name] = str(value)
+    for name in ("webhook", "webhook_completed"):
+        url = getattr(body, name)
+        problem = webhook_url_problem(url) if url is not None else None
+        if problem:
+            raise ApiError(422, f"{name}: {problem}")
     webhook = body.webhook
     events = tuple(dict.fromkeys(body.webhook_events_filter or WEBHOOK_EVENTS))
     if webhook is None and body.webhook_completed is not None:

@@ -169,3 +169,56 @@ async def receiver() -> AsyncIterator[Receiver]:
 
 def completed(r: Receiver) -> bool:
     return any(b["status"] in ("succeeded", "failed", "canceled") for b in r.bodies())
+
+
+# --- local mode as a process (`whisperx-local`) ---
+
+WHISPERX_LOCAL = str(Path(sys.executable).with_name("whisperx-local"))
+
+
+@dataclass
+class LocalMode:
+    url: str
+    token: str
+    process: asyncio.subprocess.Process
+    log_path: Path
+
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@contextlib.asynccontextmanager
+async def local_mode(
+    log_path: Path, *args: str, env: dict[str, str] | None = None, ready_within: float = 30
+) -> AsyncIterator[LocalMode]:
+    """`whisperx-local --port <free> --token <token> ARGS...`, stopped with SIGTERM."""
+    port, token = free_port(), "local-token-0123"
+    with log_path.open("ab") as log:
+        process = await asyncio.create_subprocess_exec(
+            WHISPERX_LOCAL, "--port", str(port), "--token", token, *args,
+            stdout=log, stderr=asyncio.subprocess.STDOUT, env=env,
+        )  # fmt: skip
+    mode = LocalMode(f"http://127.0.0.1:{port}", token, process, log_path)
+    try:
+        deadline = time.monotonic() + ready_within
+        async with aiohttp.ClientSession() as http:
+            while True:
+                assert process.returncode is None, f"whisperx-local exited:\n{mode.log()}"
+                assert time.monotonic() < deadline, f"whisperx-local not ready:\n{mode.log()}"
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with http.get(mode.url + "/ready") as resp:
+                        if resp.status == 200:
+                            break
+                await asyncio.sleep(0.1)
+        yield mode
+    finally:
+        if process.returncode is None:
+            process.terminate()
+            try:
+                await asyncio.wait_for(process.wait(), 30)
+            except TimeoutError:
+                process.kill()
+                await process.wait()

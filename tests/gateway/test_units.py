@@ -25,6 +25,7 @@ from whisperx_gateway.parsing import (
     parse_json_body,
     parse_prefer_wait,
     valid_prediction_id,
+    webhook_url_problem,
 )
 
 AUDIO = "https://example.com/a.wav"
@@ -217,6 +218,33 @@ def test_create_body_must_be_an_object() -> None:
 def test_json_body_errors(raw: bytes) -> None:
     error = api_error(parse_json_body, raw)
     assert error.status == 400 and "JSON" in error.detail
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("https://hooks.example.com/a?b=c", None),
+        ("http://127.0.0.1:8000/hook", None),
+        ("http://[::1]/hook", None),
+        ("http://user:pass@example.com/", None),
+        ("http://0/", "not a valid IP address"),
+        ("http://1.2.3/", "not a valid IP address"),
+        ("https://-bad-/", "not a valid host name"),
+        ("https://a|b/", "not a valid host name"),
+        ("https://bücher.example/", "ASCII"),
+        ("http://\udbcd:x@example.com/", "ASCII"),
+        ("http://a b/", "ASCII"),
+        ("http://example.com:99999/", "not a valid URL"),
+    ],
+)
+def test_webhook_urls_must_be_deliverable(url: str, problem: str | None) -> None:
+    found = webhook_url_problem(url)
+    assert (found is None) if problem is None else (found is not None and problem in found)
+    if problem is not None:
+        body = {"version": "v", "input": {"audio_file": AUDIO}, "webhook": url}
+        assert api_error(parse_create_body, body, version_required=True).detail.startswith(
+            "webhook: "
+        )
 
 
 # --- cursors ---
