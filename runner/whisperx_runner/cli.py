@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import logging
 import sys
 import types
 from collections.abc import Sequence
@@ -159,6 +160,9 @@ def _transcribe(args: argparse.Namespace, config: RunnerConfig, input_names: lis
         until_signal,
         validate,
     )
+
+    if args.quiet:
+        logging.getLogger("whisperx").setLevel(logging.WARNING)
 
     def log(text: str) -> None:
         if not args.quiet:

