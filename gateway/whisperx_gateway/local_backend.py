@@ -147,7 +147,8 @@ class LocalBackend:
         await self._end_interrupted()
 
     async def close(self) -> None:
-        for namespace, prediction_id in list(self._tasks):
+        unfinished = list(self._tasks)
+        for namespace, prediction_id in unfinished:
             await self.writer.apply(
                 namespace,
                 prediction_id,
@@ -162,6 +163,8 @@ class LocalBackend:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if unfinished:
+            await self.store.redis.srem(ACTIVE_KEY, *(f"{ns}/{pid}" for ns, pid in unfinished))
         if self._sender_task is not None:
             self._sender_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -1,0 +1,186 @@
+"""Local mode's backend: what differs from a Job (a local process) behaves as the operator
+makes a Job behave: the same env contract, crashes end as failed with the exit code,
+a queue when runner slots are busy, cancellation by SIGTERM, and nothing left running
+or stuck after a stop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import stat
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from tests.gateway.conftest import TOKEN, Gateway, serve_local
+from whisperx_api import lifecycle as lc
+from whisperx_api.records import PredictionRecord
+from whisperx_api.reports import prediction_token
+from whisperx_api.store import Store
+from whisperx_gateway.local_backend import ACTIVE_KEY
+
+AUDIO = "data:audio/wav;base64,UklGRg=="
+
+
+async def create(http: aiohttp.ClientSession, gw: Gateway, **input_: Any) -> dict[str, Any]:
+    body = {"version": "whisperx", "input": {"audio_file": AUDIO, **input_}}
+    async with http.post(gw.url + "/v1/predictions", json=body, headers=gw.auth()) as resp:
+        assert resp.status == 201
+        return dict(await resp.json())
+
+
+async def until(
+    gw: Gateway, prediction_id: str, check: Any, seconds: float = 20
+) -> PredictionRecord:
+    deadline = time.monotonic() + seconds
+    while True:
+        record = await gw.store.get_record("alpha", prediction_id)
+        if record is not None and check(record):
+            return record
+        assert time.monotonic() < deadline, record
+        await asyncio.sleep(0.05)
+
+
+def ended(record: PredictionRecord) -> bool:
+    return record.state.terminal
+
+
+async def test_the_runner_gets_a_jobs_environment_contract(
+    redis_url: str, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """A runner that records its environment and input file, then succeeds."""
+    script = tmp_path / "record_env.py"
+    script.write_text(
+        "import json, os, stat, sys\n"
+        "path = os.environ['WHISPERX_INPUT_FILE']\n"
+        "info = {'env': dict(os.environ), 'input': json.load(open(path)),\n"
+        "        'mode': stat.S_IMODE(os.stat(path).st_mode)}\n"
+        f"json.dump(info, open({str(tmp_path / 'seen.json')!r}, 'w'))\n"
+        "sys.exit(0)\n"
+    )
+    os.environ["WHISPERX_TOKENS"] = f"{TOKEN}=alpha"  # must not reach the runner
+    try:
+        async with serve_local(redis_url, runner=[sys.executable, str(script)]) as gw:
+            body = await create(http, gw, huggingface_access_token="hf_secret_123")
+            record = await until(gw, body["id"], ended)
+    finally:
+        del os.environ["WHISPERX_TOKENS"]
+    seen = json.loads((tmp_path / "seen.json").read_text())
+    env = seen["env"]
+    assert seen["mode"] == stat.S_IRUSR | stat.S_IWUSR  # 0600
+    assert seen["input"] == {"audio_file": AUDIO, "huggingface_access_token": "hf_secret_123"}
+    assert not await asyncio.to_thread(os.path.exists, env["WHISPERX_INPUT_FILE"])  # removed
+    assert env["WHISPERX_REPORT_URL"].endswith(f"/reports/alpha/{body['id']}")
+    assert env["WHISPERX_REPORT_URL"].startswith("http://127.0.0.1:")
+    assert env["WHISPERX_REPORT_TOKEN"] == prediction_token(
+        b"test-report-key", "alpha", body["id"], record.uid or ""
+    )
+    assert (env["WHISPERX_MODEL"], env["WHISPERX_DEVICE"], env["WHISPERX_COMPUTE_TYPE"]) == (
+        "tiny.en",
+        "cpu",
+        "int8",
+    )
+    assert env["WHISPERX_ALLOW_HOSTS"] == "127.0.0.1"
+    assert "WHISPERX_TOKENS" not in env
+    # It exited 0 without reporting: that is a failure, and says so.
+    assert record.state.phase is lc.Phase.FAILED
+    assert record.state.reason == "RunnerExited"
+    assert record.state.error == "the runner exited without reporting a result"
+
+
+async def test_a_crash_without_a_report_fails_with_the_exit_code_and_output(
+    gateway: Gateway, http: aiohttp.ClientSession
+) -> None:
+    body = await create(http, gateway, initial_prompt="stand-in:crash")
+    record = await until(gateway, body["id"], ended)
+    assert record.state.phase is lc.Phase.FAILED and record.state.reason == "RunnerExited"
+    assert record.state.error == "the runner exited with code 3: stand-in: simulated crash"
+    async with http.get(body["urls"]["get"], headers=gateway.auth()) as resp:
+        shown = await resp.json()
+    assert shown["status"] == "failed" and "code 3" in shown["error"]
+    assert shown["started_at"] is not None  # it had reported `start`
+
+
+async def test_a_reported_failure_keeps_the_runners_error(
+    gateway: Gateway, http: aiohttp.ClientSession
+) -> None:
+    body = await create(http, gateway, initial_prompt="stand-in:fail")
+    record = await until(gateway, body["id"], ended)
+    assert record.state.error == "stand-in: simulated failure"
+    assert record.state.reason == "RunnerFailed"
+
+
+async def test_runner_slots_queue_predictions_and_cancel_reaches_the_queue(
+    redis_url: str, http: aiohttp.ClientSession
+) -> None:
+    async with serve_local(redis_url, concurrency=1) as gw:
+        first = await create(http, gw, initial_prompt="stand-in:hang")
+        await until(gw, first["id"], lambda r: r.state.phase is lc.Phase.PROCESSING)
+        second = await create(http, gw)
+        third = await create(http, gw)
+        queued = await until(gw, second["id"], lambda r: r.state.queued)
+        condition = queued.state.condition("Queued")
+        assert condition is not None and condition.reason == "WaitingForRunnerSlot"
+        assert len(gw.backend._processes) == 1  # one slot, one process
+
+        # Canceled while queued: it never runs.
+        async with http.post(third["urls"]["cancel"], headers=gw.auth()) as resp:
+            assert (await resp.json())["status"] == "canceled"
+        async with http.post(first["urls"]["cancel"], headers=gw.auth()) as resp:
+            assert resp.status == 200
+        done = await until(gw, second["id"], ended)
+        assert done.state.phase is lc.Phase.SUCCEEDED
+        third_record = await until(gw, third["id"], ended)
+        assert third_record.state.phase is lc.Phase.CANCELED
+        assert third_record.state.started_at is None
+        deadline = time.monotonic() + 10
+        while await gw.store.redis.smembers(ACTIVE_KEY):  # the supervisors finish up
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+
+
+async def test_stopping_local_mode_ends_what_is_running(
+    redis_url: str, http: aiohttp.ClientSession
+) -> None:
+    async with serve_local(redis_url, concurrency=1) as gw:
+        running = await create(http, gw, initial_prompt="stand-in:hang")
+        await until(gw, running["id"], lambda r: r.state.phase is lc.Phase.PROCESSING)
+        queued = await create(http, gw)
+        (process,) = gw.backend._processes.values()
+    assert process.returncode is not None  # the runner was stopped with local mode
+    store = Store.from_url(redis_url)
+    try:
+        for prediction_id in (running["id"], queued["id"]):
+            record = await store.get_record("alpha", prediction_id)
+            assert record is not None and record.state.phase is lc.Phase.FAILED
+            assert record.state.reason == "Interrupted"
+        assert await store.redis.smembers(ACTIVE_KEY) == set()
+    finally:
+        await store.close()
+
+
+async def test_a_restart_after_a_crash_ends_what_the_crashed_process_accepted(
+    redis_url: str,
+) -> None:
+    store = Store.from_url(redis_url)
+    try:
+        # What a SIGKILLed local mode leaves: a record marked active, never finished.
+        orphan = PredictionRecord(
+            id="orphan",
+            namespace="alpha",
+            input={"audio_file": AUDIO},
+            state=lc.apply(lc.PredictionState(), lc.Created(at=lc.now_utc())).state,
+        )
+        await store.redis.sadd(ACTIVE_KEY, "alpha/orphan")
+        await store.put_record(orphan)
+        async with serve_local(redis_url):
+            record = await store.get_record("alpha", "orphan")
+            assert record is not None and record.state.phase is lc.Phase.FAILED
+            assert record.state.reason == "Interrupted"
+            assert await store.redis.smembers(ACTIVE_KEY) == set()
+    finally:
+        await store.close()
