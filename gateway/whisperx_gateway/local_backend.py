@@ -297,13 +297,9 @@ class LocalBackend:
             self._processes.pop((ns, pid), None)
             input_file.unlink(missing_ok=True)
         code = process.returncode if process.returncode is not None else -1
-        final = await self._fail(ns, pid, "RunnerExited", exit_message(code, list(tail)))
-        if final is not None:
-            log.info(
-                "prediction %s/%s ended: %s%s (runner exit code %d)",
-                ns, pid, final.state.phase.value,
-                f" ({final.state.reason})" if final.state.reason else "", code,
-            )  # fmt: skip
+        log.info("prediction %s/%s: runner exited with code %d", ns, pid, code)
+        # A no-op when the runner reported its end (the status writer logged it).
+        await self._fail(ns, pid, "RunnerExited", exit_message(code, list(tail)))
 
     async def _fail(
         self, namespace: str, prediction_id: str, reason: str, message: str

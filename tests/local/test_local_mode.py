@@ -1,0 +1,89 @@
+"""`whisperx-local`, the one command: its own Redis, the real runner on real speech, and
+progress visible in its log and in the prediction's `logs`."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+from pathlib import Path
+
+import pytest
+import replicate
+
+from tests.gateway.conftest import STAND_IN_RUNNER, call, local_mode
+
+AUDIO = "data:audio/wav;base64,UklGRg=="
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+async def test_it_starts_a_private_redis_stops_it_and_keeps_the_data(tmp_path: Path) -> None:
+    args = ("--data-dir", str(tmp_path / "data"), "--runner-command", " ".join(STAND_IN_RUNNER))
+    async with local_mode(tmp_path / "first.log", *args) as local:
+        client = replicate.Client(api_token=local.token, base_url=local.url)
+        prediction = await call(
+            client.predictions.create, version="whisperx", input={"audio_file": AUDIO}, wait=30
+        )
+        assert prediction.status == "succeeded"
+        found = re.search(r"private redis-server at redis://127\.0\.0\.1:(\d+)", local.log())
+        assert found, local.log()
+        redis_port = int(found[1])
+        assert _port_open(redis_port)
+        log = local.log()
+        assert f"prediction default/{prediction.id} created" in log
+        assert f"prediction default/{prediction.id}: runner started" in log
+    assert local.process.returncode == 0
+    assert not await asyncio.to_thread(_port_open, redis_port)  # stopped with local mode
+    assert f"prediction default/{prediction.id} succeeded" in local.log()
+
+    async with local_mode(tmp_path / "second.log", *args) as again:
+        client = replicate.Client(api_token=again.token, base_url=again.url)
+        kept = await call(client.predictions.get, prediction.id)
+        assert kept.status == "succeeded" and kept.output == prediction.output
+
+
+@pytest.mark.whisperx
+async def test_the_real_runner_transcribes_speech_with_word_timings(
+    tmp_path: Path, redis_url: str, fox_wav: Path, model_dir: Path
+) -> None:
+    """The whole flow on one machine: the official client, the gateway, the lifecycle,
+    `whisperx-runner run` with tiny.en on CPU, espeak-ng speech.
+
+    Word timings come from alignment; no registry package ships real English alignment
+    weights, so `model_dir` holds the runner tests' tiny random-weight aligner: the words
+    are the real model's, their timings are checked for consistency, not accuracy.
+    """
+    async with local_mode(
+        tmp_path / "local.log", "--redis-url", redis_url, "--model-dir", str(model_dir)
+    ) as local:
+        client = replicate.Client(api_token=local.token, base_url=local.url)
+        with fox_wav.open("rb") as audio:
+            prediction = await call(
+                client.models.predictions.create,
+                model="whisperx/whisperx",
+                input={"audio_file": audio, "align_output": True},
+                file_encoding_strategy="base64",
+            )
+        await asyncio.wait_for(call(prediction.wait), 240)
+    assert prediction.status == "succeeded", (prediction.error, prediction.logs, local.log())
+    output = prediction.output
+    assert output["detected_language"] == "en"
+    text = " ".join(s["text"].strip() for s in output["segments"]).lower()
+    assert "quick brown fox" in text and "lazy dog" in text
+    words = [w for s in output["segments"] for w in s["words"]]
+    spoken = [re.sub(r"\W", "", w["word"].lower()) for w in words]
+    assert spoken[:4] == ["the", "quick", "brown", "fox"] and spoken[-2:] == ["lazy", "dog"]
+    duration = prediction.metrics["audio_duration"]
+    starts = [w["start"] for w in words]
+    assert starts == sorted(starts)
+    for word in words:
+        assert 0 <= word["start"] <= word["end"] <= duration + 0.1, word
+    # Progress is visible: the runner's in `logs`, start and end in local mode's log.
+    assert "Transcribing" in prediction.logs and "Aligning" in prediction.logs
+    assert f"prediction default/{prediction.id}: runner started" in local.log()
+    assert f"prediction default/{prediction.id} succeeded" in local.log()
