@@ -178,6 +178,12 @@ class StatusWriter:
             case OutputReport(output=output):
                 await self.store.put_output(ns, pid, output)
                 await self._webhook(record, "output")
+            case CompletedReport(status="canceled") as done if not record.cancel_requested:
+                # A runner reports `canceled` when it gets SIGTERM, which also comes from a
+                # preemption, an eviction or a node drain. Only a requested cancel ends the
+                # prediction as canceled; otherwise the pod's fate decides (a retry that
+                # does not count, or a failure with its reason).
+                await self.store.append_logs(ns, pid, done.logs)
             case CompletedReport() as done:
                 await self.store.append_logs(ns, pid, done.logs)
                 if done.output is not None:

@@ -1,0 +1,155 @@
+"""One scheduler for every prediction's next deadline: start, run, or TTL.
+
+A prediction has at most one pending deadline at a time, decided by its state: before the
+runner starts, the start deadline (image pull, queue, scheduling); while it runs, the run
+deadline; once finished, its TTL. Kept in a heap rather than a kopf timer per object, so
+thousands of live Predictions cost a few hundred bytes each, not a task each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from whisperx_api import lifecycle as lc
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["start", "run", "ttl"]
+Key = tuple[str, str]
+FireFn = Callable[[Kind, str, str], Awaitable[None]]
+RETRY_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class Limits:
+    start: int
+    run: int
+    ttl: int | None
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], *, start: int, run: int, ttl: int | None) -> Limits:
+        given_ttl = spec.get("ttlSecondsAfterFinished")
+        return cls(
+            start=int(spec.get("startDeadlineSeconds") or start),
+            run=int(spec.get("activeDeadlineSeconds") or run),
+            ttl=int(given_ttl) if given_ttl is not None else ttl,
+        )
+
+
+def next_deadline(state: lc.PredictionState, limits: Limits) -> tuple[Kind, float] | None:
+    """The deadline that applies now, as (kind, unix time), or None."""
+    if state.terminal:
+        if limits.ttl is None:
+            return None
+        ended = state.completed_at or lc.now_utc()
+        return "ttl", ended.timestamp() + limits.ttl
+    if state.phase is lc.Phase.PROCESSING and state.started_at is not None:
+        return "run", state.started_at.timestamp() + limits.run
+    if state.created_at is not None:
+        return "start", state.created_at.timestamp() + limits.start
+    return None
+
+
+class Deadlines:
+    def __init__(
+        self,
+        fire: FireFn,
+        *,
+        active: Callable[[], bool] = lambda: True,
+        clock: Callable[[], float] = time.time,
+        concurrency: int = 16,
+    ) -> None:
+        self.fire = fire
+        self.active = active
+        self.clock = clock
+        self._limits: dict[Key, Limits] = {}
+        self._plan: dict[Key, tuple[Kind, float]] = {}
+        self._heap: list[tuple[float, Key]] = []
+        self._wake = asyncio.Event()
+        self._slots = asyncio.Semaphore(concurrency)
+        self._running: set[asyncio.Task[None]] = set()
+
+    def track(self, namespace: str, name: str, limits: Limits, state: lc.PredictionState) -> None:
+        key = (namespace, name)
+        self._limits[key] = limits
+        self._set(key, next_deadline(state, limits))
+
+    def update(self, namespace: str, name: str, state: lc.PredictionState) -> None:
+        """A new state of a tracked prediction (untracked ones are left to `track`)."""
+        limits = self._limits.get((namespace, name))
+        if limits is not None:
+            self._set((namespace, name), next_deadline(state, limits))
+
+    def forget(self, namespace: str, name: str) -> None:
+        self._limits.pop((namespace, name), None)
+        self._plan.pop((namespace, name), None)
+
+    def limits_of(self, namespace: str, name: str) -> Limits | None:
+        return self._limits.get((namespace, name))
+
+    def planned(self, namespace: str, name: str) -> tuple[Kind, float] | None:
+        return self._plan.get((namespace, name))
+
+    def __len__(self) -> int:
+        return len(self._plan)
+
+    def _set(self, key: Key, plan: tuple[Kind, float] | None) -> None:
+        if plan is None:
+            self._plan.pop(key, None)
+            return
+        if self._plan.get(key) == plan:
+            return
+        self._plan[key] = plan
+        heapq.heappush(self._heap, (plan[1], key))
+        if self._heap[0] == (plan[1], key):
+            self._wake.set()
+        # Superseded plans stay in the heap until popped; compact when they pile up.
+        if len(self._heap) > 4 * len(self._plan) + 64:
+            self._heap = [(when, k) for k, (_, when) in self._plan.items()]
+            heapq.heapify(self._heap)
+
+    def _due(self, now: float) -> list[tuple[Kind, Key]]:
+        due: list[tuple[Kind, Key]] = []
+        while self._heap and self._heap[0][0] <= now:
+            when, key = heapq.heappop(self._heap)
+            plan = self._plan.get(key)
+            if plan is None or plan[1] != when:
+                continue  # superseded
+            del self._plan[key]
+            due.append((plan[0], key))
+        return due
+
+    async def run(self) -> None:
+        try:
+            while True:
+                self._wake.clear()
+                now = self.clock()
+                if self.active():
+                    for kind, key in self._due(now):
+                        task = asyncio.create_task(self._fire(kind, key))
+                        self._running.add(task)
+                        task.add_done_callback(self._running.discard)
+                    timeout = self._heap[0][0] - now if self._heap else None
+                else:
+                    timeout = 1.0  # a standby replica checks again when it may be active
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout)
+        finally:
+            for task in self._running:
+                task.cancel()
+
+    async def _fire(self, kind: Kind, key: Key) -> None:
+        async with self._slots:
+            try:
+                await self.fire(kind, *key)
+            except Exception:
+                log.exception("%s deadline of %s/%s failed; retrying", kind, *key)
+                if key in self._limits and key not in self._plan:
+                    self._set(key, (kind, self.clock() + RETRY_SECONDS))

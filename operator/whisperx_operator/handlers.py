@@ -1,0 +1,66 @@
+"""kopf handlers: thin adapters onto `Runtime` (runtime.py), which holds the logic.
+
+Predictions get changing handlers (create, resume, cancel, delete with a finalizer that
+removes the Redis data). Jobs and pods get event handlers only: they store nothing on
+those objects and only feed the lifecycle, which ignores repeats.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+
+from whisperx_api.crd import CANCEL_ANNOTATION, GROUP, PLURAL, PREDICTION_LABEL, VERSION
+from whisperx_operator.runtime import Runtime
+
+# Seconds between retries of a failed handler (kopf's default is 60).
+BACKOFF = 5
+
+
+def _runtime(memo: Any) -> Runtime:
+    runtime: Runtime = memo.runtime
+    return runtime
+
+
+def cancel_requested(spec: Mapping[str, Any], annotations: Mapping[str, str], **_: Any) -> bool:
+    return spec.get("cancel") is True or annotations.get(CANCEL_ANNOTATION, "").lower() == "true"
+
+
+@kopf.on.cleanup()
+async def stopping(memo: Any, **_: Any) -> None:
+    # Stop the operator's own servers and loops while kopf stops, so that kopf does not
+    # wait for their inner tasks as "hung" ones.
+    await _runtime(memo).stop()
+
+
+@kopf.on.create(GROUP, VERSION, PLURAL, backoff=BACKOFF)
+async def created(body: kopf.Body, memo: Any, **_: Any) -> None:
+    await _runtime(memo).reconcile(dict(body))
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL, backoff=BACKOFF)
+async def resumed(body: kopf.Body, memo: Any, **_: Any) -> None:
+    await _runtime(memo).reconcile(dict(body))
+
+
+@kopf.on.update(GROUP, VERSION, PLURAL, when=cancel_requested, backoff=BACKOFF)
+async def cancel(body: kopf.Body, memo: Any, **_: Any) -> None:
+    await _runtime(memo).cancel(body.metadata.namespace or "default", body.metadata.name)
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL, backoff=BACKOFF)
+async def deleted(body: kopf.Body, memo: Any, **_: Any) -> None:
+    await _runtime(memo).forget(body.metadata.namespace or "default", body.metadata.name)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={PREDICTION_LABEL: kopf.PRESENT})
+async def job_event(type: str | None, body: kopf.Body, memo: Any, **_: Any) -> None:
+    await _runtime(memo).job_changed(type, dict(body))
+
+
+@kopf.on.event("v1", "pods", labels={PREDICTION_LABEL: kopf.PRESENT})
+async def pod_event(type: str | None, body: kopf.Body, memo: Any, **_: Any) -> None:
+    if type != "DELETED":
+        await _runtime(memo).pod_changed(dict(body))

@@ -1,0 +1,103 @@
+"""`whisperx-operator`: kopf with the settings this operator needs, plus its own servers.
+
+Configuration is environment only (see config.py and docs/architecture.md); Kubernetes
+credentials come from the pod's service account or $KUBECONFIG.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import socket
+import sys
+from datetime import UTC, datetime
+
+import kopf
+
+import whisperx_operator.handlers  # noqa: F401  (registers the kopf handlers)
+from whisperx_api.crd import GROUP, PREDICTION_LABEL
+from whisperx_operator.config import ConfigError, OperatorConfig
+from whisperx_operator.runtime import Runtime
+
+log = logging.getLogger("whisperx_operator")
+
+FINALIZER = f"{GROUP}/cleanup"
+KOPF_PREFIX = f"kopf.{GROUP}"
+
+
+def operator_identity() -> str:
+    """Like kopf's own: the pod name in a cluster, else user@host with a start stamp."""
+    pod = os.environ.get("POD_ID") or os.environ.get("POD_NAME")
+    if pod:
+        return pod
+    stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
+    return f"whisperx-operator@{socket.gethostname()}/{stamp}/{random.randrange(16**4):04x}"
+
+
+def kopf_settings(config: OperatorConfig) -> kopf.OperatorSettings:
+    settings = kopf.OperatorSettings()
+    settings.persistence.finalizer = FINALIZER
+    # The spec's input can hold a data URI near 1 MB: never copy it into an annotation
+    # (annotations are capped at 256 KiB). Only cancellation is diffed.
+    # kopf ignores every annotation under its storage prefix when diffing, so the prefix
+    # must not be whisperx.io (the cancel annotation lives there).
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=KOPF_PREFIX,
+        key="last-handled-configuration",
+        ignored_fields=["spec.input", "status"],
+    )
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=KOPF_PREFIX)
+    # Only problems become Events from kopf's own logs; the operator posts its own.
+    settings.posting.level = logging.WARNING
+    # Server-side filtering: only the Jobs and pods of predictions reach the operator.
+    settings.watching.label_selectors["batch", "v1", "jobs"] = PREDICTION_LABEL
+    settings.watching.label_selectors["v1", "pods"] = PREDICTION_LABEL
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.watching.connect_timeout = 10
+    settings.networking.request_timeout = 30
+    settings.peering.priority = config.peering_priority
+    return settings
+
+
+async def run(config: OperatorConfig) -> None:
+    identity = operator_identity()
+    runtime = Runtime(config, identity=identity)
+    await runtime.start()
+    log.info(
+        "whisperx operator %s: reports on :%d, liveness on :%d/healthz, %s",
+        identity, config.report_port, config.liveness_port,
+        f"namespaces {', '.join(config.namespaces)}" if config.namespaces else "cluster-wide",
+    )  # fmt: skip
+    try:
+        await kopf.operator(
+            registry=kopf.get_default_registry(),
+            settings=kopf_settings(config),
+            identity=identity,  # type: ignore[arg-type]  # kopf's NewType of str, not exported
+            clusterwide=not config.namespaces,
+            namespaces=config.namespaces,
+            peering_name=config.peering or None,
+            standalone=not config.peering,
+            priority=config.peering_priority,
+            liveness_endpoint=f"http://{config.listen_host}:{config.liveness_port}/healthz",
+            memo=kopf.Memo(runtime=runtime),
+        )
+    finally:
+        await runtime.stop()
+
+
+def main() -> None:
+    logging.basicConfig(
+        level=os.environ.get("WHISPERX_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        config = OperatorConfig.from_env()
+    except ConfigError as exc:
+        print(f"whisperx-operator: {exc}", file=sys.stderr)
+        sys.exit(2)
+    if not os.environ.get("WHISPERX_WEBHOOK_SECRET"):
+        log.warning("WHISPERX_WEBHOOK_SECRET is not set: webhooks are signed with a random key")
+    asyncio.run(run(config))

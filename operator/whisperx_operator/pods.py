@@ -1,0 +1,139 @@
+"""What a Job's and its pods' status mean for the prediction (pure).
+
+The runner reports its own progress; these functions cover what it cannot report: a pod
+that never starts (image pull, missing Secret, no node), one that dies without a word
+(OOMKilled, evicted, killed at the deadline), and a Job that Kueue holds in its queue.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
+from whisperx_api import lifecycle as lc
+
+# Waiting reasons that do not heal by waiting: fail now rather than at the start deadline.
+_PERMANENT_WAITING = {
+    "ImagePullBackOff": "ImagePullFailed",
+    "ErrImageNeverPull": "ImagePullFailed",
+    "InvalidImageName": "ImagePullFailed",
+    "CreateContainerConfigError": "ContainerConfigError",
+}
+_MAX_MESSAGE = 1024
+
+
+def _conditions(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c.get("type", ""): c for c in (obj.get("status") or {}).get("conditions") or ()}
+
+
+def _true(conditions: dict[str, dict[str, Any]], type_: str) -> dict[str, Any] | None:
+    condition = conditions.get(type_)
+    return condition if condition is not None and condition.get("status") == "True" else None
+
+
+def _short(text: str) -> str:
+    text = text.strip()
+    return text if len(text) <= _MAX_MESSAGE else "..." + text[-_MAX_MESSAGE:]
+
+
+def _terminated(pod: dict[str, Any]) -> dict[str, Any] | None:
+    for status in (pod.get("status") or {}).get("containerStatuses") or ():
+        state = status.get("state") or {}
+        last = status.get("lastState") or {}
+        terminated = state.get("terminated") or last.get("terminated")
+        if terminated:
+            return dict(terminated)
+    return None
+
+
+def _finished_at(pod: dict[str, Any]) -> str:
+    terminated = _terminated(pod) or {}
+    return str(terminated.get("finishedAt") or pod["metadata"].get("creationTimestamp") or "")
+
+
+def pod_failure(pod: dict[str, Any]) -> tuple[str, str]:
+    """(reason, message) of a failed pod, in the words a user can act on."""
+    status = pod.get("status") or {}
+    if status.get("reason") == "Evicted":
+        return "Evicted", _short(status.get("message") or "the pod was evicted")
+    if _true(_conditions(pod), "DisruptionTarget"):
+        condition = _conditions(pod)["DisruptionTarget"]
+        return "Preempted", _short(condition.get("message") or "the pod was preempted")
+    terminated = _terminated(pod)
+    if terminated is None:
+        return "PodFailed", _short(status.get("message") or "the runner pod failed")
+    code = terminated.get("exitCode")
+    detail = _short(terminated.get("message") or "")
+    if terminated.get("reason") == "OOMKilled":
+        return (
+            "OOMKilled",
+            "the runner ran out of memory (OOMKilled); use a larger hardware profile",
+        )
+    if code == 2:
+        return "InvalidInput", detail or "the runner refused the input or audio (exit code 2)"
+    if code == 1:
+        return "RunnerFailed", detail or "the runner failed (exit code 1)"
+    if code == 143:
+        return "Terminated", detail or "the runner was terminated (SIGTERM)"
+    suffix = f": {detail}" if detail else ""
+    return "RunnerCrashed", f"the runner exited with code {code}{suffix}"
+
+
+def job_event(job: dict[str, Any], pods: Iterable[dict[str, Any]], at: datetime) -> lc.Event | None:
+    """The lifecycle event a Job's status stands for, if any."""
+    conditions = _conditions(job)
+    failed = _true(conditions, "Failed") or _true(conditions, "FailureTarget")
+    if failed is not None:
+        reason = failed.get("reason") or "JobFailed"
+        if reason == "DeadlineExceeded":
+            seconds = (job.get("spec") or {}).get("activeDeadlineSeconds")
+            return lc.Failed("DeadlineExceeded", f"the Job ran past its deadline ({seconds} s)", at)
+        failed_pods = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
+        # Preempted pods do not count against the Job (podFailurePolicy): the cause is
+        # the last failure that did.
+        counted = [p for p in failed_pods if not _true(_conditions(p), "DisruptionTarget")]
+        if counted or failed_pods:
+            last = max(counted or failed_pods, key=_finished_at)
+            pod_reason, message = pod_failure(last)
+            return lc.Failed(pod_reason, message, at)
+        return lc.Failed(reason, _short(failed.get("message") or "the Job failed"), at)
+    if _true(conditions, "Complete") or _true(conditions, "SuccessCriteriaMet"):
+        # The runner reports `completed` before it exits 0; reaching here means it did not.
+        return lc.Failed("NoResult", "the runner exited without reporting a result", at)
+    if (job.get("spec") or {}).get("suspend"):
+        suspended = conditions.get("Suspended") or {}
+        return lc.Queued(
+            "Suspended",
+            suspended.get("message") or "the Job is suspended, waiting for admission (Kueue)",
+            at,
+        )
+    if "Suspended" in conditions:
+        return lc.Admitted(at)
+    return None
+
+
+def pod_event(pod: dict[str, Any], at: datetime) -> lc.Event | None:
+    """The lifecycle event of a pod that is stuck before the runner starts, if any."""
+    status = pod.get("status") or {}
+    if status.get("phase") != "Pending":
+        if status.get("phase") == "Running":
+            return lc.Admitted(at)
+        return None
+    for container in status.get("containerStatuses") or ():
+        waiting = (container.get("state") or {}).get("waiting") or {}
+        reason = _PERMANENT_WAITING.get(waiting.get("reason", ""))
+        if reason is not None:
+            message = waiting.get("message") or waiting["reason"]
+            image = container.get("image")
+            if reason == "ImagePullFailed" and image:
+                message = f"cannot pull image {image}: {message}"
+            return lc.Failed(reason, _short(message), at)
+    scheduled = _conditions(pod).get("PodScheduled") or {}
+    if scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable":
+        return lc.Queued(
+            "Unschedulable", _short(scheduled.get("message") or "no node fits the pod"), at
+        )
+    if scheduled.get("status") == "True":
+        return lc.Admitted(at)
+    return None

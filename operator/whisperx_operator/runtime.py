@@ -1,0 +1,282 @@
+"""What the operator does, behind thin kopf handlers (handlers.py).
+
+One `Runtime` per process holds the Kubernetes and Redis clients, the status writer with
+its Kubernetes sink, the deadline scheduler, the peering gate, the Event poster, the
+webhook sender and the report server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import kopf
+from aiohttp import web
+
+from whisperx_api import lifecycle as lc
+from whisperx_api.crd import PREDICTION_LABEL
+from whisperx_api.kube import ApiError, KubeClient, KubeConfig, resource_path
+from whisperx_api.records import PredictionRecord
+from whisperx_api.reports import prediction_token
+from whisperx_api.status_writer import StatusWriter
+from whisperx_api.store import Store
+from whisperx_api.webhooks import WebhookSender
+from whisperx_operator import jobs
+from whisperx_operator.config import OperatorConfig
+from whisperx_operator.deadlines import Deadlines, Kind, Limits
+from whisperx_operator.events import EventPoster, involved_object
+from whisperx_operator.peering import PeeringGate
+from whisperx_operator.pods import job_event, pod_event
+from whisperx_operator.server import report_app
+from whisperx_operator.sink import KubeStatusSink
+from whisperx_operator.validation import profile_for, validate_spec
+
+log = logging.getLogger(__name__)
+
+
+def _job_path(namespace: str, name: str | None = None) -> str:
+    return resource_path(namespace, name, group="batch", version="v1", plural="jobs")
+
+
+def _core_path(namespace: str, plural: str, name: str | None = None) -> str:
+    return resource_path(namespace, name, group="", version="v1", plural=plural)
+
+
+def prediction_of(obj: dict[str, Any]) -> str | None:
+    """The Prediction a Job or pod belongs to."""
+    meta = obj.get("metadata") or {}
+    annotations = meta.get("annotations") or {}
+    labels = meta.get("labels") or {}
+    name = annotations.get(jobs.PREDICTION_ANNOTATION) or labels.get(PREDICTION_LABEL)
+    return str(name) if name else None
+
+
+class Runtime:
+    def __init__(
+        self, config: OperatorConfig, *, identity: str, kube: KubeClient | None = None
+    ) -> None:
+        self.config = config
+        self.kube = kube or KubeClient(KubeConfig.load())
+        self.store = Store.from_url(config.redis_url)
+        self.events = EventPoster(self.kube, identity)
+        self.gate = PeeringGate(
+            self.kube,
+            name=config.peering,
+            identity=identity,
+            priority=config.peering_priority,
+            namespaces=config.namespaces,
+        )
+        self.deadlines = Deadlines(self.deadline_reached, active=lambda: self.gate.active)
+        self.sink = KubeStatusSink(
+            self.kube,
+            self.events,
+            on_saved=lambda r: self.deadlines.update(r.namespace, r.id, r.state),
+        )
+        self.webhooks = WebhookSender(self.store, config.webhook_secret)
+        self.writer = StatusWriter(
+            store=self.store,
+            sink=self.sink,
+            report_key=config.report_key,
+            public_url=config.public_url,
+            webhooks=self.webhooks,
+        )
+        self._tasks: list[asyncio.Task[None]] = []
+        self._runner: web.AppRunner | None = None
+        self._stopped = False
+
+    # --- process lifecycle ---
+
+    async def start(self) -> None:
+        app = report_app(self.writer, self.store, active=lambda: self.gate.active)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.config.listen_host, self.config.report_port)
+        await site.start()
+        for name, coro in (
+            ("events", self.events.run()),
+            ("peering gate", self.gate.run()),
+            ("deadlines", self.deadlines.run()),
+            ("webhooks", self.webhooks.run()),
+        ):
+            self._tasks.append(asyncio.create_task(coro, name=name))
+
+    async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._runner is not None:
+            await self._runner.cleanup()
+        await self.store.close()
+        await self.kube.close()
+
+    # --- Predictions ---
+
+    def limits(self, spec: dict[str, Any]) -> Limits:
+        return Limits.from_spec(
+            spec,
+            start=self.config.default_start_deadline_seconds,
+            run=self.config.default_active_deadline_seconds,
+            ttl=self.config.default_ttl_seconds,
+        )
+
+    async def reconcile(self, body: dict[str, Any]) -> None:
+        """A Prediction seen for the first time by this process (created or resumed)."""
+        ref = jobs.PredictionRef.from_body(body)
+        record = self.sink.remember(body)
+        limits = self.limits(ref.spec)
+        if record.state.terminal:
+            # Resumed after the end: the status is authoritative; re-publish it so a crash
+            # between the status save and the Redis write loses nothing (the terminal
+            # webhook is queued at most once).
+            await self.writer.publish(record)
+            self.deadlines.track(ref.namespace, ref.name, limits, record.state)
+            return
+        if record.cancel_requested:
+            await self.cancel(ref.namespace, ref.name)
+            return
+        problem = validate_spec(ref.spec, self.config.profiles)
+        if problem is not None:
+            await self.writer.apply(
+                ref.namespace, ref.name, lc.Failed(problem.reason, problem.message, lc.now_utc())
+            )
+            return
+        await self._ensure_runner_objects(ref, record)
+        async with self.writer.lock(ref.namespace, ref.name):
+            # A report may have moved the prediction on since `body` was read.
+            current = await self.sink.load(ref.namespace, ref.name)
+            if current is None:
+                return
+            if not current.state.terminal:
+                await self.sink.save(current)
+            await self.writer.publish(current)
+        self.deadlines.track(ref.namespace, ref.name, limits, current.state)
+
+    async def _ensure_runner_objects(
+        self, ref: jobs.PredictionRef, record: PredictionRecord
+    ) -> None:
+        token = prediction_token(self.config.report_key, ref.namespace, ref.name, ref.uid)
+        secret = jobs.runner_secret(ref, token)
+        if await self._create_owned(_core_path(ref.namespace, "secrets"), secret, ref.uid):
+            # A first attempt (the Secret precedes the Job): drop whatever an earlier
+            # Prediction of the same name left in Redis, or its report sequence number
+            # would make this one's reports look like replays.
+            await self.store.delete_prediction(ref.namespace, ref.name)
+        profile = profile_for(ref.spec, self.config.profiles)
+        job = jobs.runner_job(ref, profile, self.config)
+        if await self._create_owned(_job_path(ref.namespace), job, ref.uid):
+            self.events.post(
+                involved_object(record),
+                "Normal",
+                "JobCreated",
+                f"created Job {job['metadata']['name']} (hardware {record.hardware})",
+            )
+
+    async def _create_owned(self, collection: str, obj: dict[str, Any], owner_uid: str) -> bool:
+        """Creates `obj`; False when it exists already (a repeated event or a restart)."""
+        try:
+            await self.kube.create(collection, obj)
+            return True
+        except ApiError as exc:
+            if exc.status != 409:
+                raise
+        name = obj["metadata"]["name"]
+        existing = await self.kube.get(f"{collection}/{name}")
+        owners = {o.get("uid") for o in existing["metadata"].get("ownerReferences") or ()}
+        if owner_uid not in owners:
+            # Left by a deleted Prediction of the same name, not yet garbage-collected.
+            raise kopf.TemporaryError(f"{obj['kind']} {name} belongs to another owner", delay=5)
+        return False
+
+    async def cancel(self, namespace: str, name: str) -> None:
+        record = await self.writer.apply(namespace, name, lc.CancelRequested(at=lc.now_utc()))
+        # Status first: once canceled, a late report from the dying runner changes nothing.
+        if record is not None and record.state.phase is lc.Phase.CANCELED:
+            await self._delete_job(namespace, name)
+
+    async def forget(self, namespace: str, name: str) -> None:
+        """The Prediction is being deleted: remove its Redis data and in-memory state."""
+        await self.store.delete_prediction(namespace, name)
+        self.writer.forget(namespace, name)
+        self.sink.forget(namespace, name)
+        self.deadlines.forget(namespace, name)
+
+    async def _delete_job(self, namespace: str, name: str) -> None:
+        await self.kube.delete(_job_path(namespace, jobs.job_name(name)))
+
+    async def _end(self, namespace: str, name: str, event: lc.Failed) -> None:
+        """Ends a prediction from outside the runner and stops whatever still runs."""
+        record = await self.writer.apply(namespace, name, event)
+        if record is not None and record.state.terminal and record.state.reason == event.reason:
+            await self._delete_job(namespace, name)
+
+    # --- deadlines ---
+
+    async def deadline_reached(self, kind: Kind, namespace: str, name: str) -> None:
+        if kind == "ttl":
+            log.info("deleting %s/%s: its TTL after finishing has passed", namespace, name)
+            await self.kube.delete(resource_path(namespace, name))
+            return
+        record = await self.sink.load(namespace, name)
+        if record is None or record.state.terminal:
+            return
+        limits = self.deadlines.limits_of(namespace, name) or self.limits({})
+        if kind == "start":
+            message = f"the runner did not start within {limits.start} s"
+            queued = record.state.condition("Queued")
+            if queued is not None and queued.status == "True":
+                message += f" ({queued.reason}: {queued.message})"
+            await self._end(
+                namespace, name, lc.Failed("StartDeadlineExceeded", message, lc.now_utc())
+            )
+        else:
+            message = f"the run took longer than {limits.run} s"
+            await self._end(namespace, name, lc.Failed("DeadlineExceeded", message, lc.now_utc()))
+
+    # --- Jobs and pods ---
+
+    async def job_changed(self, event_type: str | None, job: dict[str, Any]) -> None:
+        name = prediction_of(job)
+        namespace = job["metadata"].get("namespace") or "default"
+        if name is None:
+            return
+        if event_type == "DELETED":
+            gone = lc.Failed(
+                "JobDeleted", "the Job was deleted before the runner finished", lc.now_utc()
+            )
+            await self.writer.apply(namespace, name, gone)
+            return
+        pods: list[dict[str, Any]] = []
+        if _has_failed(job):
+            # Why it failed is in its pods (OOMKilled, evicted, exit code).
+            pods = await self.kube.list(
+                _core_path(namespace, "pods"),
+                labelSelector=f"{PREDICTION_LABEL}={jobs.label_value(name)}",
+            )
+        event = job_event(job, pods, lc.now_utc())
+        if event is not None:
+            await self.writer.apply(namespace, name, event)
+
+    async def pod_changed(self, pod: dict[str, Any]) -> None:
+        name = prediction_of(pod)
+        if name is None:
+            return
+        namespace = pod["metadata"].get("namespace") or "default"
+        event = pod_event(pod, lc.now_utc())
+        if isinstance(event, lc.Failed):
+            await self._end(namespace, name, event)
+        elif event is not None:
+            await self.writer.apply(namespace, name, event)
+
+
+def _has_failed(job: dict[str, Any]) -> bool:
+    return any(
+        c.get("type") in ("Failed", "FailureTarget") and c.get("status") == "True"
+        for c in (job.get("status") or {}).get("conditions") or ()
+    )

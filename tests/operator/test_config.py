@@ -1,0 +1,84 @@
+"""Operator settings and hardware profiles."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+from whisperx_operator.config import DEFAULT_PROFILES, ConfigError, OperatorConfig, load_profiles
+
+KEY = {"WHISPERX_REPORT_KEY": "k" * 32}
+
+
+def test_three_default_profiles_match_the_original_models() -> None:
+    assert set(DEFAULT_PROFILES) == {"whisperx", "whisperx-a40-large", "whisperx-a100-80gb"}
+    memory = [p.resources["limits"]["memory"] for p in DEFAULT_PROFILES.values()]
+    assert memory == ["16Gi", "32Gi", "64Gi"]
+    assert all(p.resources["limits"]["nvidia.com/gpu"] == "1" for p in DEFAULT_PROFILES.values())
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "manifests/base/control-plane/profiles.yaml",
+        "manifests/overlays/gpu/profiles.yaml",
+        "manifests/overlays/kind/profiles.yaml",
+    ],
+)
+def test_the_deployed_profile_files_load(path: str) -> None:
+    profiles = load_profiles(str(REPO_ROOT / path))
+    assert set(DEFAULT_PROFILES) <= set(profiles)
+
+
+def test_profiles_file_replaces_the_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "profiles.yaml"
+    path.write_text("cpu:\n  device: cpu\n  computeType: int8\n  model: tiny.en\n")
+    config = OperatorConfig.from_env({**KEY, "WHISPERX_PROFILES_FILE": str(path)})
+    assert list(config.profiles) == ["cpu"]
+    assert config.profiles["cpu"].device == "cpu"
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["cpu:\n  device: tpu\n", "cpu:\n  gpus: 2\n", "- a list\n", "{}\n", "cpu: [\n"],
+)
+def test_bad_profiles_are_refused_at_startup(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "profiles.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError):
+        OperatorConfig.from_env({**KEY, "WHISPERX_PROFILES_FILE": str(path)})
+
+
+def test_environment() -> None:
+    config = OperatorConfig.from_env(
+        {
+            **KEY,
+            "WHISPERX_RUNNER_COMMAND": '["python", "runner.py"]',
+            "WHISPERX_NAMESPACES": "a, b",
+            "WHISPERX_DEFAULT_TTL_SECONDS": "-1",
+            "WHISPERX_KUEUE_QUEUE": "q",
+            "WHISPERX_REPORT_BASE_URL": "http://op:8081/",
+        }
+    )
+    assert config.runner_command == ("python", "runner.py")
+    assert config.namespaces == ("a", "b")
+    assert config.default_ttl_seconds is None
+    assert config.kueue_queue == "q" and config.report_base_url == "http://op:8081"
+    assert OperatorConfig.from_env(KEY).default_ttl_seconds == 86400
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {},
+        {**KEY, "WHISPERX_RUNNER_COMMAND": "whisperx-runner run"},
+        {**KEY, "WHISPERX_RUNNER_COMMAND": "[]"},
+        {**KEY, "WHISPERX_DEFAULT_TTL_SECONDS": "a day"},
+        {**KEY, "WHISPERX_RUNNER_ENV": "[1]"},
+    ],
+)
+def test_bad_environment_is_refused(env: dict[str, str]) -> None:
+    with pytest.raises(ConfigError):
+        OperatorConfig.from_env(env)

@@ -1,0 +1,90 @@
+"""The deadline scheduler: which deadline applies, and that it fires once, on time."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from datetime import UTC, datetime, timedelta
+
+from whisperx_api import lifecycle as lc
+from whisperx_operator.deadlines import Deadlines, Kind, Limits, next_deadline
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+LIMITS = Limits(start=60, run=600, ttl=3600)
+
+
+def test_the_state_decides_the_deadline() -> None:
+    starting = lc.PredictionState(created_at=T0)
+    assert next_deadline(starting, LIMITS) == ("start", (T0 + timedelta(seconds=60)).timestamp())
+    running = dataclasses.replace(
+        starting, phase=lc.Phase.PROCESSING, started_at=T0 + timedelta(seconds=5)
+    )
+    assert next_deadline(running, LIMITS) == ("run", (T0 + timedelta(seconds=605)).timestamp())
+    done = dataclasses.replace(
+        running, phase=lc.Phase.FAILED, completed_at=T0 + timedelta(seconds=9)
+    )
+    assert next_deadline(done, LIMITS) == ("ttl", (T0 + timedelta(seconds=3609)).timestamp())
+    assert next_deadline(done, dataclasses.replace(LIMITS, ttl=None)) is None
+
+
+def test_limits_from_spec_override_the_defaults() -> None:
+    spec = {"startDeadlineSeconds": 5, "ttlSecondsAfterFinished": 0}
+    assert Limits.from_spec(spec, start=60, run=600, ttl=None) == Limits(5, 600, 0)
+    assert Limits.from_spec({}, start=60, run=600, ttl=None) == Limits(60, 600, None)
+
+
+async def test_fires_the_current_deadline_once_and_waits_while_standby() -> None:
+    fired: list[tuple[Kind, str]] = []
+    active = asyncio.Event()
+    any_fired = asyncio.Event()
+
+    async def fire(kind: Kind, namespace: str, name: str) -> None:
+        fired.append((kind, name))
+        any_fired.set()
+
+    deadlines = Deadlines(fire, active=active.is_set)
+    task = asyncio.create_task(deadlines.run())
+    now = lc.now_utc()
+    limits = Limits(start=1, run=1, ttl=0)
+    try:
+        # a: starting, its start deadline 0.2 s away; b: superseded by a later state.
+        deadlines.track(
+            "ns", "a", limits, lc.PredictionState(created_at=now - timedelta(seconds=0.8))
+        )
+        deadlines.track("ns", "b", limits, lc.PredictionState(created_at=now))
+        started = lc.PredictionState(
+            phase=lc.Phase.PROCESSING, created_at=now, started_at=now + timedelta(seconds=30)
+        )
+        deadlines.update("ns", "b", started)
+        await asyncio.sleep(0.5)
+        assert fired == []  # standby: nothing fires
+        active.set()
+        async with asyncio.timeout(3):
+            await any_fired.wait()
+        await asyncio.sleep(0.3)
+        assert fired == [("start", "a")]
+        assert deadlines.planned("ns", "b") is not None and deadlines.planned("ns", "a") is None
+        deadlines.forget("ns", "b")
+        assert len(deadlines) == 0
+    finally:
+        task.cancel()
+
+
+async def test_a_failed_action_is_retried() -> None:
+    attempted = asyncio.Event()
+
+    async def fire(kind: Kind, namespace: str, name: str) -> None:
+        attempted.set()
+        raise RuntimeError("API down")
+
+    deadlines = Deadlines(fire)
+    task = asyncio.create_task(deadlines.run())
+    try:
+        done = lc.PredictionState(phase=lc.Phase.SUCCEEDED, completed_at=lc.now_utc())
+        deadlines.track("ns", "a", Limits(1, 1, 0), done)
+        async with asyncio.timeout(3):
+            await attempted.wait()
+        await asyncio.sleep(0.05)
+        assert deadlines.planned("ns", "a") is not None  # rescheduled
+    finally:
+        task.cancel()

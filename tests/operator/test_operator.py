@@ -1,0 +1,417 @@
+"""The real operator (a `whisperx-operator` process running kopf) against the emulated API
+server, a real redis-server, and the fake kubelet running the stand-in runner."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from tests.conftest import free_port
+from tests.kube_fixtures import (
+    JOBS,
+    PREDICTIONS,
+    SECRETS,
+    TEST_REPORT_KEY,
+    Emulator,
+    Kubelet,
+    OperatorProcess,
+    PodPlan,
+    iter_events,
+    operator_environment,
+    prediction_body,
+    running_operator,
+    wait_for,
+    wait_for_phase,
+)
+from whisperx_api.reports import SIGNATURE_HEADER, prediction_token, sign
+from whisperx_api.webhooks import signature
+
+NS = "default"
+SUCCEED = "https://fake.test/succeed"
+HANG = "https://fake.test/hang"
+
+
+@dataclass
+class WebhookReceiver:
+    url: str
+    received: list[tuple[dict[str, str], dict[str, Any]]] = field(default_factory=list)
+
+    def events(self, prediction: str) -> list[str]:
+        return [body["status"] for _, body in self.received if body["id"] == prediction]
+
+
+@pytest.fixture
+async def webhooks() -> AsyncIterator[WebhookReceiver]:
+    port = free_port()
+    receiver = WebhookReceiver(url=f"http://127.0.0.1:{port}/hook")
+
+    async def hook(request: web.Request) -> web.Response:
+        receiver.received.append((dict(request.headers), await request.json()))
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    yield receiver
+    await runner.cleanup()
+
+
+@pytest.fixture
+async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    await client.aclose()
+
+
+async def create(kube: Emulator, name: str, audio: str = SUCCEED, **spec: Any) -> dict[str, Any]:
+    return await kube.create_object(PREDICTIONS, NS, prediction_body(name, audio, **spec))
+
+
+def conditions(obj: dict[str, Any]) -> dict[str, str]:
+    return {c["type"]: c["status"] for c in obj["status"].get("conditions") or ()}
+
+
+def event_reasons(kube: Emulator, name: str) -> list[str]:
+    return [e["reason"] for e in iter_events(kube, name)]
+
+
+async def report(
+    operator: OperatorProcess, obj: dict[str, Any], payload: dict[str, Any], **kw: Any
+) -> tuple[int, dict[str, Any]]:
+    meta = obj["metadata"]
+    token = kw.pop("token", None) or prediction_token(
+        TEST_REPORT_KEY.encode(), meta["namespace"], meta["name"], meta["uid"]
+    )
+    body = json.dumps(payload).encode()
+    headers = {SIGNATURE_HEADER: kw.pop("signature", None) or sign(token, body, **kw)}
+    url = f"{operator.report_url}/reports/{meta['namespace']}/{meta['name']}"
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(url, data=body, headers=headers) as resp,
+    ):
+        return resp.status, await resp.json()
+
+
+async def test_a_prediction_runs_to_success(
+    kube: Emulator,
+    kubelet: Kubelet,
+    operator: OperatorProcess,
+    operator_env: dict[str, str],
+    redis_client: aioredis.Redis,
+    webhooks: WebhookReceiver,
+) -> None:
+    created = await create(
+        kube, "p1", webhook=webhooks.url, webhookEventsFilter=["start", "completed"]
+    )
+    obj = await wait_for_phase(kube, "p1")
+    status = obj["status"]
+    assert status["phase"] == "succeeded", status
+    # `kubectl wait --for=condition=Succeeded` reads exactly this.
+    assert conditions(obj) == {"Running": "False", "Succeeded": "True"}
+    assert status["observedGeneration"] == 1 and status["jobName"] == "p1"
+    assert status["createdAt"] and status["startedAt"] and status["completedAt"]
+    assert status["detectedLanguage"] == "en" and status["audioDuration"] == 1.5
+    assert status["metrics"]["predictTime"] == 0.25 and status["metrics"]["totalTime"] > 0
+    assert status["output"] == {"store": "redis", "key": "wx:p:default:p1:out"}
+    assert "segments" not in json.dumps(status)  # the transcript lives in Redis only
+
+    output = json.loads(await redis_client.get("wx:p:default:p1:out"))
+    assert output["segments"][0]["text"] == " the quick brown fox"
+    logs = await redis_client.get("wx:p:default:p1:logs")
+    assert "loading model" in logs and "transcribed" in logs
+    record = json.loads(await redis_client.get("wx:p:default:p1:rec"))
+    assert record["status"]["phase"] == "succeeded"
+
+    # One Job and one Secret, owned by the Prediction; no secret value in plain sight.
+    assert kube.creations[JOBS, NS, "p1"] == 1
+    job = kube.get(JOBS, NS, "p1")
+    secret = kube.get(SECRETS, NS, "p1-runner")
+    assert job is not None and secret is not None
+    uid = created["metadata"]["uid"]
+    assert job["metadata"]["ownerReferences"][0]["uid"] == uid
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == uid
+    token = prediction_token(TEST_REPORT_KEY.encode(), NS, "p1", uid)
+    assert token not in json.dumps(job) and token not in json.dumps(obj)
+
+    await wait_for(lambda: {"JobCreated", "Started", "Succeeded"} <= set(event_reasons(kube, "p1")))
+    await wait_for(lambda: webhooks.events("p1") == ["processing", "succeeded"], within=10)
+    await asyncio.sleep(0.5)  # nothing more arrives
+    assert webhooks.events("p1") == ["processing", "succeeded"]
+    headers, body = webhooks.received[-1]
+    secret_key = operator_env["WHISPERX_WEBHOOK_SECRET"]
+    expected = signature(
+        secret_key, headers["webhook-id"], int(headers["webhook-timestamp"]), json.dumps(body)
+    )
+    assert headers["webhook-signature"] == expected
+    assert (
+        body["output"]["segments"]
+        and body["urls"]["get"] == "http://gateway.test/v1/predictions/p1"
+    )
+
+
+async def test_profile_and_secrets_reach_the_runner(
+    kube: Emulator, kubelet: Kubelet, redis_url: str, tmp_path: Path
+) -> None:
+    profiles = tmp_path / "profiles.yaml"
+    profiles.write_text(
+        "cpu:\n  model: tiny.en\n  device: cpu\n  computeType: int8\n"
+        "  resources: {requests: {cpu: 500m}}\n"
+    )
+    env = operator_environment(
+        kube, redis_url, tmp_path,
+        WHISPERX_PROFILES_FILE=str(profiles), WHISPERX_HF_TOKEN_SECRET="whisperx-hf-token",
+    )  # fmt: skip
+    for name, key, value in (("mine", "tok", "hf_user"), ("whisperx-hf-token", "token", "hf_op")):
+        data = {key: __import__("base64").b64encode(value.encode()).decode()}
+        await kube.create_object(SECRETS, NS, {"metadata": {"name": name}, "data": data})
+    async with running_operator(kube, env, tmp_path / "operator.log"):
+        secret_ref = {"huggingface_access_token": {"name": "mine", "key": "tok"}}
+        await create(
+            kube, "given", "https://fake.test/env", hardware="cpu", secretInputs=secret_ref
+        )
+        await create(kube, "default", "https://fake.test/env", hardware="cpu")
+        await create(kube, "unknown", "https://fake.test/env")  # "whisperx" is not configured
+        runs = {}
+        for name in ("given", "default"):
+            assert (await wait_for_phase(kube, name))["status"]["phase"] == "succeeded"
+            client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+            runs[name] = json.loads(await client.get(f"wx:p:default:{name}:out"))["env"]
+            await client.aclose()
+        unknown = await wait_for_phase(kube, "unknown")
+    assert runs["given"]["hf_token"] == "hf_user" and runs["default"]["hf_token"] == "hf_op"
+    assert runs["given"]["model"] == "tiny.en" and runs["given"]["device"] == "cpu"
+    assert runs["given"]["compute_type"] == "int8"
+    assert runs["given"]["input"] == {"audio_file": "https://fake.test/env"}
+    assert unknown["status"]["reason"] == "UnknownHardware"
+    assert "configured: cpu" in unknown["status"]["error"]
+
+
+async def test_pods_that_die_or_never_start_end_the_prediction_with_the_reason(
+    kube: Emulator, kubelet: Kubelet, operator: OperatorProcess
+) -> None:
+    kubelet.plan("oom", PodPlan(oom_kill_after=0.3))
+    kubelet.plan("evicted", PodPlan(evict_after=0.3))
+    kubelet.plan("pull", PodPlan(waiting_reason="ImagePullBackOff", waiting_message="not found"))
+    kubelet.plan(
+        "nogpu", PodPlan(unschedulable="0/3 nodes are available: 3 Insufficient nvidia.com/gpu.")
+    )
+    await create(kube, "oom", HANG)
+    # Preemption does not use up retries: with backoffLimit 0 the second pod still runs.
+    await create(kube, "evicted", "https://fake.test/succeed?seconds=1", backoffLimit=0)
+    await create(kube, "crash", "https://fake.test/crash")
+    await create(kube, "pull", SUCCEED)
+    await create(kube, "nogpu", SUCCEED, startDeadlineSeconds=1)
+    await create(kube, "slow", HANG, activeDeadlineSeconds=1)
+    await create(kube, "invalid", "https://fake.test/invalid", backoffLimit=3)
+    await create(kube, "silent", "https://fake.test/noreport")
+
+    expected = {
+        "oom": ("failed", "OOMKilled", "out of memory"),
+        "evicted": ("succeeded", "Succeeded", "transcription finished"),
+        "crash": ("failed", "RunnerCrashed", "exited with code 3: Segmentation fault"),
+        "pull": ("failed", "ImagePullFailed", "cannot pull image whisperx/runner:test"),
+        "nogpu": ("failed", "StartDeadlineExceeded", "Insufficient nvidia.com/gpu"),
+        "slow": ("failed", "DeadlineExceeded", "longer than 1 s"),
+        "invalid": ("failed", "InvalidAudio", "cannot be decoded"),
+        "silent": ("failed", "NoResult", "without reporting a result"),
+    }
+    for name, (phase, reason, text) in expected.items():
+        status = (await wait_for_phase(kube, name))["status"]
+        assert (status["phase"], status["reason"]) == (phase, reason), (name, status)
+        message = next(c["message"] for c in status["conditions"] if c["type"] == phase.title())
+        assert text in message, (name, message)
+
+    assert len(kubelet.runs("evicted")) == 2
+    # exit code 2 fails the Job at once (podFailurePolicy), retries left or not
+    assert len(kubelet.runs("invalid")) == 1
+    # Pods that can never finish are stopped: their Jobs are deleted.
+    for name in ("pull", "nogpu", "slow"):
+        await wait_for(lambda name=name: kube.get(JOBS, NS, name) is None)
+    warnings = [e for e in iter_events(kube, "oom") if e["type"] == "Warning"]
+    assert warnings and warnings[0]["reason"] == "OOMKilled"
+
+
+async def test_a_job_held_by_kueue_reads_as_queued(
+    kube: Emulator, kubelet: Kubelet, redis_url: str, tmp_path: Path
+) -> None:
+    env = operator_environment(kube, redis_url, tmp_path, WHISPERX_KUEUE_QUEUE="gpu-queue")
+    async with running_operator(kube, env, tmp_path / "operator.log"):
+        await create(kube, "q1")
+        job = await wait_for(lambda: kube.get(JOBS, NS, "q1"))
+        assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+
+        def queued() -> dict[str, Any] | None:
+            obj = kube.get(PREDICTIONS, NS, "q1")
+            return obj if obj and conditions(obj).get("Queued") == "True" else None
+
+        obj = await wait_for(queued)
+        assert obj["status"]["phase"] == "starting"
+        await asyncio.sleep(0.5)
+        assert kube.get(PREDICTIONS, NS, "q1")["status"]["phase"] == "starting"  # not failed
+        # Kueue admits the Job by unsuspending it.
+        await kube.patch_object(JOBS, NS, "q1", {"spec": {"suspend": False}})
+        done = await wait_for_phase(kube, "q1")
+    assert done["status"]["phase"] == "succeeded"
+    assert conditions(done)["Queued"] == "False"
+    assert "Queued" in event_reasons(kube, "q1")
+
+
+async def test_cancel_by_field_or_annotation_and_no_revival(
+    kube: Emulator, kubelet: Kubelet, operator: OperatorProcess, redis_client: aioredis.Redis
+) -> None:
+    by_field = await create(kube, "c1", HANG)
+    await create(kube, "c2", HANG)
+    await wait_for_phase(kube, "c1", ["processing"])
+    await wait_for_phase(kube, "c2", ["processing"])
+    await kube.patch_object(PREDICTIONS, NS, "c1", {"spec": {"cancel": True}})
+    annotation = {"metadata": {"annotations": {"whisperx.io/cancel": "true"}}}
+    await kube.patch_object(PREDICTIONS, NS, "c2", annotation)
+    for name in ("c1", "c2"):
+        obj = await wait_for_phase(kube, name)
+        assert obj["status"]["phase"] == "canceled" and conditions(obj)["Canceled"] == "True"
+        await wait_for(lambda name=name: kube.get(JOBS, NS, name) is None)
+        # The runner got SIGTERM and reported `canceled` (exit 143); nothing changed.
+        await wait_for(lambda name=name: [r.exit_code for r in kubelet.runs(name)] == [143])
+    late = {"event": "completed", "seq": 50, "status": "succeeded", "output": {"segments": []}}
+    assert await report(operator, by_field, late) == (
+        200, {"applied": False, "reason": "prediction has ended"}
+    )  # fmt: skip
+    assert kube.get(PREDICTIONS, NS, "c1")["status"]["phase"] == "canceled"
+    record = json.loads(await redis_client.get("wx:p:default:c1:rec"))
+    assert record["status"]["phase"] == "canceled"
+
+
+async def test_reports_need_this_predictions_fresh_signature(
+    kube: Emulator, operator: OperatorProcess
+) -> None:
+    # No kubelet: the test plays the runner.
+    mine = await create(kube, "r1")
+    other = await create(kube, "r2")
+    await wait_for(lambda: (kube.get(PREDICTIONS, NS, "r1").get("status") or {}).get("phase"))
+    start = {"event": "start", "seq": 1}
+    other_token = prediction_token(TEST_REPORT_KEY.encode(), NS, "r2", other["metadata"]["uid"])
+    assert (await report(operator, mine, start, token=other_token))[0] == 401
+    assert (await report(operator, mine, start, signature="t=1,v1=00"))[0] == 401
+    assert (await report(operator, mine, start, timestamp=int(time.time()) - 3600))[0] == 401
+    assert await report(operator, mine, start) == (200, {"applied": True})
+    assert (await report(operator, mine, start))[1] == {
+        "applied": False,
+        "reason": "already applied",
+    }
+    assert (await report(operator, mine, {"event": "nonsense", "seq": 2}))[0] == 422
+    assert kube.get(PREDICTIONS, NS, "r1")["status"]["phase"] == "processing"
+    assert kube.get(PREDICTIONS, NS, "r2")["status"]["phase"] == "starting"
+
+
+@pytest.mark.parametrize(
+    ("spec", "reason", "field"),
+    [
+        ({"hardware": "h100"}, "UnknownHardware", "spec.hardware"),
+        ({"input": {"audio_file": "ftp://x/a.wav"}}, "InvalidInput", "spec.input.audio_file"),
+        ({"input": {"audio_file": SUCCEED, "min_speakers": 3, "max_speakers": 1}},
+         "InvalidInput", "min_speakers must not be greater than max_speakers"),
+        ({"input": {"audio_file": SUCCEED, "temperature": "hot"}}, "InvalidInput",
+         "spec.input.temperature"),
+    ],
+)  # fmt: skip
+async def test_bad_input_fails_with_a_condition_and_a_warning(
+    kube: Emulator, operator: OperatorProcess, spec: dict[str, Any], reason: str, field: str
+) -> None:
+    # The emulator, unlike a real API server, does not apply the CRD schema: this is the
+    # operator's own check (the schema's refusals are tested in tests/api).
+    body = prediction_body("bad", SUCCEED)
+    body["spec"].update(spec)
+    await kube.create_object(PREDICTIONS, NS, body)
+    obj = await wait_for_phase(kube, "bad")
+    assert obj["status"]["phase"] == "failed" and obj["status"]["reason"] == reason
+    assert conditions(obj)["Failed"] == "True" and field in obj["status"]["error"]
+    warning = await wait_for(
+        lambda: next((e for e in iter_events(kube, "bad") if e["type"] == "Warning"), None)
+    )
+    assert warning["reason"] == reason and field in warning["message"]
+    assert kube.creations[JOBS, NS, "bad"] == 0
+
+
+async def test_ttl_deletes_the_prediction_and_its_data(
+    kube: Emulator, kubelet: Kubelet, operator: OperatorProcess, redis_client: aioredis.Redis
+) -> None:
+    await create(kube, "t1", ttlSecondsAfterFinished=1)
+    await wait_for_phase(kube, "t1")
+    assert await redis_client.exists("wx:p:default:t1:out", "wx:p:default:t1:rec") == 2
+    await wait_for(lambda: kube.get(PREDICTIONS, NS, "t1") is None, within=10)
+    assert kube.get(JOBS, NS, "t1") is None and kube.get(SECRETS, NS, "t1-runner") is None
+    keys = await redis_client.keys("wx:p:default:t1:*")
+    assert keys == [] and await redis_client.zscore("wx:idx:default", "t1") is None
+
+
+async def test_an_operator_crash_loses_nothing_and_repeats_nothing(
+    kube: Emulator,
+    kubelet: Kubelet,
+    operator: OperatorProcess,
+    redis_client: aioredis.Redis,
+    webhooks: WebhookReceiver,
+) -> None:
+    await create(
+        kube, "k1", "https://fake.test/succeed?seconds=1.5",
+        webhook=webhooks.url, webhookEventsFilter=["completed"],
+    )  # fmt: skip
+    await wait_for_phase(kube, "k1", ["processing"])
+    await operator.kill()  # the runner's reports now fail; it retries
+    await asyncio.sleep(2)
+    await operator.restart(kube)
+    obj = await wait_for_phase(kube, "k1")
+    assert obj["status"]["phase"] == "succeeded"
+    assert kube.creations[JOBS, NS, "k1"] == 1 and len(kubelet.runs("k1")) == 1
+    await wait_for(lambda: webhooks.events("k1") == ["succeeded"])
+
+    # A crash after the status was saved but before Redis heard of it: resuming
+    # re-publishes the record and queues the terminal webhook exactly once.
+    await operator.kill()
+    await redis_client.delete("wx:p:default:k1:rec", "wx:p:default:k1:wh-completed")
+    webhooks.received.clear()
+    await operator.restart(kube)
+    await wait_for(lambda: redis_client.exists("wx:p:default:k1:rec"))
+    await wait_for(lambda: webhooks.events("k1") == ["succeeded"])
+    await operator.kill()
+    await operator.restart(kube)
+    await asyncio.sleep(1)
+    assert webhooks.events("k1") == ["succeeded"]
+    assert kube.creations[JOBS, NS, "k1"] == 1
+
+
+async def test_a_standby_replica_does_not_act(
+    kube: Emulator, kubelet: Kubelet, redis_url: str, tmp_path: Path
+) -> None:
+    active_env = operator_environment(kube, redis_url, tmp_path, WHISPERX_PEERING_PRIORITY="10")
+    standby = OperatorProcess(
+        env=operator_environment(kube, redis_url, tmp_path, WHISPERX_PEERING_PRIORITY="5"),
+        log_path=tmp_path / "standby.log",
+    )
+    async with running_operator(kube, active_env, tmp_path / "active.log"):
+        standby.start()
+        try:
+            await wait_for(lambda: "replica is now standby" in standby.log_tail(400), within=15)
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(f"{standby.report_url}/readyz") as resp,
+            ):
+                assert resp.status == 503
+            created = await create(kube, "s1")
+            assert (await wait_for_phase(kube, "s1"))["status"]["phase"] == "succeeded"
+            assert kube.creations[JOBS, NS, "s1"] == 1
+            assert (await report(standby, created, {"event": "start", "seq": 9}))[0] == 503
+            assert "s1" not in standby.log_tail(400)
+        finally:
+            await standby.stop()

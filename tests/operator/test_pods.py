@@ -1,0 +1,140 @@
+"""What Job and pod status mean for a prediction (pure)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from whisperx_api import lifecycle as lc
+from whisperx_operator.pods import job_event, pod_event
+
+AT = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def condition(
+    type_: str, reason: str = "", message: str = "", status: str = "True"
+) -> dict[str, Any]:
+    return {"type": type_, "status": status, "reason": reason, "message": message}
+
+
+def job(*conditions: dict[str, Any], suspend: bool = False) -> dict[str, Any]:
+    return {
+        "spec": {"suspend": suspend, "activeDeadlineSeconds": 90},
+        "status": {"conditions": list(conditions)},
+    }
+
+
+def failed_pod(
+    code: int | None = None,
+    reason: str = "Error",
+    finished: str = "2026-01-01T00:00:01Z",
+    message: str = "",
+    **status: Any,
+) -> dict[str, Any]:
+    pod: dict[str, Any] = {"metadata": {"name": "p"}, "status": {"phase": "Failed", **status}}
+    if code is not None:
+        terminated = {
+            "exitCode": code,
+            "reason": reason,
+            "finishedAt": finished,
+            "message": message,
+        }
+        pod["status"]["containerStatuses"] = [
+            {"name": "runner", "state": {"terminated": terminated}}
+        ]
+    return pod
+
+
+FAILED = condition("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit")
+
+
+@pytest.mark.parametrize(
+    ("pods", "reason", "text"),
+    [
+        ([failed_pod(137, "OOMKilled")], "OOMKilled", "out of memory"),
+        ([failed_pod(2, message="cannot decode audio")], "InvalidInput", "cannot decode audio"),
+        ([failed_pod(1)], "RunnerFailed", "exit code 1"),
+        ([failed_pod(139, message="Segmentation fault")], "RunnerCrashed", "139: Segmentation"),
+        ([failed_pod(reason="Evicted", message="x") | {"status": {"phase": "Failed",
+          "reason": "Evicted", "message": "low on memory"}}], "Evicted", "low on memory"),
+        ([], "BackoffLimitExceeded", "backoff limit"),
+    ],
+)  # fmt: skip
+def test_failed_job_reads_as_its_pods_failure(
+    pods: list[dict[str, Any]], reason: str, text: str
+) -> None:
+    event = job_event(job(FAILED), pods, AT)
+    assert isinstance(event, lc.Failed) and event.reason == reason and text in event.message
+
+
+def test_the_latest_counted_failure_is_the_cause_not_a_preemption() -> None:
+    preempted = failed_pod(
+        143, finished="2026-01-01T00:00:09Z", conditions=[condition("DisruptionTarget")]
+    )
+    oom = failed_pod(137, "OOMKilled", finished="2026-01-01T00:00:05Z")
+    event = job_event(job(FAILED), [preempted, oom], AT)
+    assert isinstance(event, lc.Failed) and event.reason == "OOMKilled"
+
+
+def test_deadline_and_pod_failure_policy() -> None:
+    deadline = job_event(job(condition("Failed", "DeadlineExceeded")), [], AT)
+    assert isinstance(deadline, lc.Failed) and deadline.reason == "DeadlineExceeded"
+    assert "90 s" in deadline.message
+    # FailureTarget comes before Failed on recent Kubernetes; either ends the prediction.
+    policy = job_event(job(condition("FailureTarget", "PodFailurePolicy")), [failed_pod(2)], AT)
+    assert isinstance(policy, lc.Failed) and policy.reason == "InvalidInput"
+
+
+def test_complete_without_a_report_is_a_failure() -> None:
+    event = job_event(job(condition("Complete")), [], AT)
+    assert isinstance(event, lc.Failed) and event.reason == "NoResult"
+
+
+def test_suspended_job_is_queued_and_resumed_is_admitted() -> None:
+    queued = job_event(job(condition("Suspended", "JobSuspended"), suspend=True), [], AT)
+    assert isinstance(queued, lc.Queued) and queued.reason == "Suspended"
+    resumed = job_event(job(condition("Suspended", "JobResumed", status="False")), [], AT)
+    assert isinstance(resumed, lc.Admitted)
+    assert job_event(job(), [], AT) is None
+
+
+def waiting_pod(reason: str, message: str = "") -> dict[str, Any]:
+    state = {"waiting": {"reason": reason, "message": message}}
+    return {
+        "status": {
+            "phase": "Pending",
+            "conditions": [condition("PodScheduled")],
+            "containerStatuses": [{"name": "runner", "image": "runner:1", "state": state}],
+        }
+    }
+
+
+@pytest.mark.parametrize(
+    ("reason", "expected", "text"),
+    [
+        ("ImagePullBackOff", "ImagePullFailed", "cannot pull image runner:1"),
+        ("InvalidImageName", "ImagePullFailed", "runner:1"),
+        ("CreateContainerConfigError", "ContainerConfigError", 'secret "hf" not found'),
+    ],
+)
+def test_pods_that_cannot_start_fail_the_prediction(reason: str, expected: str, text: str) -> None:
+    event = pod_event(waiting_pod(reason, 'secret "hf" not found'), AT)
+    assert isinstance(event, lc.Failed) and event.reason == expected and text in event.message
+
+
+def test_transient_waits_and_scheduling() -> None:
+    # A first pull error may heal; ImagePullBackOff (after retries) does not.
+    assert isinstance(pod_event(waiting_pod("ErrImagePull"), AT), lc.Admitted)
+    unschedulable = {
+        "status": {
+            "phase": "Pending",
+            "conditions": [condition("PodScheduled", "Unschedulable", "0/3 nodes: GPU", "False")],
+        }
+    }
+    queued = pod_event(unschedulable, AT)
+    assert isinstance(queued, lc.Queued) and queued.message == "0/3 nodes: GPU"
+    assert isinstance(pod_event({"status": {"phase": "Running"}}, AT), lc.Admitted)
+    assert pod_event({"status": {"phase": "Succeeded"}}, AT) is None
+    assert pod_event({"status": {"phase": "Pending"}}, AT) is None

@@ -1,0 +1,38 @@
+"""The status patch and the Events a status change posts (pure)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from whisperx_api import lifecycle as lc
+from whisperx_api.records import PredictionRecord
+from whisperx_operator.events import transition_events
+from whisperx_operator.sink import status_patch
+
+AT = lc.now_utc()
+
+
+def test_status_patch_carries_generation_job_and_output_reference() -> None:
+    state = lc.apply(lc.PredictionState(created_at=AT), lc.Started(at=AT)).state
+    done = lc.apply(state, lc.Completed(status=lc.Phase.SUCCEEDED, at=AT, audio_duration=2.0)).state
+    record = PredictionRecord(id="p1", namespace="ns", input={}, state=done)
+    status = status_patch(record, 3)["status"]
+    assert status["phase"] == "succeeded" and status["observedGeneration"] == 3
+    assert status["jobName"] == "p1" and status["audioDuration"] == 2.0
+    assert status["output"] == {"store": "redis", "key": "wx:p:ns:p1:out"}
+    assert {c["type"]: c["status"] for c in status["conditions"]}["Succeeded"] == "True"
+    running = status_patch(dataclasses.replace(record, state=state), None)["status"]
+    assert "output" not in running and "observedGeneration" not in running
+
+
+def test_events_for_transitions_only() -> None:
+    start = lc.PredictionState(created_at=AT)
+    queued = lc.apply(start, lc.Queued("Unschedulable", "0/3 nodes", AT)).state
+    assert transition_events(start, queued) == [("Normal", "Queued", "Unschedulable: 0/3 nodes")]
+    assert transition_events(queued, queued) == []
+    running = lc.apply(queued, lc.Started(at=AT)).state
+    assert [e[1] for e in transition_events(queued, running)] == ["Started"]
+    failed = lc.apply(running, lc.Failed("OOMKilled", "out of memory", AT)).state
+    assert transition_events(running, failed) == [("Warning", "OOMKilled", "out of memory")]
+    canceled = lc.apply(start, lc.CancelRequested(at=AT)).state
+    assert [e[1] for e in transition_events(None, canceled)] == ["Canceled"]
