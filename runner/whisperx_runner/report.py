@@ -39,9 +39,6 @@ _MAX_REASON_CHARS = 128
 
 
 class Reporter(Protocol):
-    @property
-    def terminal_started(self) -> bool: ...
-
     async def start(self) -> None: ...
 
     def log(self, text: str) -> None: ...
@@ -66,8 +63,6 @@ class Reporter(Protocol):
 class NullReporter:
     """Standalone runs (no report URL): nothing is sent."""
 
-    terminal_started = False
-
     async def start(self) -> None:
         return None
 
@@ -88,7 +83,6 @@ class NullReporter:
         detected_language: str | None = None,
         budget: float | None = None,
     ) -> bool:
-        self.terminal_started = True
         return True
 
     async def aclose(self) -> None:
@@ -118,11 +112,6 @@ class HttpReporter:
         self._head: StartReport | LogsReport | None = None
         self._session: aiohttp.ClientSession | None = None
         self._sender: asyncio.Task[None] | None = None
-        self._terminal_started = False
-
-    @property
-    def terminal_started(self) -> bool:
-        return self._terminal_started
 
     async def __aenter__(self) -> HttpReporter:
         return self
@@ -226,7 +215,6 @@ class HttpReporter:
         budget: float | None = None,
     ) -> bool:
         """Sends the terminal event; True once the status writer accepted it."""
-        self._terminal_started = True
         await self._stop_sender()
         # A logs event cut off in flight may have been applied: its text is sent again
         # here rather than lost (a duplicated line is the lesser harm).

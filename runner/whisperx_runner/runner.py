@@ -37,7 +37,7 @@ from whisperx_runner.errors import (
 )
 from whisperx_runner.fetch import describe_source, fetch_audio
 from whisperx_runner.pipeline import RunResult, Transcriber
-from whisperx_runner.report import HttpReporter, NullReporter, Reporter
+from whisperx_runner.report import HttpReporter, NullReporter, Reporter, Status
 
 T = TypeVar("T")
 
@@ -141,6 +141,8 @@ class PredictionRun:
         # cancellation leaves running.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="transcribe")
         self._started = time.monotonic()
+        # The terminal report once the run has ended, and the exit code it ended with.
+        self._ending: tuple[asyncio.Future[bool], int] | None = None
 
     def log(self, text: str) -> None:
         print(text, file=self.stream, flush=True)
@@ -151,7 +153,6 @@ class PredictionRun:
         handler = _ForwardWarnings(self.reporter.log)
         logging.getLogger("whisperx").addHandler(handler)
         try:
-            await self.reporter.start()
             return await until_signal(self._work())
         except Interrupted as stop:
             self.canceled = True
@@ -162,6 +163,12 @@ class PredictionRun:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def _canceled(self, signum: int) -> int:
+        if self._ending is not None:
+            # The run had already ended and was reporting it: that report stands.
+            report, code = self._ending
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(report), CANCEL_REPORT_SECONDS)
+            return code
         self.log(f"Canceled ({signal.Signals(signum).name})")
         await self.reporter.completed(
             "canceled",
@@ -172,6 +179,7 @@ class PredictionRun:
         return 128 + signum
 
     async def _work(self) -> int:
+        await self.reporter.start()
         try:
             inp = read_input(self.config.input_file)
             result = await self._predict(inp)
@@ -185,7 +193,8 @@ class PredictionRun:
             "audio_duration": result.audio_duration,
             **result.timings,
         }
-        delivered = await self.reporter.completed(
+        delivered = await self._end(
+            EXIT_SUCCEEDED,
             "succeeded",
             output=result.output,
             metrics=metrics,
@@ -197,8 +206,14 @@ class PredictionRun:
 
     async def _failed(self, reason: str, error: str, code: int) -> int:
         self.log(f"Error: {error}")
-        await self.reporter.completed("failed", error=error, reason=reason)
+        await self._end(code, "failed", error=error, reason=reason)
         return code
+
+    async def _end(self, code: int, status: Status, **fields: Any) -> bool:
+        # Shielded: a SIGTERM now must not cut the terminal report short (see _canceled).
+        report = asyncio.ensure_future(self.reporter.completed(status, **fields))
+        self._ending = (report, code)
+        return await asyncio.shield(report)
 
     async def _predict(self, inp: PredictionInput) -> RunResult:
         audio = await load_audio_source(inp.audio_file, self.config, self.log, inp.debug)
