@@ -7,6 +7,7 @@ requests without polling.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import uuid
@@ -81,6 +82,28 @@ class PredictionView:
 
 
 @dataclass
+class RawPredictionView:
+    """A view that keeps the record and output as the JSON text Redis holds: answers
+    can embed the output as is (parsing and re-encoding a long transcript would dominate
+    a read), and the record is parsed only when used."""
+
+    record_json: str
+    output_json: str | None
+    logs: str
+
+    @functools.cached_property
+    def record(self) -> PredictionRecord:
+        return PredictionRecord.from_json(json.loads(self.record_json))
+
+    @classmethod
+    def of(cls, record: PredictionRecord, output_json: str | None, logs: str) -> RawPredictionView:
+        """A view of a record not read from Redis (its `record_json` is empty)."""
+        view = cls("", output_json, logs)
+        view.__dict__["record"] = record
+        return view
+
+
+@dataclass
 class WebhookDelivery:
     id: str
     url: str
@@ -136,6 +159,17 @@ class Store:
             output=json.loads(out) if out else None,
             logs=str(logs or ""),
         )
+
+    async def get_raw_view(self, namespace: str, prediction_id: str) -> RawPredictionView | None:
+        """Like `get_view` (one round trip), with the output left as JSON text."""
+        rec, out, logs = await self.redis.mget(
+            _key(namespace, prediction_id, "rec"),
+            output_key(namespace, prediction_id),
+            _key(namespace, prediction_id, "logs"),
+        )
+        if rec is None:
+            return None
+        return RawPredictionView(str(rec), str(out) if out else None, str(logs or ""))
 
     async def list_ids(
         self, namespace: str, *, before: float | None = None, limit: int = 100

@@ -13,7 +13,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from whisperx_api.records import to_replicate
-from whisperx_api.store import PredictionView, Store
+from whisperx_api.store import RawPredictionView, Store
 from whisperx_gateway.auth import parse_authorization
 from whisperx_gateway.backend import Backend, BackendError, NewPrediction, PredictionReader
 from whisperx_gateway.config import GatewayConfig
@@ -36,6 +36,7 @@ from whisperx_gateway.parsing import (
     parse_prefer_wait,
     valid_prediction_id,
 )
+from whisperx_gateway.rendering import Renderer
 from whisperx_gateway.waiting import EventHub, wait_for_end
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ class Gateway:
     reader: PredictionReader
     metrics: GatewayMetrics
     openapi: bytes
+    renderer: Renderer = field(default_factory=lambda: Renderer())
     in_flight: int = 0
     model_schemas: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -95,8 +97,17 @@ def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -
     )
 
 
-def _prediction(gw: Gateway, request: web.Request, view: PredictionView) -> dict[str, Any]:
-    return to_replicate(view.record, view.output, view.logs, gw.base_url(request))
+def _prediction(
+    gw: Gateway,
+    request: web.Request,
+    view: RawPredictionView,
+    *,
+    code: int = 200,
+    status: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    text = gw.renderer.render(view, gw.base_url(request), status)
+    return web.Response(text=text, status=code, content_type="application/json", headers=headers)
 
 
 def _prediction_id(request: web.Request) -> str:
@@ -138,7 +149,7 @@ async def create_prediction(request: web.Request) -> web.Response:
     )
     record = await gw.backend.create(new)
     gw.metrics.created.inc(model.full_name)
-    view = PredictionView(record, None, "")
+    view = RawPredictionView.of(record, None, "")
     headers = {"Location": f"{gw.base_url(request)}/v1/predictions/{record.id}"}
     ended = False
     if wait is not None:
@@ -147,12 +158,10 @@ async def create_prediction(request: web.Request) -> web.Response:
             gw.hub, namespace, record.id, lambda: gw.reader.view(namespace, record.id), wait
         )
         view = found or view
-    body = _prediction(gw, request, view)
-    if wait is not None and not ended:
-        # Replicate's answer when the wait runs out; the official clients take any other
-        # status as final and would stop polling.
-        body["status"] = "starting"
-    return _json(body, status=201, headers=headers)
+    # When the wait runs out, Replicate answers `starting`: the official clients take
+    # any other status as final and would stop polling.
+    status = "starting" if wait is not None and not ended else None
+    return _prediction(gw, request, view, code=201, status=status, headers=headers)
 
 
 async def get_prediction(request: web.Request) -> web.Response:
@@ -162,7 +171,7 @@ async def get_prediction(request: web.Request) -> web.Response:
     view = await gw.reader.view(namespace, prediction_id)
     if view is None:
         raise ApiError(404, f"prediction {prediction_id!r} not found")
-    return _json(_prediction(gw, request, view))
+    return _prediction(gw, request, view)
 
 
 async def list_predictions(request: web.Request) -> web.Response:
@@ -176,7 +185,9 @@ async def list_predictions(request: web.Request) -> web.Response:
         {
             "previous": base + links.previous.encode() if links.previous else None,
             "next": base + links.next.encode() if links.next else None,
-            "results": [_prediction(gw, request, view) for view in views],
+            "results": [
+                to_replicate(v.record, v.output, v.logs, gw.base_url(request)) for v in views
+            ],
         }
     )
 
@@ -192,7 +203,7 @@ async def cancel_prediction(request: web.Request) -> web.Response:
     if state.terminal:
         raise ApiError(409, f"prediction {prediction_id!r} has already ended ({state.phase.value})")
     record = await gw.backend.cancel(view.record)
-    return _json(_prediction(gw, request, PredictionView(record, view.output, view.logs)))
+    return _prediction(gw, request, RawPredictionView.of(record, view.output_json, view.logs))
 
 
 # --- models ---

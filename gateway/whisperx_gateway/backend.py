@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
 from whisperx_api.records import PredictionRecord
-from whisperx_api.store import PredictionView, Store, index_key
+from whisperx_api.store import PredictionView, RawPredictionView, Store, index_key
 from whisperx_gateway.models import ModelRef
 from whisperx_gateway.parsing import Cursor, PageLinks, page_links
 
@@ -65,12 +65,13 @@ class PredictionReader:
         self.backend = backend
         self.page_size = page_size
 
-    async def view(self, namespace: str, prediction_id: str) -> PredictionView | None:
-        view = await self.store.get_view(namespace, prediction_id)
+    async def view(self, namespace: str, prediction_id: str) -> RawPredictionView | None:
+        """One Redis round trip; the backend only for a prediction not in Redis yet."""
+        view = await self.store.get_raw_view(namespace, prediction_id)
         if view is not None:
             return view
         record = await self.backend.lookup(namespace, prediction_id)
-        return None if record is None else PredictionView(record, None, "")
+        return None if record is None else RawPredictionView.of(record, None, "")
 
     async def page(
         self, namespace: str, cursor: Cursor | None

@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from whisperx_api.lifecycle import Phase
-from whisperx_api.store import EVENTS_CHANNEL, PredictionView
+from whisperx_api.store import EVENTS_CHANNEL, RawPredictionView
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +125,9 @@ async def wait_for_end(
     hub: EventHub,
     namespace: str,
     prediction_id: str,
-    read: Callable[[], Awaitable[PredictionView | None]],
+    read: Callable[[], Awaitable[RawPredictionView | None]],
     seconds: float,
-) -> tuple[PredictionView | None, bool]:
+) -> tuple[RawPredictionView | None, bool]:
     """The view once the prediction has ended, or the latest one after `seconds`.
 
     Returns (view, ended).

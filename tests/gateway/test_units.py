@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
+from whisperx_api import lifecycle as lc
+from whisperx_api.records import PredictionRecord, to_replicate
 from whisperx_api.schema import input_json_schema
+from whisperx_api.store import RawPredictionView
 from whisperx_gateway.auth import TokenConfigError, TokenMap, parse_authorization
 from whisperx_gateway.config import ConfigError, GatewayConfig
 from whisperx_gateway.errors import ApiError
@@ -27,6 +32,7 @@ from whisperx_gateway.parsing import (
     valid_prediction_id,
     webhook_url_problem,
 )
+from whisperx_gateway.rendering import Renderer
 
 AUDIO = "https://example.com/a.wav"
 
@@ -386,3 +392,47 @@ def test_exit_messages_say_why_a_runner_stopped() -> None:
 
 def test_default_concurrency_is_at_least_one() -> None:
     assert default_concurrency() >= 1
+
+
+# --- rendering ---
+
+
+def _finished_record(**fields: object) -> PredictionRecord:
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    state = lc.PredictionState()
+    for event in (
+        lc.Created(at=at),
+        lc.Started(at=at),
+        lc.Completed(status=lc.Phase.SUCCEEDED, at=at, predict_time=1.0),
+    ):
+        state = lc.apply(state, event).state
+    record = PredictionRecord(id="p1", namespace="ns", input={"audio_file": AUDIO}, state=state)
+    return dataclasses.replace(record, **fields)  # type: ignore[arg-type]
+
+
+def test_rendering_splices_the_stored_output_into_replicates_object() -> None:
+    record = _finished_record()
+    segment = {"start": 0.0, "end": 1.0, "text": 'hi "there"'}
+    output = {"segments": [segment], "detected_language": "en"}
+    view = RawPredictionView(json.dumps(record.to_json()), json.dumps(output), "log\n")
+    renderer = Renderer(size=2)
+    text = renderer.render(view, "http://gw")
+    assert json.loads(text) == to_replicate(record, output, "log\n", "http://gw")
+    assert json.loads(renderer.render(view, "http://gw", "starting"))["status"] == "starting"
+    removed = _finished_record(data_removed=True)
+    gone = RawPredictionView(json.dumps(removed.to_json()), json.dumps(output), "")
+    assert json.loads(renderer.render(gone, "http://gw"))["output"] is None
+    fresh = RawPredictionView.of(record, None, "")
+    assert json.loads(renderer.render(fresh, "http://gw"))["output"] is None
+
+
+def test_rendering_reuses_only_identical_records_and_stays_bounded() -> None:
+    record = _finished_record()
+    raw = json.dumps(record.to_json())
+    renderer = Renderer(size=2)
+    first = renderer.render(RawPredictionView(raw, None, "a"), "http://gw")
+    assert renderer.render(RawPredictionView(raw, None, "a"), "http://gw") == first
+    changed = renderer.render(RawPredictionView(raw, None, "a and more"), "http://gw")
+    assert json.loads(changed)["logs"] == "a and more"
+    renderer.render(RawPredictionView(raw, None, "b"), "http://other")
+    assert len(renderer._heads) == 2

@@ -1,0 +1,54 @@
+"""Prediction answers as JSON text, built for the read path.
+
+The output is spliced in as the JSON text Redis holds (a long transcript is never parsed
+and re-encoded), and the rest of an unchanged prediction is rendered once.
+"""
+
+from __future__ import annotations
+
+import json
+
+from whisperx_api.records import PredictionRecord, to_replicate
+from whisperx_api.store import RawPredictionView
+
+
+def _head(
+    record: PredictionRecord, logs: str, base_url: str, status: str | None
+) -> tuple[str, bool]:
+    """The object without its output, as JSON text missing its closing brace."""
+    body = to_replicate(record, None, logs, base_url)
+    del body["output"]
+    if status is not None:
+        body["status"] = status
+    return json.dumps(body)[:-1], record.data_removed
+
+
+def _splice(head: str, output_json: str | None) -> str:
+    return f'{head}, "output": {output_json or "null"}}}'
+
+
+class Renderer:
+    """Prediction answers, with the renderings of unchanged records kept.
+
+    Clients poll (the official ones GET a prediction every 0.5 s until it ends) and a
+    finished prediction never changes; the key is the exact text Redis returned, so a
+    kept rendering is never stale. Bounded: the oldest entries go first.
+    """
+
+    def __init__(self, size: int = 2048, max_logs: int = 64 * 1024) -> None:
+        self.size = size
+        self.max_logs = max_logs
+        self._heads: dict[tuple[str, str, str], tuple[str, bool]] = {}
+
+    def render(self, view: RawPredictionView, base_url: str, status: str | None = None) -> str:
+        if status is not None or not view.record_json or len(view.logs) > self.max_logs:
+            head, data_removed = _head(view.record, view.logs, base_url, status)
+        else:
+            key = (view.record_json, view.logs, base_url)
+            found = self._heads.get(key)
+            if found is None:
+                found = self._heads[key] = _head(view.record, view.logs, base_url, None)
+                if len(self._heads) > self.size:
+                    del self._heads[next(iter(self._heads))]
+            head, data_removed = found
+        return _splice(head, None if data_removed else view.output_json)
