@@ -60,11 +60,10 @@ import os
 import replicate
 
 client = replicate.Client(api_token=os.environ["TOKEN"], base_url=os.environ["BASE_URL"])
-with open(os.environ["SAMPLE"], "rb") as audio:
+with open(os.environ["SAMPLE"], "rb") as audio:  # uploaded, as to Replicate
     output = client.run(
         "whisperx/whisperx",
         input={"audio_file": audio, "align_output": os.environ["ALIGN"] == "1"},
-        file_encoding_strategy="base64",  # a data URI: no file upload needed
     )
 print()
 print("Transcript:", " ".join(s["text"].strip() for s in output["segments"]))

@@ -9,7 +9,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import web
+from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 from redis.exceptions import RedisError
 
 from whisperx_api.records import to_replicate
@@ -24,6 +25,7 @@ from whisperx_gateway.errors import (
     problem_response,
     unavailable,
 )
+from whisperx_gateway.files import FileStore, valid_download
 from whisperx_gateway.metrics import GatewayMetrics
 from whisperx_gateway.models import ModelRef, model_json, version_json
 from whisperx_gateway.openapi import gateway_openapi, model_openapi
@@ -54,6 +56,7 @@ class Gateway:
     reader: PredictionReader
     metrics: GatewayMetrics
     openapi: bytes
+    files: FileStore
     renderer: Renderer = field(default_factory=lambda: Renderer())
     in_flight: int = 0
     model_schemas: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -250,6 +253,130 @@ async def webhook_secret(request: web.Request) -> web.Response:
     return _json({"key": gw.config.webhook_secret})
 
 
+# --- files ---
+
+
+def _files_key(gw: Gateway) -> bytes:
+    if gw.config.files_key is None:
+        raise ApiError(404, "file uploads are not configured (WHISPERX_FILES_KEY)")
+    return gw.config.files_key
+
+
+async def _read_part(part: BodyPartReader, limit: int) -> bytes:
+    chunks, size = [], 0
+    while chunk := await part.read_chunk():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"content: the file is larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def upload_file(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    namespace = gw.authenticate(request)
+    key = _files_key(gw)
+    if request.content_type != "multipart/form-data":
+        raise ApiError(415, "send multipart/form-data with the file in a `content` part")
+    try:
+        return await _upload(gw, request, namespace, key)
+    except (ValueError, HttpProcessingError) as exc:  # aiohttp's multipart parser
+        reason = exc.message if isinstance(exc, HttpProcessingError) else str(exc)
+        raise ApiError(400, f"malformed multipart/form-data body: {reason}") from None
+
+
+async def _upload(gw: Gateway, request: web.Request, namespace: str, key: bytes) -> web.Response:
+    content: bytes | None = None
+    name, content_type = "file", "application/octet-stream"
+    metadata: Any = {}
+    reader = await request.multipart()
+    while (part := await reader.next()) is not None:
+        if not isinstance(part, BodyPartReader):
+            raise ApiError(422, "nested multipart bodies are not supported")
+        if part.name == "content":
+            name = part.filename or name
+            content_type = part.headers.get("Content-Type", content_type)
+            content = await _read_part(part, gw.config.max_file_bytes)
+        elif part.name == "metadata":
+            try:
+                metadata = json.loads(await part.text())
+            except ValueError:
+                metadata = None
+            if not isinstance(metadata, dict):
+                raise ApiError(422, "metadata: must be a JSON object")
+        else:
+            field_name = part.name or "(a part without a name)"
+            raise ApiError(422, f"{field_name}: unknown form field; send `content`, `metadata`")
+    if content is None:
+        raise ApiError(422, "content: Field required (the file)")
+    stored = await gw.files.put(
+        namespace,
+        new_prediction_id(),
+        name=name[:255],
+        content_type=content_type[:255],
+        content=content,
+        metadata=metadata,
+    )
+    return _json(stored.to_replicate(gw.base_url(request), key), status=201)
+
+
+async def list_files(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    namespace = gw.authenticate(request)
+    key, base = _files_key(gw), gw.base_url(request)
+    files = await gw.files.list(namespace)
+    return _json(
+        {"previous": None, "next": None, "results": [f.to_replicate(base, key) for f in files]}
+    )
+
+
+async def _own_file(request: web.Request) -> tuple[Gateway, str, str]:
+    gw = request.app[GATEWAY]
+    namespace = gw.authenticate(request)
+    _files_key(gw)
+    file_id = request.match_info["file"]
+    if not valid_prediction_id(file_id):
+        raise ApiError(404, f"file {file_id!r} not found")
+    return gw, namespace, file_id
+
+
+async def get_file(request: web.Request) -> web.Response:
+    gw, namespace, file_id = await _own_file(request)
+    stored = await gw.files.get(namespace, file_id)
+    if stored is None:
+        raise ApiError(404, f"file {file_id!r} not found")
+    return _json(stored.to_replicate(gw.base_url(request), _files_key(gw)))
+
+
+async def delete_file(request: web.Request) -> web.Response:
+    gw, namespace, file_id = await _own_file(request)
+    if not await gw.files.delete(namespace, file_id):
+        raise ApiError(404, f"file {file_id!r} not found")
+    return web.Response(status=204)
+
+
+async def download_file(request: web.Request) -> web.Response:
+    """The signed URL a prediction's input points at: no token, the signature instead."""
+    gw = request.app[GATEWAY]
+    key = _files_key(gw)
+    namespace, file_id = request.match_info["ns"], request.match_info["file"]
+    signed = valid_download(
+        key,
+        namespace,
+        file_id,
+        request.query.get("expires", ""),
+        request.query.get("signature", ""),
+        time.time(),
+    )
+    if not signed:
+        raise ApiError(403, "this download link is invalid or has expired")
+    found = await gw.files.content(namespace, file_id)
+    if found is None:
+        raise ApiError(404, f"file {file_id!r} not found (expired or deleted)")
+    stored, content = found
+    return web.Response(body=content, content_type=stored.content_type)
+
+
 # --- operations ---
 
 
@@ -328,6 +455,7 @@ def create_app(config: GatewayConfig, store: Store, backend: Backend) -> web.App
         reader=PredictionReader(store, backend, config.page_size),
         metrics=GatewayMetrics(lambda: hub.waiting),
         openapi=json.dumps(gateway_openapi(metrics=config.metrics)).encode(),
+        files=FileStore(store.redis),
     )
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=[middleware])
     app[GATEWAY] = gw
@@ -353,6 +481,11 @@ def create_app(config: GatewayConfig, store: Store, backend: Backend) -> web.App
     app.router.add_get(model + "/versions", list_versions, allow_head=False)
     app.router.add_get(model + "/versions/{version}", get_version, allow_head=False)
     app.router.add_get("/v1/webhooks/default/secret", webhook_secret, allow_head=False)
+    app.router.add_post("/v1/files", upload_file)
+    app.router.add_get("/v1/files", list_files, allow_head=False)
+    app.router.add_get("/v1/files/{file}", get_file, allow_head=False)
+    app.router.add_delete("/v1/files/{file}", delete_file)
+    app.router.add_get("/v1/files/{ns}/{file}/download", download_file, allow_head=False)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     app.router.add_get("/openapi.json", openapi)

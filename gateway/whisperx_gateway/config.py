@@ -68,6 +68,9 @@ class GatewayConfig:
     metrics: bool = True
     # The `whsec_` secret the status writer signs client webhooks with.
     webhook_secret: str | None = None
+    # Signs the download URLs of uploaded files (shared by all replicas); None: no uploads.
+    files_key: bytes | None = None
+    max_file_bytes: int = 100 * 1024 * 1024
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> GatewayConfig:
@@ -89,4 +92,6 @@ class GatewayConfig:
             page_size=_int(env, "WHISPERX_PAGE_SIZE", cls.page_size),
             metrics=_bool(env, "WHISPERX_METRICS", cls.metrics),
             webhook_secret=env.get("WHISPERX_WEBHOOK_SECRET", "").strip() or None,
+            files_key=env.get("WHISPERX_FILES_KEY", "").strip().encode() or None,
+            max_file_bytes=_int(env, "WHISPERX_MAX_FILE_BYTES", cls.max_file_bytes),
         )

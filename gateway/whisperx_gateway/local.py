@@ -17,9 +17,11 @@ import shutil
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import redis.asyncio as aioredis
+import yarl
 from aiohttp import web
 from redis.exceptions import RedisError
 
@@ -34,6 +36,7 @@ log = logging.getLogger("whisperx_gateway.local")
 
 # Local mode's webhook signing secret, made once and kept with the data.
 WEBHOOK_SECRET_KEY = "wx:local:webhook-secret"
+FILES_KEY = "wx:local:files-key"
 DEFAULT_NAMESPACE = "default"
 
 
@@ -109,12 +112,14 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-async def _webhook_secret(store: Store) -> str:
-    configured = os.environ.get("WHISPERX_WEBHOOK_SECRET", "").strip()
+async def _kept_secret(store: Store, env_name: str, key: str, make: Callable[[], str]) -> str:
+    """A secret from the environment, else made once and kept with the data, so that
+    webhook receivers and download links stay valid across restarts."""
+    configured = os.environ.get(env_name, "").strip()
     if configured:
         return configured
-    await store.redis.set(WEBHOOK_SECRET_KEY, generate_secret(), nx=True)
-    return str(await store.redis.get(WEBHOOK_SECRET_KEY))
+    await store.redis.set(key, make(), nx=True)
+    return str(await store.redis.get(key))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -159,7 +164,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--allow-hosts",
         default=env.get("WHISPERX_ALLOW_HOSTS") or None,
-        help="hosts or CIDRs audio URLs may resolve to although private (e.g. 127.0.0.1)",
+        help="hosts or CIDRs audio URLs may resolve to although private (default: this "
+        "gateway's host, so uploaded files can be fetched)",
     )
     parser.add_argument(
         "--runner-command",
@@ -188,10 +194,16 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
         if tokens is None:
             generated = "wxl_" + secrets.token_urlsafe(24)
             tokens = TokenMap.from_mapping({generated: DEFAULT_NAMESPACE})
-        public_url = (
-            os.environ.get("WHISPERX_PUBLIC_URL") or f"http://{args.host}:{args.port}"
-        ).rstrip("/")
-        webhook_secret = await _webhook_secret(store)
+        # Listening on every interface, it is still reached on loopback from here.
+        host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
+        public_url = os.environ.get("WHISPERX_PUBLIC_URL") or f"http://{host}:{args.port}"
+        public_url = public_url.rstrip("/")
+        webhook_secret = await _kept_secret(
+            store, "WHISPERX_WEBHOOK_SECRET", WEBHOOK_SECRET_KEY, generate_secret
+        )
+        files_key = await _kept_secret(
+            store, "WHISPERX_FILES_KEY", FILES_KEY, lambda: secrets.token_hex(32)
+        )
         config = GatewayConfig(
             tokens=tokens,
             redis_url=redis_url,
@@ -199,6 +211,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
             host=args.host,
             port=args.port,
             webhook_secret=webhook_secret,
+            files_key=files_key.encode(),
         )
         command = args.runner_command.split() if args.runner_command else default_runner_command()
         settings = LocalSettings(
@@ -208,7 +221,8 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
             device=args.device,
             compute_type=args.compute_type,
             concurrency=args.concurrency,
-            allow_hosts=args.allow_hosts,
+            # Uploaded files are downloaded from this gateway, a private address.
+            allow_hosts=args.allow_hosts or yarl.URL(public_url).host,
         )
         report_key = os.environ.get("WHISPERX_REPORT_KEY", "").encode() or os.urandom(32)
         backend = LocalBackend(

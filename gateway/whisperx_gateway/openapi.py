@@ -164,6 +164,32 @@ def _api_components() -> dict[str, Any]:
             },
         },
         "ModelPage": _page("Model"),
+        "File": {
+            "type": "object",
+            "required": ["id", "name", "content_type", "size", "urls"],
+            "properties": {
+                "id": {"type": "string"},
+                "name": {"type": "string"},
+                "content_type": {"type": "string"},
+                "size": {"type": "integer"},
+                "etag": {"type": "string"},
+                "checksums": {"type": "object"},
+                "metadata": {"type": "object"},
+                "created_at": _TIMESTAMP,
+                "expires_at": _TIMESTAMP,
+                "urls": {
+                    "type": "object",
+                    "required": ["get"],
+                    "properties": {
+                        "get": {
+                            **_URL,
+                            "description": "Signed download link: use it as an input URL",
+                        }
+                    },
+                },
+            },
+        },
+        "FilePage": _page("File"),
         "WebhookSecret": {
             "type": "object",
             "required": ["key"],
@@ -221,6 +247,13 @@ _PREDICTION_ID = {
     "required": True,
     "schema": {"type": "string", "maxLength": 253},
 }
+
+
+def _string_param(name: str, where: str) -> dict[str, Any]:
+    return {"name": name, "in": where, "required": True, "schema": {"type": "string"}}
+
+
+_FILE_ID = _string_param("file_id", "path")
 _MODEL_PARAMS = [
     {"name": "model_owner", "in": "path", "required": True, "schema": {"type": "string"}},
     {"name": "model_name", "in": "path", "required": True, "schema": {"type": "string"}},
@@ -379,6 +412,85 @@ def gateway_openapi(*, metrics: bool) -> dict[str, Any]:
                     "200": _json("The signing secret", "WebhookSecret"),
                     "404": _problem("No signing secret configured"),
                     **_ERRORS,
+                },
+            }
+        },
+        "/v1/files": {
+            "post": {
+                "operationId": "files.create",
+                "summary": "Upload a file to use as an input (expires after 24 hours)",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "multipart/form-data": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["content"],
+                                "properties": {
+                                    "content": {"type": "string", "format": "binary"},
+                                    "metadata": {
+                                        "type": "string",
+                                        "description": "A JSON object",
+                                    },
+                                },
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "201": _json("The file", "File"),
+                    "400": _problem("Malformed multipart body"),
+                    "404": _problem("Uploads are not configured"),
+                    "413": _problem("File too large"),
+                    "415": _problem("Not multipart/form-data"),
+                    "422": _problem("Missing `content` or bad metadata"),
+                    **_ERRORS,
+                },
+            },
+            "get": {
+                "operationId": "files.list",
+                "responses": {"200": _json("This token's files", "FilePage"), **_ERRORS},
+            },
+        },
+        "/v1/files/{file_id}": {
+            "get": {
+                "operationId": "files.get",
+                "parameters": [_FILE_ID],
+                "responses": {
+                    "200": _json("The file", "File"),
+                    "404": _problem("No such file"),
+                    **_ERRORS,
+                },
+            },
+            "delete": {
+                "operationId": "files.delete",
+                "parameters": [_FILE_ID],
+                "responses": {
+                    "204": {"description": "Deleted"},
+                    "404": _problem("No such file"),
+                    **_ERRORS,
+                },
+            },
+        },
+        "/v1/files/{namespace}/{file_id}/download": {
+            "get": {
+                "operationId": "files.download",
+                "summary": "A file's content, by the signed link in its `urls.get`",
+                "security": [],
+                "parameters": [
+                    _string_param("namespace", "path"),
+                    _FILE_ID,
+                    _string_param("expires", "query"),
+                    _string_param("signature", "query"),
+                ],
+                "responses": {
+                    "200": {
+                        "description": "The content",
+                        "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}},
+                    },
+                    "403": _problem("Invalid or expired link"),
+                    "404": _problem("No such file"),
+                    "503": _ERRORS["503"],
                 },
             }
         },

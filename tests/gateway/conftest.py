@@ -61,6 +61,7 @@ async def serve(
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     config.setdefault("webhook_secret", generate_secret())
+    config.setdefault("files_key", b"test-files-key")
     gateway_config = GatewayConfig(
         tokens=TokenMap.from_mapping(TOKENS), redis_url=redis_url, public_url=url, **config
     )

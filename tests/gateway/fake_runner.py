@@ -3,7 +3,8 @@
 It makes the lifecycle tests fast and lets them provoke what the real runner rarely does
 (crash without a report, hang until SIGTERM). The input's `initial_prompt` picks the
 behaviour: `stand-in:fail`, `stand-in:crash`, `stand-in:hang`, `stand-in:slow`;
-anything else succeeds with a transcript naming the audio's length.
+anything else succeeds with a transcript naming the audio's length (an http(s) audio
+URL is downloaded first).
 """
 
 from __future__ import annotations
@@ -58,7 +59,12 @@ def main() -> int:
     if mode == "fail":
         report("completed", status="failed", error="stand-in: simulated failure")
         return 1
-    text = f"audio of {len(data['audio_file'])} characters"
+    source = str(data["audio_file"])
+    if source.startswith("http"):
+        with urllib.request.urlopen(source, timeout=10) as response:
+            text = f"audio of {len(response.read())} bytes"
+    else:
+        text = f"audio of {len(source)} characters"
     output = {
         "segments": [{"start": 0.0, "end": 1.0, "text": text}],
         "detected_language": data.get("language") or "en",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -475,3 +476,51 @@ async def test_redis_outage_answers_503_and_recovers(
         # The restarted Redis replayed its AOF: the finished prediction is still there.
         status, again = await get(http, gw, f"/v1/predictions/{body['id']}")
         assert again["status"] == "succeeded"
+
+
+async def test_bad_uploads_get_the_right_status_and_a_detail(redis_url: str) -> None:
+    async with serve_local(redis_url, max_file_bytes=1000) as gw, aiohttp.ClientSession() as http:
+        url = gw.url + "/v1/files"
+        cases: list[tuple[Any, int, str]] = [
+            ({"json": {"content": "x"}}, 415, "multipart/form-data"),
+            ({"data": _form(metadata="{}")}, 422, "content: Field required"),
+            ({"data": _form(content=b"x", metadata="[1]")}, 422, "metadata: must be a JSON object"),
+            ({"data": _form(content=b"x", colour="red")}, 422, "colour: unknown form field"),
+            ({"data": _form(content=b"x" * 1001)}, 413, "larger than 1000 bytes"),
+        ]
+        for kwargs, status, detail in cases:
+            async with http.post(url, headers=gw.auth(), **kwargs) as resp:
+                error = await problem(resp)
+                assert resp.status == status and detail in error["detail"], error
+        for content_type, body in (
+            ("multipart/form-data", b""),
+            ("multipart/form-data; boundary=xyz", b"no boundary here"),
+            (
+                "multipart/form-data; boundary=xyz",
+                b'--xyz\r\nContent-Disposition: form-data; name="content"\r\n\r\ncut',
+            ),
+        ):
+            headers = {**gw.auth(), "Content-Type": content_type}
+            async with http.post(url, headers=headers, data=body) as resp:
+                error = await problem(resp)
+                assert resp.status == 400 and "malformed multipart" in error["detail"], error
+        async with http.post(url, data=_form(content=b"x")) as resp:
+            assert resp.status == 401
+        async with http.post(url, headers=gw.auth(), data=_form(content=b"ok")) as resp:
+            assert resp.status == 201
+            uploaded = await resp.json()
+        assert uploaded["size"] == 2 and uploaded["metadata"] == {}
+        link = uploaded["urls"]["get"]
+        expired = re.sub(r"expires=\d+", "expires=1", link)
+        async with http.get(expired) as resp:
+            assert resp.status == 403
+
+
+def _form(**fields: str | bytes) -> aiohttp.FormData:
+    form = aiohttp.FormData(default_to_multipart=True)
+    for name, value in fields.items():
+        if isinstance(value, bytes):
+            form.add_field(name, value, filename="a.wav", content_type="audio/wav")
+        else:
+            form.add_field(name, value)
+    return form

@@ -41,6 +41,6 @@ async def test_fuzzing_the_api_finds_no_server_errors(redis_url: str, tmp_path: 
         output, _ = await asyncio.wait_for(fuzz.communicate(), 150)
         report = output.decode(errors="replace")
         assert fuzz.returncode == 0, report
-        assert "Tested: 13" in report, report
+        assert "Tested: 18" in report, report
     errors = [line for line in local.log().splitlines() if " ERROR whisperx" in line]
     assert errors == [], local.log()

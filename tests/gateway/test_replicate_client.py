@@ -19,7 +19,15 @@ from replicate.exceptions import ModelError, ReplicateError
 from replicate.helpers import base64_encode_file
 from replicate.webhook import InvalidSignatureError, Webhooks, WebhookSigningSecret
 
-from tests.gateway.conftest import TOKEN, Gateway, Receiver, call, completed, serve_local
+from tests.gateway.conftest import (
+    OTHER_TOKEN,
+    TOKEN,
+    Gateway,
+    Receiver,
+    call,
+    completed,
+    serve_local,
+)
 
 AUDIO = "data:audio/wav;base64,UklGRg=="
 
@@ -198,3 +206,33 @@ async def test_a_pending_terminal_webhook_survives_a_restart(
     async with serve_local(redis_url):  # a new process delivers it
         await receiver.wait_for(completed)
     assert [(b["id"], b["status"]) for b in receiver.bodies()] == [(prediction.id, "succeeded")]
+
+
+# --- files ---
+
+
+async def test_a_local_file_is_uploaded_and_the_runner_fetches_it(
+    client: replicate.Client, gateway: Gateway, fox_wav: Path
+) -> None:
+    # The client's default for a file input: upload it, pass its URL.
+    with fox_wav.open("rb") as audio:
+        output = await call(client.run, "acme/whisperx", input={"audio_file": audio})
+    content = await asyncio.to_thread(fox_wav.read_bytes)
+    size = len(content)
+    assert output["segments"][0]["text"] == f"audio of {size} bytes"
+
+    (uploaded,) = await call(client.files.list)
+    assert (uploaded.name, uploaded.size, uploaded.content_type) == ("fox.wav", size, "audio/x-wav")
+    assert (await call(client.files.get, uploaded.id)).checksums == uploaded.checksums
+    link = uploaded.urls["get"]
+    async with aiohttp.ClientSession() as http:
+        async with http.get(link) as resp:  # no token: the link is signed
+            assert resp.status == 200 and await resp.read() == content
+        async with http.get(link.replace("signature=", "signature=0")) as resp:
+            assert resp.status == 403
+        other = {"Authorization": f"Bearer {OTHER_TOKEN}"}
+        async with http.get(f"{gateway.url}/v1/files/{uploaded.id}", headers=other) as resp:
+            assert resp.status == 404
+    assert await call(client.files.delete, uploaded.id)
+    async with aiohttp.ClientSession() as http, http.get(link) as resp:
+        assert resp.status == 404

@@ -62,13 +62,13 @@ async def test_the_real_runner_transcribes_speech_with_word_timings(
         tmp_path / "local.log", "--redis-url", redis_url, "--model-dir", str(model_dir)
     ) as local:
         client = replicate.Client(api_token=local.token, base_url=local.url)
-        with fox_wav.open("rb") as audio:
+        with fox_wav.open("rb") as audio:  # uploaded; the runner downloads it by URL
             prediction = await call(
                 client.models.predictions.create,
                 model="whisperx/whisperx",
                 input={"audio_file": audio, "align_output": True},
-                file_encoding_strategy="base64",
             )
+        assert prediction.input["audio_file"].startswith(f"{local.url}/v1/files/")
         await asyncio.wait_for(call(prediction.wait), 240)
     assert prediction.status == "succeeded", (prediction.error, prediction.logs, local.log())
     output = prediction.output
