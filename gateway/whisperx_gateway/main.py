@@ -39,12 +39,15 @@ def main() -> None:
         sys.exit(f"whisperx-gateway: {exc}")
 
     async def build() -> web.Application:
-        # KUBE_SERVER: an API server URL without credentials (development, tests);
-        # otherwise the in-cluster service account or $KUBECONFIG.
+        # WHISPERX_KUBE_SERVER: an API server URL without credentials (development,
+        # tests); otherwise the in-cluster service account, else $KUBECONFIG.
         kube = KubeClient(KubeConfig.load(server=os.environ.get("WHISPERX_KUBE_SERVER")))
         return create_app(config, Store.from_url(config.redis_url), KubeBackend(kube))
 
-    web.run_app(build(), host=config.host, port=config.port, access_log=None)
+    logging.getLogger("whisperx_gateway").info(
+        "whisperx-gateway on %s:%d (Kubernetes backend)", config.host, config.port
+    )
+    web.run_app(build(), host=config.host, port=config.port, access_log=None, print=None)
 
 
 if __name__ == "__main__":

@@ -7,11 +7,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import os
+import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import httpx
 import pytest
 import replicate
 from replicate.webhook import Webhooks
@@ -151,3 +155,65 @@ async def test_the_official_client_through_the_operator(
         assert receiver.bodies()[-1] == await resp.json()
     page = await call(client.predictions.list)
     assert [p.status for p in page.results] == ["canceled", "succeeded"]
+
+
+async def test_replicas_share_everything_and_a_restart_loses_nothing(
+    redis_url: str,
+    kube: Emulator,  # noqa: F811
+    kubelet: Any,  # noqa: F811
+    operator: Any,  # noqa: F811
+    operator_env: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    """Two replicas: one in-process, one the `whisperx-gateway` command itself."""
+    port = free_port()
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "REDIS_URL": redis_url,
+        "WHISPERX_TOKENS": f"{TOKEN}={NAMESPACE}",
+        "WHISPERX_KUBE_SERVER": emulator_url(kube),
+        "WHISPERX_GATEWAY_HOST": "127.0.0.1",
+        "WHISPERX_GATEWAY_PORT": str(port),
+        "WHISPERX_PUBLIC_URL": f"http://127.0.0.1:{port}",
+        "WHISPERX_WEBHOOK_SECRET": operator_env["WHISPERX_WEBHOOK_SECRET"],
+    }
+    log = (tmp_path / "gateway.log").open("wb")
+    process = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).with_name("whisperx-gateway")), env=env, stdout=log, stderr=log
+    )
+    try:
+        second = replicate.Client(api_token=TOKEN, base_url=f"http://127.0.0.1:{port}")
+        async with kube_gateway(redis_url, kube) as gw:
+            first = replicate.Client(api_token=TOKEN, base_url=gw.url)
+            created = await call(
+                first.predictions.create,
+                version="whisperx",
+                input={"audio_file": "https://fake.test/succeed?seconds=1"},
+            )
+            await _until_ready(second)
+            seen = await call(second.predictions.get, created.id)  # the other replica
+            await asyncio.wait_for(call(seen.wait), 30)
+            assert seen.status == "succeeded"
+        # The first replica is gone; a new one (same config) answers the same.
+        async with kube_gateway(redis_url, kube) as gw:
+            again = replicate.Client(api_token=TOKEN, base_url=gw.url)
+            fetched = (await call(again.predictions.get, created.id)).dict()
+            # Equal but for the URLs: these test replicas have different base URLs.
+            assert {**fetched, "urls": None} == {**seen.dict(), "urls": None}
+            page = await call(second.predictions.list)
+            assert [p.id for p in page.results] == [created.id]
+    finally:
+        process.terminate()
+        await asyncio.wait_for(process.wait(), 20)
+        log.close()
+
+
+async def _until_ready(client: replicate.Client) -> None:
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            await call(client.models.get, "whisperx/whisperx")
+            return
+        except httpx.TransportError:
+            assert time.monotonic() < deadline, "whisperx-gateway did not start"
+            await asyncio.sleep(0.2)
