@@ -57,7 +57,7 @@ class Gateway:
     metrics: GatewayMetrics
     openapi: bytes
     files: FileStore
-    renderer: Renderer = field(default_factory=lambda: Renderer())
+    renderer: Renderer = field(default_factory=Renderer)
     in_flight: int = 0
     model_schemas: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -85,9 +85,10 @@ class Gateway:
         return model
 
     def model_schema(self, model: ModelRef) -> dict[str, Any]:
+        # Keyed by name: any owner is accepted, so owners must not grow this.
         schema = self.model_schemas.get(model.name)
         if schema is None:
-            schema = self.model_schemas[model.name] = model_openapi(model.full_name)
+            schema = self.model_schemas[model.name] = model_openapi(model.name)
         return schema
 
 
@@ -151,7 +152,7 @@ async def create_prediction(request: web.Request) -> web.Response:
         run_deadline_seconds=deadline,
     )
     record = await gw.backend.create(new)
-    gw.metrics.created.inc(model.full_name)
+    gw.metrics.created.inc(model.name)  # not the owner: any owner is accepted
     view = RawPredictionView.of(record, None, "")
     headers = {"Location": f"{gw.base_url(request)}/v1/predictions/{record.id}"}
     ended = False
@@ -398,7 +399,8 @@ async def ready(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     return web.Response(
-        text=gw.metrics.render(), content_type="text/plain", headers={"X-Version": "0.0.4"}
+        body=gw.metrics.render().encode(),
+        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
     )
 
 

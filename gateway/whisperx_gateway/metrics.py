@@ -101,7 +101,9 @@ class GatewayMetrics:
             ("route", "method"),
         )
         self.created = Counter(
-            "whisperx_gateway_predictions_created_total", "Predictions created by model", ("model",)
+            "whisperx_gateway_predictions_created_total",
+            "Predictions created by model name",
+            ("model",),
         )
         self.rejected = Counter(
             "whisperx_gateway_overload_rejections_total",

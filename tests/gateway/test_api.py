@@ -440,7 +440,7 @@ async def test_operations_endpoints(http: aiohttp.ClientSession, gateway: Gatewa
         'whisperx_gateway_requests_total{route="/v1/predictions",method="POST",status="201"}'
         in text
     )
-    assert 'whisperx_gateway_predictions_created_total{model="whisperx/whisperx"} 1.0' in text
+    assert 'whisperx_gateway_predictions_created_total{model="whisperx"} 1.0' in text
     status, secret = await get(http, gateway, "/v1/webhooks/default/secret")
     assert status == 200 and secret["key"] == gateway.config.webhook_secret
     async with http.get(gateway.url + "/v1/webhooks/default/secret") as resp:
