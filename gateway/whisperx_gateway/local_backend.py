@@ -126,6 +126,7 @@ class LocalBackend:
         self._slots = asyncio.Semaphore(settings.concurrency)
         self._tasks: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._processes: dict[tuple[str, str], asyncio.subprocess.Process] = {}
+        self._stopping: set[asyncio.Task[None]] = set()
         self._report_site: web.AppRunner | None = None
         self._sender_task: asyncio.Task[None] | None = None
         self.report_base_url = ""
@@ -158,7 +159,9 @@ class LocalBackend:
                     at=lc.now_utc(),
                 ),
             )
-        await asyncio.gather(*(self._stop(p) for p in list(self._processes.values())))
+        await asyncio.gather(
+            *(self._stop(p) for p in list(self._processes.values())), *self._stopping
+        )
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()
@@ -205,7 +208,10 @@ class LocalBackend:
         updated = await self.writer.apply(ns, pid, lc.CancelRequested(at=lc.now_utc()))
         process = self._processes.get((ns, pid))
         if process is not None:
-            await self._stop(process)
+            # SIGTERM now; the SIGKILL after the grace period must not hold the answer.
+            stopping = asyncio.create_task(self._stop(process))
+            self._stopping.add(stopping)
+            stopping.add_done_callback(self._stopping.discard)
         return updated or record
 
     async def lookup(self, namespace: str, prediction_id: str) -> PredictionRecord | None:

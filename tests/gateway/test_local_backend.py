@@ -184,3 +184,25 @@ async def test_a_restart_after_a_crash_ends_what_the_crashed_process_accepted(
             assert await store.redis.smembers(ACTIVE_KEY) == set()
     finally:
         await store.close()
+
+
+async def test_a_runner_that_ignores_sigterm_is_killed_without_holding_the_cancel(
+    redis_url: str, http: aiohttp.ClientSession
+) -> None:
+    stubborn = [
+        sys.executable,
+        "-c",
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)",
+    ]
+    async with serve_local(redis_url, runner=stubborn, stop_grace=1.0) as gw:
+        body = await create(http, gw)
+        deadline = time.monotonic() + 10
+        while not gw.backend._processes:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        (process,) = gw.backend._processes.values()
+        started = time.monotonic()
+        async with http.post(body["urls"]["cancel"], headers=gw.auth()) as resp:
+            assert (await resp.json())["status"] == "canceled"
+        assert time.monotonic() - started < 0.9  # answered before the grace period ends
+        assert await asyncio.wait_for(process.wait(), 10) == -9  # then SIGKILL
