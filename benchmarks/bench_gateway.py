@@ -339,12 +339,12 @@ def main() -> None:
             redis_process.wait()
         shutil.rmtree(data_dir, ignore_errors=True)
 
-    print(f"{'':28} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
+    print(f"{'':36} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
     for op, label in (("get", "GET /v1/predictions/{id}"), ("create", "POST /v1/predictions")):
         for kind in ("ceiling", "gateway"):
             r = results[kind][op]
             print(
-                f"{label + ' ' + kind:28.28} {r['rps']:9.0f} {r['p50_ms']:8.2f} "
+                f"{label + ' (' + kind + ')':36} {r['rps']:9.0f} {r['p50_ms']:8.2f} "
                 f"{r['p99_ms']:8.2f} {r['errors']:7.0f}"
             )
     for op in ("get", "create"):
