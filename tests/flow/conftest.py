@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 import replicate
 from aiohttp import web
 
@@ -44,6 +45,7 @@ from tests.kube_fixtures import (  # noqa: F401  (kube: a fixture)
     kube,
     operator_environment,
     running_operator,
+    wait_for,
 )
 from tests.runner.conftest import model_dir  # noqa: F401  (tiny.en's aligner folder)
 
@@ -198,7 +200,30 @@ async def hooks() -> AsyncIterator[HookReceiver]:
     await runner.cleanup()
 
 
+async def pending_deliveries(redis_url: str, prediction_id: str) -> list[dict[str, str]]:
+    """The webhook outbox entries of one prediction (wx:wh:d:*), as Redis holds them."""
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        found = []
+        for key in await client.keys("wx:wh:d:*"):
+            data = await client.hgetall(key)
+            if data.get("id") == prediction_id:
+                found.append({**data, "key": key})
+        return found
+    finally:
+        await client.aclose()
+
+
 # --- the gateway as a process ---
+
+
+async def waiting_requests(gateway_url: str) -> float:
+    """Requests held open by `Prefer: wait`, from the gateway's own metrics."""
+    async with aiohttp.ClientSession() as http, http.get(gateway_url + "/metrics") as resp:
+        text = await resp.text()
+    found = re.search(r"^whisperx_gateway_waiting_requests (\S+)$", text, re.M)
+    assert found, text
+    return float(found[1])
 
 
 @dataclass
@@ -258,12 +283,7 @@ class GatewayProcess:
             self.process = None
 
     async def waiting_requests(self) -> float:
-        """Requests held open by `Prefer: wait`, from the gateway's own metrics."""
-        async with aiohttp.ClientSession() as http, http.get(self.url + "/metrics") as resp:
-            text = await resp.text()
-        found = re.search(r"^whisperx_gateway_waiting_requests (\S+)$", text, re.M)
-        assert found, text
-        return float(found[1])
+        return await waiting_requests(self.url)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -378,3 +398,34 @@ def alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+# --- local mode (`whisperx-local`) ---
+
+# The cluster's stand-in works in local mode too (same environment and report contract),
+# and retries its reports as the real runner does, so a Redis outage is survivable.
+STAND_IN_COMMAND = f"{sys.executable} {REPO_ROOT / 'tests' / 'operator' / 'fake_runner.py'}"
+
+
+async def local_runner_pid(log: Callable[[], str], prediction_id: str) -> int:
+    """The pid of a prediction's runner, from whisperx-local's log."""
+    pattern = re.compile(rf"prediction {NS}/{prediction_id}: runner started \(pid (\d+)\)")
+
+    def started() -> int | None:
+        found = pattern.search(log())
+        return int(found[1]) if found else None
+
+    pid: int = await wait_for(started, within=30)
+    return pid
+
+
+async def wait_for_status(
+    client: replicate.Client, prediction_id: str, statuses: set[str], within: float = 60
+) -> Any:
+    """The prediction, as the client reads it, once its status is one of `statuses`."""
+
+    async def reached() -> Any:
+        prediction = await call(client.predictions.get, prediction_id)
+        return prediction if prediction.status in statuses else None
+
+    return await wait_for(reached, within=within, interval=0.2)

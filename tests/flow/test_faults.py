@@ -15,7 +15,6 @@ from typing import Any
 
 import httpx
 import pytest
-import redis.asyncio as aioredis
 
 from tests.conftest import RedisServer
 from tests.flow.conftest import (
@@ -26,6 +25,7 @@ from tests.flow.conftest import (
     assert_fox_transcript,
     call,
     kill_process_group,
+    pending_deliveries,
 )
 from tests.kube_fixtures import JOBS, PREDICTIONS, PodRun, wait_for, wait_for_phase
 
@@ -43,20 +43,6 @@ async def running_pod(cluster: Cluster, prediction_id: str) -> PodRun:
 
 def still_running(run: PodRun) -> bool:
     return run.process is not None and run.process.returncode is None
-
-
-async def pending_deliveries(redis_url: str, prediction_id: str) -> list[dict[str, str]]:
-    """The webhook outbox entries of one prediction (wx:wh:d:*), as Redis holds them."""
-    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
-    try:
-        found = []
-        for key in await client.keys("wx:wh:d:*"):
-            data = await client.hgetall(key)
-            if data.get("id") == prediction_id:
-                found.append({**data, "key": key})
-        return found
-    finally:
-        await client.aclose()
 
 
 async def create(cluster: Cluster, audio: str, hooks: HookReceiver, **input_: Any) -> Any:

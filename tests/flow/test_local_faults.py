@@ -1,0 +1,224 @@
+"""Faults in local mode (`whisperx-local`, predictions in Redis, runners as local
+processes), as on the cluster path where they apply: a killed runner, Redis restarts,
+and local mode itself killed during `Prefer: wait`.
+
+Local mode's deliberate outcome for a crash of its own: the runner was its child, so
+the work is lost; the next start ends every prediction the crashed process accepted and
+never finished as failed (`Interrupted`, "submit it again"), and sends its terminal
+webhook. Finished predictions keep their output.
+
+The runner kill uses the real runner; the Redis restart and the local-mode kill use the
+cluster's stand-in (tests/operator/fake_runner.py), for a run of known length.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from pathlib import Path
+
+import httpx
+import pytest
+import replicate
+
+from tests.conftest import RedisServer
+from tests.flow.conftest import (
+    NS,
+    STAND_IN_COMMAND,
+    AudioSource,
+    HookReceiver,
+    alive,
+    call,
+    kill_process_group,
+    local_runner_pid,
+    pending_deliveries,
+    wait_for_status,
+    waiting_requests,
+)
+from tests.gateway.conftest import LocalMode, local_mode
+from tests.kube_fixtures import wait_for
+from whisperx_api.store import Store
+from whisperx_gateway.local_backend import ACTIVE_KEY
+
+INTERRUPTED = "local mode stopped before the prediction finished; submit it again"
+
+
+async def reason_of(redis_url: str, prediction_id: str) -> str | None:
+    store = Store.from_url(redis_url)
+    try:
+        record = await store.get_record(NS, prediction_id)
+        assert record is not None
+        return record.state.reason
+    finally:
+        await store.close()
+
+
+def client_of(local: LocalMode) -> replicate.Client:
+    return replicate.Client(api_token=local.token, base_url=local.url)
+
+
+async def kill(local: LocalMode) -> None:
+    """SIGKILL: a crash, no cleanup."""
+    local.process.kill()
+    await asyncio.wait_for(local.process.wait(), 10)
+
+
+@pytest.mark.whisperx
+async def test_a_killed_runner_fails_the_prediction_with_the_reason(
+    tmp_path: Path, redis_url: str, model_dir: Path, fox_url: AudioSource, hooks: HookReceiver
+) -> None:
+    args = ("--redis-url", redis_url, "--model-dir", str(model_dir))
+    async with local_mode(tmp_path / "local.log", *args) as local:
+        client = client_of(local)
+        prediction = await call(
+            client.predictions.create,
+            version="whisperx",
+            input={"audio_file": fox_url.url},
+            webhook=hooks.url,
+            webhook_events_filter=["completed"],
+        )
+        pid = await local_runner_pid(local.log, prediction.id)
+        await wait_for_status(client, prediction.id, {"processing"})
+        kill_process_group(pid)
+        ended = await wait_for_status(client, prediction.id, {"succeeded", "failed", "canceled"})
+    assert ended.status == "failed"
+    assert ended.error.startswith("the runner was killed by SIGKILL"), ended.error
+    assert await reason_of(redis_url, prediction.id) == "RunnerExited"
+    delivery = await hooks.terminal_once(prediction.id, "failed")
+    assert delivery.data["error"] == ended.error
+
+
+async def test_redis_restarts_mid_prediction_and_after_it_lose_nothing(
+    tmp_path: Path, redis_server: RedisServer, redis_url: str, hooks: HookReceiver
+) -> None:
+    args = ("--redis-url", redis_url, "--runner-command", STAND_IN_COMMAND)
+    async with local_mode(tmp_path / "local.log", *args) as local:
+        client = client_of(local)
+        hooks.refusing = True  # the terminal webhook stays pending in the outbox
+        prediction = await call(
+            client.predictions.create,
+            version="whisperx",
+            input={"audio_file": "https://fake.test/succeed?seconds=4"},
+            webhook=hooks.url,
+            webhook_events_filter=["completed"],
+        )
+        pid = await local_runner_pid(local.log, prediction.id)
+        await wait_for_status(client, prediction.id, {"processing"})
+        await asyncio.to_thread(redis_server.restart)  # AOF on
+        assert alive(pid)  # mid-prediction: its end is still to be reported
+
+        ended = await wait_for_status(client, prediction.id, {"succeeded", "failed"})
+        assert ended.status == "succeeded", ended.error
+
+        async def retry_scheduled() -> bool:
+            pending = await pending_deliveries(redis_url, prediction.id)
+            return len(pending) == 1 and pending[0]["attempts"] == "1"
+
+        # The first attempt was refused and its retry written back (not merely leased).
+        await wait_for(retry_scheduled, within=20)
+        await asyncio.to_thread(redis_server.restart)
+        (pending,) = await pending_deliveries(redis_url, prediction.id)
+        assert pending["event"] == "completed"
+
+        got = await call(client.predictions.get, prediction.id)
+        assert got.status == "succeeded"
+        assert got.output["segments"][0]["text"] == " the quick brown fox"
+        assert "loading model" in got.logs and "transcribed" in got.logs
+        hooks.refusing = False
+        delivery = await hooks.terminal_once(prediction.id, "succeeded")
+        assert delivery.webhook_id == pending["key"].removeprefix("wx:wh:d:")
+        assert delivery.data["output"] == got.output
+
+
+async def test_local_mode_killed_during_prefer_wait_ends_the_prediction_on_restart(
+    tmp_path: Path, redis_url: str, hooks: HookReceiver
+) -> None:
+    args = ("--redis-url", redis_url, "--runner-command", STAND_IN_COMMAND)
+    async with local_mode(tmp_path / "first.log", *args) as first:
+        client = client_of(first)
+        done = await call(
+            client.run, "whisperx/whisperx", input={"audio_file": "https://fake.test/succeed"}
+        )
+        held = asyncio.create_task(
+            call(
+                client.run,
+                "whisperx/whisperx",
+                input={"audio_file": "https://fake.test/hang"},
+                webhook=hooks.url,
+                webhook_events_filter=["completed"],
+            )
+        )
+        created = re.compile(rf"prediction {NS}/(\w+) created")
+
+        def two_created() -> list[str] | None:
+            ids = created.findall(first.log())
+            return ids if len(ids) == 2 else None
+
+        ids = await wait_for(two_created, within=20)
+        held_id = ids[1]
+        pid = await local_runner_pid(first.log, held_id)
+
+        async def held_open() -> bool:
+            return await waiting_requests(first.url) == 1
+
+        await wait_for(held_open, within=20)
+        await kill(first)
+        with pytest.raises(httpx.TransportError):
+            await held
+        # Its runner outlives it (see the xfail test below); it is not what is tested here.
+        kill_process_group(pid)
+
+    async with local_mode(tmp_path / "second.log", *args) as second:
+        client = client_of(second)
+        page = await call(client.predictions.list)
+        by_id = {p.id: p for p in page.results}
+        assert len(by_id) == 2
+        interrupted = by_id[held_id]
+        assert interrupted.status == "failed" and interrupted.error == INTERRUPTED
+        assert await reason_of(redis_url, held_id) == "Interrupted"
+        finished = next(p for p in page.results if p.id != held_id)
+        assert finished.status == "succeeded" and finished.output == done
+        delivery = await hooks.terminal_once(held_id, "failed")
+        hooks.validate_all(await call(client.webhooks.default.secret))
+        assert delivery.data["error"] == INTERRUPTED
+        assert await active_marks(redis_url) == set()  # nothing left to end
+
+
+async def active_marks(redis_url: str) -> set[str]:
+    """Predictions local mode has marked as accepted and not finished."""
+    store = Store.from_url(redis_url)
+    try:
+        return {str(m) for m in await store.redis.smembers(ACTIVE_KEY)}
+    finally:
+        await store.close()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="local mode starts each runner in its own session and nothing stops it when "
+    "whisperx-local is SIGKILLed: after the restart the prediction is failed "
+    "(Interrupted, 'submit it again'), but its runner keeps running outside the new "
+    "process's concurrency limit (the real one transcribes on, then retries its reports "
+    "for up to WHISPERX_REPORT_RETRY_SECONDS, 120 s)",
+)
+async def test_a_killed_local_mode_leaves_no_runner_behind(tmp_path: Path, redis_url: str) -> None:
+    args = ("--redis-url", redis_url, "--runner-command", STAND_IN_COMMAND)
+    async with local_mode(tmp_path / "first.log", *args) as first:
+        prediction = await call(
+            client_of(first).predictions.create,
+            version="whisperx",
+            input={"audio_file": "https://fake.test/hang"},
+        )
+        pid = await local_runner_pid(first.log, prediction.id)
+        await kill(first)
+    try:
+        async with local_mode(tmp_path / "second.log", *args) as second:
+            ended = await wait_for_status(client_of(second), prediction.id, {"failed"})
+            assert ended.error == INTERRUPTED
+            # 5 s for anything that would stop it.
+            with contextlib.suppress(TimeoutError):
+                await wait_for(lambda: not alive(pid), within=5)
+            assert not alive(pid), f"runner {pid} of {prediction.id} still running"
+    finally:
+        kill_process_group(pid)
