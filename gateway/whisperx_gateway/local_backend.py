@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import logging
 import os
 import re
 import signal
+import sys
 import tempfile
 import uuid
 from collections import deque
@@ -85,6 +87,18 @@ class LocalSink:
 
     async def save(self, record: PredictionRecord) -> None:
         return None
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the runner, before exec: SIGKILL it should local mode itself die (even by
+    SIGKILL), instead of leaving it transcribing outside any concurrency limit with
+    nobody to report to. Linux only; elsewhere the next start still ends the
+    prediction as Interrupted."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def exit_message(code: int, output_tail: Sequence[str]) -> str:
@@ -274,6 +288,7 @@ class LocalBackend:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
                 start_new_session=True,  # SIGTERM reaches its children (ffmpeg) too
+                preexec_fn=_die_with_parent,
             )
         except OSError as exc:
             input_file.unlink(missing_ok=True)

@@ -4,6 +4,7 @@ progress visible in its log and in the prediction's `logs`."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import socket
 from pathlib import Path
@@ -87,3 +88,34 @@ async def test_the_real_runner_transcribes_speech_with_word_timings(
     assert "Transcribing" in prediction.logs and "Aligning" in prediction.logs
     assert f"prediction default/{prediction.id}: runner started" in local.log()
     assert f"prediction default/{prediction.id} succeeded" in local.log()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def test_runners_die_with_a_killed_local_mode(tmp_path: Path, redis_url: str) -> None:
+    args = ("--redis-url", redis_url, "--runner-command", " ".join(STAND_IN_RUNNER))
+    async with local_mode(tmp_path / "local.log", *args) as local:
+        client = replicate.Client(api_token=local.token, base_url=local.url)
+        hang = {"audio_file": AUDIO, "initial_prompt": "stand-in:hang"}
+        prediction = await call(client.predictions.create, version="whisperx", input=hang)
+        pattern = rf"prediction default/{prediction.id}: runner started \(pid (\d+)\)"
+        for _ in range(200):
+            found = re.search(pattern, local.log())
+            if found:
+                break
+            await asyncio.sleep(0.05)
+        assert found, local.log()
+        runner = int(found[1])
+        local.process.kill()  # no cleanup at all
+        await local.process.wait()
+        for _ in range(100):
+            if not _alive(runner):
+                break
+            await asyncio.sleep(0.05)
+        assert not _alive(runner), "the runner outlived local mode"
