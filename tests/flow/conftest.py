@@ -48,6 +48,8 @@ from tests.kube_fixtures import (  # noqa: F401  (kube: a fixture)
     wait_for,
 )
 from tests.runner.conftest import model_dir  # noqa: F401  (tiny.en's aligner folder)
+from whisperx_api.records import PredictionRecord
+from whisperx_api.store import Store
 
 NS = "default"
 TOKEN = "flow-token-0001"
@@ -212,6 +214,15 @@ async def pending_deliveries(redis_url: str, prediction_id: str) -> list[dict[st
         return found
     finally:
         await client.aclose()
+
+
+async def stored_record(redis_url: str, prediction_id: str) -> PredictionRecord | None:
+    """The Replicate-facing record the status writer keeps in Redis."""
+    store = Store.from_url(redis_url)
+    try:
+        return await store.get_record(NS, prediction_id)
+    finally:
+        await store.close()
 
 
 # --- the gateway as a process ---

@@ -26,6 +26,7 @@ from tests.flow.conftest import (
     call,
     kill_process_group,
     pending_deliveries,
+    stored_record,
 )
 from tests.kube_fixtures import JOBS, PREDICTIONS, PodRun, wait_for, wait_for_phase
 
@@ -65,7 +66,7 @@ async def test_an_operator_killed_mid_prediction_loses_nothing(
     run = await running_pod(real_cluster, prediction.id)
     await operator.kill()
     assert still_running(run)  # the kill lands mid-prediction
-    await asyncio.sleep(2)  # the runner's reports fail meanwhile; it retries them
+    await asyncio.sleep(2)  # whatever the runner reports meanwhile fails; it retries
     await operator.restart(kube)
 
     obj = await wait_for_phase(kube, prediction.id, within=90)
@@ -79,6 +80,7 @@ async def test_an_operator_killed_mid_prediction_loses_nothing(
     assert_fox_transcript(prediction.output, fox_url.duration)
     assert "Transcribing" in prediction.logs
     await hooks.terminal_once(prediction.id, "succeeded")
+    hooks.validate_all(await call(real_cluster.client().webhooks.default.secret))
 
     # A crash after the end: resuming re-publishes, and repeats no webhook.
     await operator.kill()
@@ -113,6 +115,8 @@ async def test_redis_restarts_mid_prediction_and_after_it_lose_nothing(
     (pending,) = await pending_deliveries(cluster.redis_url, prediction.id)
     assert pending["event"] == "completed" and pending["attempts"] == "1"
 
+    record = await stored_record(cluster.redis_url, prediction.id)
+    assert record is not None and record.state.phase.value == "succeeded"
     client = cluster.client()
     got = await call(client.predictions.get, prediction.id)
     assert got.status == "succeeded"
@@ -127,6 +131,7 @@ async def test_redis_restarts_mid_prediction_and_after_it_lose_nothing(
     assert delivery.webhook_id == pending["key"].removeprefix("wx:wh:d:")
     assert delivery.data["output"] == got.output
     assert await pending_deliveries(cluster.redis_url, prediction.id) == []
+    hooks.validate_all(await call(client.webhooks.default.secret))
 
 
 @pytest.mark.whisperx
@@ -154,6 +159,7 @@ async def test_a_killed_runner_fails_the_prediction_with_the_reason(
     assert got.status == "failed" and got.error == status["error"]
     delivery = await hooks.terminal_once(prediction.id, "failed")
     assert delivery.data["error"] == status["error"]
+    hooks.validate_all(await call(real_cluster.client().webhooks.default.secret))
 
 
 async def test_a_gateway_killed_during_prefer_wait(
@@ -194,3 +200,4 @@ async def test_a_gateway_killed_during_prefer_wait(
         (prediction_id, "succeeded", got.output)
     ]
     await hooks.terminal_once(prediction_id, "succeeded")
+    hooks.validate_all(await call(client.webhooks.default.secret))

@@ -2,7 +2,7 @@
 processes), as on the cluster path where they apply: a killed runner, Redis restarts,
 and local mode itself killed during `Prefer: wait`.
 
-Local mode's deliberate outcome for a crash of its own: the runner was its child, so
+Local mode's deliberate outcome for a crash of its own: its runners die with it, so
 the work is lost; the next start ends every prediction the crashed process accepted and
 never finished as failed (`Interrupted`, "submit it again"), and sends its terminal
 webhook. Finished predictions keep their output.
@@ -14,7 +14,6 @@ cluster's stand-in (tests/operator/fake_runner.py), for a run of known length.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from tests.flow.conftest import (
     kill_process_group,
     local_runner_pid,
     pending_deliveries,
+    stored_record,
     wait_for_status,
     waiting_requests,
 )
@@ -45,13 +45,9 @@ INTERRUPTED = "local mode stopped before the prediction finished; submit it agai
 
 
 async def reason_of(redis_url: str, prediction_id: str) -> str | None:
-    store = Store.from_url(redis_url)
-    try:
-        record = await store.get_record(NS, prediction_id)
-        assert record is not None
-        return record.state.reason
-    finally:
-        await store.close()
+    record = await stored_record(redis_url, prediction_id)
+    assert record is not None
+    return record.state.reason
 
 
 def client_of(local: LocalMode) -> replicate.Client:
@@ -82,11 +78,13 @@ async def test_a_killed_runner_fails_the_prediction_with_the_reason(
         await wait_for_status(client, prediction.id, {"processing"})
         kill_process_group(pid)
         ended = await wait_for_status(client, prediction.id, {"succeeded", "failed", "canceled"})
+        secret = await call(client.webhooks.default.secret)
     assert ended.status == "failed"
     assert ended.error.startswith("the runner was killed by SIGKILL"), ended.error
     assert await reason_of(redis_url, prediction.id) == "RunnerExited"
     delivery = await hooks.terminal_once(prediction.id, "failed")
     assert delivery.data["error"] == ended.error
+    hooks.validate_all(secret)
 
 
 async def test_redis_restarts_mid_prediction_and_after_it_lose_nothing(
@@ -121,6 +119,8 @@ async def test_redis_restarts_mid_prediction_and_after_it_lose_nothing(
         (pending,) = await pending_deliveries(redis_url, prediction.id)
         assert pending["event"] == "completed"
 
+        record = await stored_record(redis_url, prediction.id)
+        assert record is not None and record.state.phase.value == "succeeded"
         got = await call(client.predictions.get, prediction.id)
         assert got.status == "succeeded"
         assert got.output["segments"][0]["text"] == " the quick brown fox"
@@ -129,6 +129,7 @@ async def test_redis_restarts_mid_prediction_and_after_it_lose_nothing(
         delivery = await hooks.terminal_once(prediction.id, "succeeded")
         assert delivery.webhook_id == pending["key"].removeprefix("wx:wh:d:")
         assert delivery.data["output"] == got.output
+        hooks.validate_all(await call(client.webhooks.default.secret))
 
 
 async def test_local_mode_killed_during_prefer_wait_ends_the_prediction_on_restart(
@@ -166,8 +167,10 @@ async def test_local_mode_killed_during_prefer_wait_ends_the_prediction_on_resta
         await kill(first)
         with pytest.raises(httpx.TransportError):
             await held
-        # Its runner outlives it (see the xfail test below); it is not what is tested here.
-        kill_process_group(pid)
+        try:  # the runner dies with it (a parent-death signal), not transcribing on
+            await wait_for(lambda: not alive(pid), within=5)
+        finally:
+            kill_process_group(pid)
 
     async with local_mode(tmp_path / "second.log", *args) as second:
         client = client_of(second)
@@ -192,33 +195,3 @@ async def active_marks(redis_url: str) -> set[str]:
         return {str(m) for m in await store.redis.smembers(ACTIVE_KEY)}
     finally:
         await store.close()
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="local mode starts each runner in its own session and nothing stops it when "
-    "whisperx-local is SIGKILLed: after the restart the prediction is failed "
-    "(Interrupted, 'submit it again'), but its runner keeps running outside the new "
-    "process's concurrency limit (the real one transcribes on, then retries its reports "
-    "for up to WHISPERX_REPORT_RETRY_SECONDS, 120 s)",
-)
-async def test_a_killed_local_mode_leaves_no_runner_behind(tmp_path: Path, redis_url: str) -> None:
-    args = ("--redis-url", redis_url, "--runner-command", STAND_IN_COMMAND)
-    async with local_mode(tmp_path / "first.log", *args) as first:
-        prediction = await call(
-            client_of(first).predictions.create,
-            version="whisperx",
-            input={"audio_file": "https://fake.test/hang"},
-        )
-        pid = await local_runner_pid(first.log, prediction.id)
-        await kill(first)
-    try:
-        async with local_mode(tmp_path / "second.log", *args) as second:
-            ended = await wait_for_status(client_of(second), prediction.id, {"failed"})
-            assert ended.error == INTERRUPTED
-            # 5 s for anything that would stop it.
-            with contextlib.suppress(TimeoutError):
-                await wait_for(lambda: not alive(pid), within=5)
-            assert not alive(pid), f"runner {pid} of {prediction.id} still running"
-    finally:
-        kill_process_group(pid)
