@@ -165,6 +165,8 @@ class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         self.fallback[kmock.method.PUT] << self._serve_replace
+        # `kmock.requests` history for assertions; off by default (see `_handle`).
+        self.keep_requests = False
         self._rv = itertools.count(1)
         self._index: dict[kmock.resource, dict[tuple[str | None, str], dict[str, Any]]] = (
             defaultdict(dict)
@@ -193,6 +195,11 @@ class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
     # kmock's emulator mutates objects before its reactions run; here the mutations are
     # the fallback reactions themselves, so an injected reaction (a test's fault) wins.
     async def _handle(self, request: rendering.Request) -> Any:
+        if not self.keep_requests:
+            # kmock matches each request against every request seen so far (quadratic):
+            # keep only the current one, which matching needs (it is the last, appended
+            # just before this call).
+            del self._requests[:-1]
         return await apps.RawHandler._handle(self, request)
 
     # --- state, shared by HTTP requests and in-process actors (the kubelet) ---

@@ -130,13 +130,13 @@ class Runtime:
         """A Prediction seen for the first time by this process (created or resumed)."""
         ref = jobs.PredictionRef.from_body(body)
         record = self.sink.remember(body)
-        limits = self.limits(ref.spec)
+        # Tracked first: every later save moves its deadline (start, run, then TTL).
+        self.deadlines.track(ref.namespace, ref.name, self.limits(ref.spec), record.state)
         if record.state.terminal:
             # Resumed after the end: the status is authoritative; re-publish it so a crash
             # between the status save and the Redis write loses nothing (the terminal
             # webhook is queued at most once).
             await self.writer.publish(record)
-            self.deadlines.track(ref.namespace, ref.name, limits, record.state)
             return
         if record.cancel_requested:
             await self.cancel(ref.namespace, ref.name)
@@ -156,7 +156,6 @@ class Runtime:
             if not current.state.terminal:
                 await self.sink.save(current)
             await self.writer.publish(current)
-        self.deadlines.track(ref.namespace, ref.name, limits, current.state)
 
     async def _ensure_runner_objects(
         self, ref: jobs.PredictionRef, record: PredictionRecord

@@ -348,11 +348,14 @@ async def test_ttl_deletes_the_prediction_and_its_data(
     kube: Emulator, kubelet: Kubelet, operator: OperatorProcess, redis_client: aioredis.Redis
 ) -> None:
     await create(kube, "t1", ttlSecondsAfterFinished=1)
+    # Refused predictions expire too.
+    await create(kube, "t2", hardware="nope", ttlSecondsAfterFinished=0)
     await wait_for_phase(kube, "t1")
     assert await redis_client.exists("wx:p:default:t1:out", "wx:p:default:t1:rec") == 2
     await wait_for(lambda: kube.get(PREDICTIONS, NS, "t1") is None, within=10)
     assert kube.get(JOBS, NS, "t1") is None and kube.get(SECRETS, NS, "t1-runner") is None
-    keys = await redis_client.keys("wx:p:default:t1:*")
+    await wait_for(lambda: kube.get(PREDICTIONS, NS, "t2") is None)
+    keys = await redis_client.keys("wx:p:default:t*")
     assert keys == [] and await redis_client.zscore("wx:idx:default", "t1") is None
 
 
