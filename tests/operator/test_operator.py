@@ -146,6 +146,8 @@ async def test_a_prediction_runs_to_success(
     assert token not in json.dumps(job) and token not in json.dumps(obj)
 
     await wait_for(lambda: {"JobCreated", "Started", "Succeeded"} <= set(event_reasons(kube, "p1")))
+    async with aiohttp.ClientSession() as session, session.get(operator.liveness_url) as resp:
+        assert resp.status == 200  # kopf's liveness endpoint
     await wait_for(lambda: webhooks.events("p1") == ["processing", "succeeded"], within=10)
     await asyncio.sleep(0.5)  # nothing more arrives
     assert webhooks.events("p1") == ["processing", "succeeded"]
