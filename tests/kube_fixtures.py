@@ -159,7 +159,7 @@ class WatchStats:
     open: Counter[kmock.resource] = field(default_factory=Counter)
 
 
-class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
+class Emulator(kmock.KubernetesEmulator):
     """kmock's emulator with the API server semantics the operator relies on."""
 
     def __attrs_post_init__(self) -> None:
@@ -204,7 +204,8 @@ class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
 
     # --- state, shared by HTTP requests and in-process actors (the kubelet) ---
 
-    def get(
+    # Replaces kmock's `get(url)` HTTP shortcut (use `emulator.request("GET", url)`).
+    def get(  # type: ignore[override]
         self, resource: kmock.resource, namespace: str | None, name: str
     ) -> dict[str, Any] | None:
         obj = self._index[resource].get((namespace, name))
@@ -417,10 +418,10 @@ class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
 
     # --- HTTP: kmock's fallback reactions, overridden ---
 
-    async def _serve_create(self, request: rendering.Request) -> kmock.Response:
+    async def _serve_create(self, request: rendering.Request) -> rendering.Response:
         resource = self._check_known(request)
         obj = await self.create_object(resource, request.namespace, request.data or {})
-        return kmock.Response(status=201, payload=obj)
+        return rendering.Response(status=201, payload=obj)
 
     async def _serve_update(self, request: rendering.Request) -> dict[str, Any]:
         resource = self._check_known(request)
@@ -462,7 +463,7 @@ class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
         obj = self.get(resource, request.namespace, request.name)
         if obj is None:
             raise kmock.KubernetesError(
-                404, "NotFound", f'{request.resource.plural} "{request.name}" not found'
+                404, "NotFound", f'{resource.plural} "{request.name}" not found'
             )
         return obj
 
@@ -1027,12 +1028,12 @@ class Kubelet:
                 env[item["name"]] = local_path(item["value"])
                 continue
             ref = item["valueFrom"]["secretKeyRef"]
-            secret = self.emulator.get(SECRETS, namespace, ref["name"])
-            data = (secret or {}).get("data") or {}
+            found = self.emulator.get(SECRETS, namespace, ref["name"])
+            data = (found or {}).get("data") or {}
             if ref["key"] in data:
                 env[item["name"]] = base64.b64decode(data[ref["key"]]).decode()
             elif not ref.get("optional"):
-                where = "secret" if secret is None else f"key {ref['key']} in secret"
+                where = "secret" if found is None else f"key {ref['key']} in secret"
                 raise _ConfigError(f'{where} "{ref["name"]}" not found')
         return env, str(root)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,6 +79,26 @@ async def create(kube: Emulator, name: str, audio: str = SUCCEED, **spec: Any) -
     return await kube.create_object(PREDICTIONS, NS, prediction_body(name, audio, **spec))
 
 
+def current(kube: Emulator, name: str) -> dict[str, Any]:
+    obj = kube.get(PREDICTIONS, NS, name)
+    assert obj is not None, f"{name} is gone"
+    return obj
+
+
+def gone(kube: Emulator, resource: Any, name: str) -> Callable[[], bool]:
+    return lambda: kube.get(resource, NS, name) is None
+
+
+def exited(kubelet: Kubelet, job: str, code: int) -> Callable[[], bool]:
+    return lambda: [run.exit_code for run in kubelet.runs(job)] == [code]
+
+
+async def redis_json(client: aioredis.Redis, key: str) -> Any:
+    raw = await client.get(key)
+    assert raw is not None, f"{key} is missing"
+    return json.loads(raw)
+
+
 def conditions(obj: dict[str, Any]) -> dict[str, str]:
     return {c["type"]: c["status"] for c in obj["status"].get("conditions") or ()}
 
@@ -127,11 +147,11 @@ async def test_a_prediction_runs_to_success(
     assert status["output"] == {"store": "redis", "key": "wx:p:default:p1:out"}
     assert "segments" not in json.dumps(status)  # the transcript lives in Redis only
 
-    output = json.loads(await redis_client.get("wx:p:default:p1:out"))
+    output = await redis_json(redis_client, "wx:p:default:p1:out")
     assert output["segments"][0]["text"] == " the quick brown fox"
     logs = await redis_client.get("wx:p:default:p1:logs")
-    assert "loading model" in logs and "transcribed" in logs
-    record = json.loads(await redis_client.get("wx:p:default:p1:rec"))
+    assert logs is not None and "loading model" in logs and "transcribed" in logs
+    record = await redis_json(redis_client, "wx:p:default:p1:rec")
     assert record["status"]["phase"] == "succeeded"
 
     # One Job and one Secret, owned by the Prediction; no secret value in plain sight.
@@ -189,7 +209,7 @@ async def test_profile_and_secrets_reach_the_runner(
         for name in ("given", "default"):
             assert (await wait_for_phase(kube, name))["status"]["phase"] == "succeeded"
             client = aioredis.Redis.from_url(redis_url, decode_responses=True)
-            runs[name] = json.loads(await client.get(f"wx:p:default:{name}:out"))["env"]
+            runs[name] = (await redis_json(client, f"wx:p:default:{name}:out"))["env"]
             await client.aclose()
         unknown = await wait_for_phase(kube, "unknown")
     assert runs["given"]["hf_token"] == "hf_user" and runs["default"]["hf_token"] == "hf_op"
@@ -240,7 +260,7 @@ async def test_pods_that_die_or_never_start_end_the_prediction_with_the_reason(
     assert len(kubelet.runs("invalid")) == 1
     # Pods that can never finish are stopped: their Jobs are deleted.
     for name in ("pull", "nogpu", "slow"):
-        await wait_for(lambda name=name: kube.get(JOBS, NS, name) is None)
+        await wait_for(gone(kube, JOBS, name))
     warnings = [e for e in iter_events(kube, "oom") if e["type"] == "Warning"]
     assert warnings and warnings[0]["reason"] == "OOMKilled"
 
@@ -261,7 +281,7 @@ async def test_a_job_held_by_kueue_reads_as_queued(
         obj = await wait_for(queued)
         assert obj["status"]["phase"] == "starting"
         await asyncio.sleep(0.5)
-        assert kube.get(PREDICTIONS, NS, "q1")["status"]["phase"] == "starting"  # not failed
+        assert current(kube, "q1")["status"]["phase"] == "starting"  # not failed
         # Kueue admits the Job by unsuspending it.
         await kube.patch_object(JOBS, NS, "q1", {"spec": {"suspend": False}})
         done = await wait_for_phase(kube, "q1")
@@ -283,15 +303,15 @@ async def test_cancel_by_field_or_annotation_and_no_revival(
     for name in ("c1", "c2"):
         obj = await wait_for_phase(kube, name)
         assert obj["status"]["phase"] == "canceled" and conditions(obj)["Canceled"] == "True"
-        await wait_for(lambda name=name: kube.get(JOBS, NS, name) is None)
+        await wait_for(gone(kube, JOBS, name))
         # The runner got SIGTERM and reported `canceled` (exit 143); nothing changed.
-        await wait_for(lambda name=name: [r.exit_code for r in kubelet.runs(name)] == [143])
+        await wait_for(exited(kubelet, name, 143))
     late = {"event": "completed", "seq": 50, "status": "succeeded", "output": {"segments": []}}
     assert await report(operator, by_field, late) == (
         200, {"applied": False, "reason": "prediction has ended"}
     )  # fmt: skip
-    assert kube.get(PREDICTIONS, NS, "c1")["status"]["phase"] == "canceled"
-    record = json.loads(await redis_client.get("wx:p:default:c1:rec"))
+    assert current(kube, "c1")["status"]["phase"] == "canceled"
+    record = await redis_json(redis_client, "wx:p:default:c1:rec")
     assert record["status"]["phase"] == "canceled"
 
 
@@ -301,7 +321,7 @@ async def test_reports_need_this_predictions_fresh_signature(
     # No kubelet: the test plays the runner.
     mine = await create(kube, "r1")
     other = await create(kube, "r2")
-    await wait_for(lambda: (kube.get(PREDICTIONS, NS, "r1").get("status") or {}).get("phase"))
+    await wait_for(lambda: (current(kube, "r1").get("status") or {}).get("phase"))
     start = {"event": "start", "seq": 1}
     other_token = prediction_token(TEST_REPORT_KEY.encode(), NS, "r2", other["metadata"]["uid"])
     assert (await report(operator, mine, start, token=other_token))[0] == 401
@@ -313,8 +333,8 @@ async def test_reports_need_this_predictions_fresh_signature(
         "reason": "already applied",
     }
     assert (await report(operator, mine, {"event": "nonsense", "seq": 2}))[0] == 422
-    assert kube.get(PREDICTIONS, NS, "r1")["status"]["phase"] == "processing"
-    assert kube.get(PREDICTIONS, NS, "r2")["status"]["phase"] == "starting"
+    assert current(kube, "r1")["status"]["phase"] == "processing"
+    assert current(kube, "r2")["status"]["phase"] == "starting"
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -50,7 +51,7 @@ def add(sink: MemorySink, name: str, *, cancel_requested: bool = False) -> Predi
     return record
 
 
-async def post(client: TestClient, name: str, payload: dict[str, object]) -> int:
+async def post(client: TestClient[Any, Any], name: str, payload: dict[str, object]) -> int:
     body = json.dumps(payload).encode()
     token = prediction_token(KEY, "ns", name, f"uid-{name}")
     headers = {SIGNATURE_HEADER: sign(token, body)}
