@@ -471,6 +471,13 @@ def create_app(config: GatewayConfig, store: Store, backend: Backend) -> web.App
         await store.close()
 
     app.cleanup_ctx.append(lifecycle)
+
+    async def release_waits(app: web.Application) -> None:
+        # Before the server waits for in-flight requests (up to its shutdown timeout):
+        # a held `Prefer: wait` answers `starting`, as when its wait runs out.
+        hub.release()
+
+    app.on_shutdown.append(release_waits)
     prediction = r"/v1/predictions/{id}"
     model = r"/v1/models/{owner}/{name}"
     app.router.add_post("/v1/predictions", create_prediction)

@@ -52,6 +52,8 @@ class EventHub:
         self._watches: defaultdict[tuple[str, str], set[Watch]] = defaultdict(set)
         self._task: asyncio.Task[None] | None = None
         self.subscribed = asyncio.Event()
+        # Set when the server stops: held waits answer now instead of delaying the stop.
+        self.releasing = False
 
     @property
     def waiting(self) -> int:
@@ -96,6 +98,11 @@ class EventHub:
             for watch in self._watches.get(key, ()):
                 watch.notify()
 
+    def release(self) -> None:
+        """The server is stopping: every held wait answers at once with what it has."""
+        self.releasing = True
+        self._wake_all()
+
     def _wake_all(self) -> None:
         for watches in self._watches.values():
             for watch in watches:
@@ -138,7 +145,7 @@ async def wait_for_end(
         view = await read()
         while view is not None and not view.record.state.terminal:
             remaining = deadline - loop.time()
-            if remaining <= 0 or not await watch.wait(remaining):
+            if hub.releasing or remaining <= 0 or not await watch.wait(remaining):
                 return view, False
             view = await read()
     return view, view is not None

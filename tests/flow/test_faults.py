@@ -11,6 +11,7 @@ fault to land inside a run of known length, and the runner is not what they exer
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import httpx
@@ -201,3 +202,37 @@ async def test_a_gateway_killed_during_prefer_wait(
     ]
     await hooks.terminal_once(prediction_id, "succeeded")
     hooks.validate_all(await call(client.webhooks.default.secret))
+
+
+async def test_a_gateway_stopped_during_prefer_wait_answers_and_the_next_one_serves(
+    stand_in_cluster: Cluster,
+) -> None:
+    """A rollout: SIGTERM to a gateway holding `Prefer: wait` answers the held request
+    at once with `starting` (what a wait that runs out answers), so the client polls on,
+    through the next gateway, instead of losing its connection at the kill."""
+    cluster = stand_in_cluster
+    client = cluster.client()
+    held = asyncio.create_task(
+        call(
+            client.predictions.create,
+            version="whisperx",
+            input={"audio_file": "https://fake.test/succeed?seconds=8"},
+            wait=True,
+        )
+    )
+
+    async def held_open() -> bool:
+        return await cluster.gateway.waiting_requests() == 1
+
+    await wait_for(held_open, within=20)
+    started = time.monotonic()
+    await cluster.gateway.stop()  # SIGTERM; SIGKILL after 15 s
+    stopped_in = time.monotonic() - started
+    assert stopped_in < 5, f"the gateway took {stopped_in:.1f} s to stop"
+    prediction = await held
+    assert prediction.status == "starting"
+
+    await cluster.gateway.start()
+    await call(prediction.wait)
+    assert prediction.status == "succeeded"
+    assert prediction.output["segments"][0]["text"] == " the quick brown fox"

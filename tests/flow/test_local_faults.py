@@ -195,3 +195,36 @@ async def active_marks(redis_url: str) -> set[str]:
         return {str(m) for m in await store.redis.smembers(ACTIVE_KEY)}
     finally:
         await store.close()
+
+
+async def test_local_mode_stopped_during_prefer_wait_answers_and_stops_at_once(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """Ctrl-C (SIGTERM) while a client holds `Prefer: wait`: the held request is answered
+    (`starting`), local mode stops promptly and ends what it ran as Interrupted."""
+    args = ("--redis-url", redis_url, "--runner-command", STAND_IN_COMMAND)
+    async with local_mode(tmp_path / "first.log", *args) as first:
+        client = client_of(first)
+        held = asyncio.create_task(
+            call(
+                client.predictions.create,
+                version="whisperx",
+                input={"audio_file": "https://fake.test/hang"},
+                wait=True,
+            )
+        )
+
+        async def held_open() -> bool:
+            return await waiting_requests(first.url) == 1
+
+        await wait_for(held_open, within=20)
+        first.process.terminate()
+        try:
+            await asyncio.wait_for(first.process.wait(), 10)
+        except TimeoutError:
+            first.process.kill()
+            raise AssertionError("whisperx-local did not stop within 10 s") from None
+        assert first.process.returncode == 0
+        prediction = await held
+        assert prediction.status == "starting"
+    assert await reason_of(redis_url, prediction.id) == "Interrupted"
