@@ -33,8 +33,9 @@ from typing import Any, Literal
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
-import replicate
 from aiohttp import web
+from replicate.client import Client
+from replicate.webhook import Webhooks
 
 from tests.conftest import REPO_ROOT, free_port
 from tests.kube_fixtures import (  # noqa: F401  (kube: a fixture)
@@ -177,7 +178,7 @@ class HookReceiver:
 
     def validate_all(self, secret: Any) -> None:
         for delivery in self.attempts:
-            replicate.webhook.Webhooks.validate(
+            Webhooks.validate(
                 headers=delivery.headers, body=delivery.body, secret=secret, tolerance=120
             )
 
@@ -208,9 +209,9 @@ async def pending_deliveries(redis_url: str, prediction_id: str) -> list[dict[st
     try:
         found = []
         for key in await client.keys("wx:wh:d:*"):
-            data = await client.hgetall(key)
+            data = {str(k): str(v) for k, v in (await client.hgetall(key)).items()}
             if data.get("id") == prediction_id:
-                found.append({**data, "key": key})
+                found.append({**data, "key": str(key)})
         return found
     finally:
         await client.aclose()
@@ -313,8 +314,8 @@ class Cluster:
     gateway: GatewayProcess
     redis_url: str
 
-    def client(self) -> replicate.Client:
-        return replicate.Client(api_token=TOKEN, base_url=self.gateway.url)
+    def client(self) -> Client:
+        return Client(api_token=TOKEN, base_url=self.gateway.url)
 
 
 @contextlib.asynccontextmanager
@@ -431,7 +432,7 @@ async def local_runner_pid(log: Callable[[], str], prediction_id: str) -> int:
 
 
 async def wait_for_status(
-    client: replicate.Client, prediction_id: str, statuses: set[str], within: float = 60
+    client: Client, prediction_id: str, statuses: set[str], within: float = 60
 ) -> Any:
     """The prediction, as the client reads it, once its status is one of `statuses`."""
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-import replicate
+from replicate.client import Client
 
 from tests.conftest import RedisServer
 from tests.flow.conftest import (
@@ -50,8 +50,8 @@ async def reason_of(redis_url: str, prediction_id: str) -> str | None:
     return record.state.reason
 
 
-def client_of(local: LocalMode) -> replicate.Client:
-    return replicate.Client(api_token=local.token, base_url=local.url)
+def client_of(local: LocalMode) -> Client:
+    return Client(api_token=local.token, base_url=local.url)
 
 
 async def kill(local: LocalMode) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-import replicate
+from replicate.client import Client
 
 from tests.flow.conftest import (
     NS,
@@ -31,7 +31,7 @@ async def test_cancel_stops_the_real_runner_and_its_webhooks_are_signed(
     async with local_mode(
         tmp_path / "local.log", "--redis-url", redis_url, "--model-dir", str(model_dir)
     ) as local:
-        client = replicate.Client(api_token=local.token, base_url=local.url)
+        client = Client(api_token=local.token, base_url=local.url)
         prediction = await call(
             client.predictions.create,
             version="whisperx",
