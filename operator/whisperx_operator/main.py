@@ -58,7 +58,6 @@ def kopf_settings(config: OperatorConfig) -> kopf.OperatorSettings:
     settings.watching.client_timeout = 330
     settings.watching.connect_timeout = 10
     settings.networking.request_timeout = 30
-    settings.peering.priority = config.peering_priority
     return settings
 
 

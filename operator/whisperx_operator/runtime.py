@@ -54,11 +54,9 @@ def prediction_of(obj: dict[str, Any]) -> str | None:
 
 
 class Runtime:
-    def __init__(
-        self, config: OperatorConfig, *, identity: str, kube: KubeClient | None = None
-    ) -> None:
+    def __init__(self, config: OperatorConfig, *, identity: str) -> None:
         self.config = config
-        self.kube = kube or KubeClient(KubeConfig.load())
+        self.kube = KubeClient(KubeConfig.load())
         self.store = Store.from_url(config.redis_url)
         self.events = EventPoster(self.kube, identity)
         self.gate = PeeringGate(
@@ -147,6 +145,11 @@ class Runtime:
                 ref.namespace, ref.name, lc.Failed(problem.reason, problem.message, lc.now_utc())
             )
             return
+        if not (body.get("status") or {}).get("phase"):
+            # No status yet, so no report of this prediction was applied: whatever Redis
+            # holds under its name was left by an earlier namesake, and that one's report
+            # sequence number would make this one's reports look like replays.
+            await self.store.delete_prediction(ref.namespace, ref.name)
         await self._ensure_runner_objects(ref, record)
         async with self.writer.lock(ref.namespace, ref.name):
             # A report may have moved the prediction on since `body` was read.
@@ -161,12 +164,9 @@ class Runtime:
         self, ref: jobs.PredictionRef, record: PredictionRecord
     ) -> None:
         token = prediction_token(self.config.report_key, ref.namespace, ref.name, ref.uid)
-        secret = jobs.runner_secret(ref, token)
-        if await self._create_owned(_core_path(ref.namespace, "secrets"), secret, ref.uid):
-            # A first attempt (the Secret precedes the Job): drop whatever an earlier
-            # Prediction of the same name left in Redis, or its report sequence number
-            # would make this one's reports look like replays.
-            await self.store.delete_prediction(ref.namespace, ref.name)
+        await self._create_owned(
+            _core_path(ref.namespace, "secrets"), jobs.runner_secret(ref, token), ref.uid
+        )
         profile = profile_for(ref.spec, self.config.profiles)
         job = jobs.runner_job(ref, profile, self.config)
         if await self._create_owned(_job_path(ref.namespace), job, ref.uid):
@@ -228,15 +228,30 @@ class Runtime:
         limits = self.deadlines.limits_of(namespace, name) or self.limits({})
         if kind == "start":
             message = f"the runner did not start within {limits.start} s"
-            queued = record.state.condition("Queued")
-            if queued is not None and queued.status == "True":
-                message += f" ({queued.reason}: {queued.message})"
+            waiting = await self._why_waiting(namespace, name, record)
+            if waiting:
+                message += f" ({waiting})"
             await self._end(
                 namespace, name, lc.Failed("StartDeadlineExceeded", message, lc.now_utc())
             )
         else:
             message = f"the run took longer than {limits.run} s"
             await self._end(namespace, name, lc.Failed("DeadlineExceeded", message, lc.now_utc()))
+
+    async def _why_waiting(self, namespace: str, name: str, record: PredictionRecord) -> str:
+        """Why a prediction has not started: its Queued condition, else its pods now."""
+        queued = record.state.condition("Queued")
+        if queued is not None and queued.status == "True":
+            return f"{queued.reason}: {queued.message}"
+        pods = await self.kube.list(
+            _core_path(namespace, "pods"),
+            labelSelector=f"{PREDICTION_LABEL}={jobs.label_value(name)}",
+        )
+        for pod in pods:
+            event = pod_event(pod, lc.now_utc())
+            if isinstance(event, lc.Queued):
+                return f"{event.reason}: {event.message}"
+        return "no pod was started" if not pods else ""
 
     # --- Jobs and pods ---
 
