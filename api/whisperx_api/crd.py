@@ -173,7 +173,6 @@ def status_schema() -> dict[str, Any]:
                 "x-kubernetes-list-map-keys": ["type"],
             },
             "jobName": {"type": "string"},
-            "attempts": {"type": "integer"},
             "createdAt": timestamp,
             "startedAt": timestamp,
             "completedAt": timestamp,
