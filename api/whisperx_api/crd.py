@@ -23,6 +23,8 @@ SINGULAR = "prediction"
 SHORT_NAMES = ["pred", "wxp"]
 CANCEL_ANNOTATION = f"{GROUP}/cancel"
 PREDICTION_LABEL = f"{GROUP}/prediction"
+# Set by the gateway: creation time to the microsecond (creationTimestamp has seconds).
+CREATED_AT_ANNOTATION = f"{GROUP}/created-at"
 PHASES = ("starting", "processing", "succeeded", "failed", "canceled")
 CONDITION_TYPES = ("Queued", "Running", "Succeeded", "Failed", "Canceled")
 

@@ -7,11 +7,13 @@ resource and the record cannot disagree in shape.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
-from whisperx_api.crd import CANCEL_ANNOTATION
-from whisperx_api.lifecycle import PredictionState, format_time
+from whisperx_api.crd import CANCEL_ANNOTATION, CREATED_AT_ANNOTATION
+from whisperx_api.lifecycle import PredictionState, format_time, parse_time
 from whisperx_api.schema import WEBHOOK_EVENTS, public_input
 
 DEFAULT_MODEL = "whisperx/whisperx"
@@ -78,10 +80,8 @@ class PredictionRecord:
         spec = obj.get("spec") or {}
         annotations = meta.get("annotations") or {}
         state = PredictionState.from_status(obj.get("status"))
-        if state.created_at is None and meta.get("creationTimestamp"):
-            state = PredictionState.from_status(
-                {**(obj.get("status") or {}), "createdAt": meta["creationTimestamp"]}
-            )
+        if state.created_at is None:
+            state = dataclasses.replace(state, created_at=creation_time(meta))
         return cls(
             id=meta["name"],
             namespace=meta.get("namespace") or "default",
@@ -97,6 +97,24 @@ class PredictionRecord:
             cancel_requested=bool(spec.get("cancel"))
             or annotations.get(CANCEL_ANNOTATION, "").lower() == "true",
         )
+
+
+def creation_time(meta: dict[str, Any]) -> datetime | None:
+    """creationTimestamp, refined by the gateway's annotation when the two agree.
+
+    The API server stamps whole seconds; the annotation is trusted only within the second
+    the server saw, so a hand-written one cannot move a prediction in time.
+    """
+    server = parse_time(meta.get("creationTimestamp"))
+    try:
+        precise = parse_time((meta.get("annotations") or {}).get(CREATED_AT_ANNOTATION))
+    except ValueError:
+        precise = None
+    if server is None or precise is None:
+        return server
+    if server - timedelta(seconds=1) < precise < server + timedelta(seconds=1):
+        return precise
+    return server
 
 
 def to_replicate(

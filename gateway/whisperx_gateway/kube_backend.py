@@ -13,8 +13,9 @@ from typing import Any
 
 import aiohttp
 
-from whisperx_api.crd import GROUP, KIND, PREDICTION_LABEL, VERSION
+from whisperx_api.crd import CREATED_AT_ANNOTATION, GROUP, KIND, PREDICTION_LABEL, VERSION
 from whisperx_api.kube import ApiError, KubeClient, resource_path
+from whisperx_api.lifecycle import format_time, now_utc
 from whisperx_api.records import PredictionRecord
 from whisperx_gateway.backend import BackendError, NewPrediction
 from whisperx_gateway.errors import ApiError as HttpError
@@ -50,6 +51,7 @@ def prediction_manifest(new: NewPrediction) -> dict[str, Any]:
             "name": new.id,
             "namespace": new.namespace,
             "labels": {SOURCE_LABEL: "api"},
+            "annotations": {CREATED_AT_ANNOTATION: format_time(now_utc()) or ""},
         },
         "spec": spec,
     }

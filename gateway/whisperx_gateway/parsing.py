@@ -12,6 +12,7 @@ import json
 import math
 import re
 import secrets
+import time
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -29,12 +30,18 @@ from whisperx_gateway.errors import ApiError
 
 # Kubernetes object names (kubectl users pick their own; the gateway makes 26-char ids).
 _PREDICTION_ID = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
-_B32_TO_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
-def new_prediction_id() -> str:
-    """A Replicate-like id: 26 lowercase base32 characters (128 random bits)."""
-    return base64.b32encode(secrets.token_bytes(16)).decode().rstrip("=").translate(_B32_TO_LOWER)
+def new_prediction_id(now: float | None = None) -> str:
+    """A Replicate-like id: 26 lowercase base32 characters, ordered by creation time.
+
+    48 bits of milliseconds then 80 random bits, in base32hex (whose digit order is ASCII
+    order): ids sort as they were made, so predictions created within the same second
+    (Kubernetes' creationTimestamp resolution) still list newest first.
+    """
+    millis = int((time.time() if now is None else now) * 1000)
+    raw = millis.to_bytes(6, "big") + secrets.token_bytes(10)
+    return base64.b32hexencode(raw).decode().rstrip("=").lower()
 
 
 def valid_prediction_id(value: str) -> bool:

@@ -92,3 +92,16 @@ def test_cancel_before_start_and_failure_reason() -> None:
 def test_completed_requires_terminal_status() -> None:
     with pytest.raises(ValueError):
         lc.apply(lc.PredictionState(), lc.Completed(status=lc.Phase.PROCESSING, at=at(1)))
+
+
+def test_creation_time_uses_the_gateway_annotation_only_within_the_servers_second() -> None:
+    from whisperx_api.records import creation_time
+
+    meta = {"creationTimestamp": "2026-01-01T00:00:05Z"}
+    assert creation_time(meta) == at(5)
+    precise = {**meta, "annotations": {"whisperx.io/created-at": "2026-01-01T00:00:04.750000Z"}}
+    assert creation_time(precise) == at(4.75)
+    forged = {**meta, "annotations": {"whisperx.io/created-at": "2025-01-01T00:00:00Z"}}
+    assert creation_time(forged) == at(5)
+    garbage = {**meta, "annotations": {"whisperx.io/created-at": "yesterday"}}
+    assert creation_time(garbage) == at(5)

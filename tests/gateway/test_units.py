@@ -110,6 +110,8 @@ def test_prediction_ids_are_replicate_like_and_valid_kubernetes_names() -> None:
     for prediction_id in ids:
         assert len(prediction_id) == 26
         assert valid_prediction_id(prediction_id)
+    later = [new_prediction_id(now=1_800_000_000 + i / 1000) for i in range(50)]
+    assert later == sorted(later), "ids sort by creation time, to the millisecond"
     assert not valid_prediction_id("UPPER")
     assert not valid_prediction_id("a:b")
     assert not valid_prediction_id("-a")
