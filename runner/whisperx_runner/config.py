@@ -125,6 +125,8 @@ class RunnerConfig:
     decode_timeout: float = 900.0
     report_retry_seconds: float = 120.0
     work_dir: Path | None = None
+    # The hardware profile's cap on the input's batch_size (what fits in GPU memory).
+    max_batch_size: int | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> RunnerConfig:
@@ -154,6 +156,9 @@ class RunnerConfig:
                 ),
             ),
             hf_token=_optional(env, "WHISPERX_HF_TOKEN"),
+            max_batch_size=int(_number(env, "WHISPERX_BATCH_SIZE", 0, minimum=1))
+            if env.get("WHISPERX_BATCH_SIZE", "").strip()
+            else None,
             report_url=_optional(env, "WHISPERX_REPORT_URL"),
             report_token=_optional(env, "WHISPERX_REPORT_TOKEN"),
             input_file=Path(input_file) if input_file else None,

@@ -329,6 +329,10 @@ class Transcriber:
             "vad_offset": inp.vad_offset,
         }
         words = self._whisper_words_plan(inp, language)
+        batch_size = inp.batch_size
+        if self.config.max_batch_size is not None and batch_size > self.config.max_batch_size:
+            batch_size = self.config.max_batch_size
+            log(f"batch_size {inp.batch_size} capped at {batch_size} by the hardware profile")
         log("Transcribing")
         with (
             _timed(timings, "transcribe_time"),
@@ -336,7 +340,7 @@ class Transcriber:
         ):
             result = model.transcribe(
                 samples,
-                batch_size=inp.batch_size,
+                batch_size=batch_size,
                 language=language,
                 task=inp.task,
                 progress_callback=stage_progress.stage("transcribe"),

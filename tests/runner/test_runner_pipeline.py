@@ -156,3 +156,18 @@ async def test_multiwindow_language_detection(
     first_window_only = inp.model_copy(update={"language_detection_min_prob": 0.0})
     assert transcriber.run(first_window_only, samples).detected_language != "de"
     transcriber.release()
+
+
+async def test_hardware_profile_caps_the_batch_size(
+    transcriber: Any, fox_wav: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dataclasses
+
+    monkeypatch.setattr(
+        transcriber, "config", dataclasses.replace(transcriber.config, max_batch_size=2)
+    )
+    samples = await samples_of(fox_wav)
+    logs: list[str] = []
+    result = transcriber.run(PredictionInput(audio_file="data:,"), samples, log=logs.append)
+    assert "batch_size 64 capped at 2 by the hardware profile" in logs
+    assert "fox" in " ".join(s["text"] for s in result.output["segments"]).lower()

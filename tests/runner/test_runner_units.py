@@ -44,8 +44,10 @@ def test_config_from_env_reads_the_documented_names(tmp_path: Path) -> None:
             "WHISPERX_REPORT_TOKEN": "t",
             "WHISPERX_INPUT_FILE": "/input/input.json",
             "WHISPERX_REPORT_RETRY_SECONDS": "5",
+            "WHISPERX_BATCH_SIZE": "16",
         }
     )
+    assert config.max_batch_size == 16
     assert config.model_dir == tmp_path and config.model == "tiny.en"
     assert config.device == "cpu" and config.compute_type == "int8"
     assert config.allow_downloads and config.report_retry_seconds == 5
@@ -61,6 +63,7 @@ def test_config_defaults_are_the_gpu_profile_and_safe() -> None:
     assert config.model == "large-v3" and config.model_dir == Path("/models")
     assert config.device == "auto" and config.compute_type is None
     assert not config.allow_downloads and config.report_url is None
+    assert config.max_batch_size is None
 
 
 @pytest.mark.parametrize(
@@ -69,6 +72,7 @@ def test_config_defaults_are_the_gpu_profile_and_safe() -> None:
         ("WHISPERX_DEVICE", "tpu"),
         ("WHISPERX_ALLOW_DOWNLOADS", "maybe"),
         ("WHISPERX_FETCH_TIMEOUT", "x"),
+        ("WHISPERX_BATCH_SIZE", "0"),
     ],
 )
 def test_config_refuses_malformed_values(name: str, value: str) -> None:
