@@ -20,8 +20,13 @@ PY=.venv/bin/python
 # pip warns about every missing mirror folder of this machine's index; keep its real
 # output, and its exit status (pipefail), without that noise.
 quiet() { grep -v '^WARNING: Location' || true; }
-$PY -m pip install -q --upgrade pip 2>&1 | quiet
-$PY -m pip install -q -e '.[test]' 2>&1 | quiet
+# The editable install only needs redoing when the project's metadata changes.
+stamp=.venv/.whisperx-project.sha256
+if ! sha256sum --check --status "$stamp" 2>/dev/null; then
+  $PY -m pip install -q --upgrade pip 2>&1 | quiet
+  $PY -m pip install -q -e '.[test]' 2>&1 | quiet
+  sha256sum pyproject.toml > "$stamp"
+fi
 # Returns at once when the pinned stack is already there.
 PYTHON=$PY bash scripts/install-runner-cpu.sh 2>&1 | quiet
 $PY -c 'import whisperx_api, whisperx_operator, whisperx_runner, whisperx_gateway'
