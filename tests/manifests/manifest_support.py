@@ -9,10 +9,11 @@ from __future__ import annotations
 import copy
 import functools
 import ipaddress
+import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -390,6 +391,39 @@ class NetworkModel:
 # --- RBAC -----------------------------------------------------------------------------
 
 
+# Exactly what the code calls (a right granted but unused is a finding too); the rendered
+# roles must grant these sets (test_policy.py), and the operator's and gateway's calls
+# against an emulated API server must stay within them (test_api_calls.py).
+OPERATOR_RIGHTS = {
+    # kopf: CRD discovery (list + watch), peering (watch, keepalive patches); the
+    # operator's peering gate gets the object.
+    ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
+    ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
+    *{("kopf.dev", "clusterkopfpeerings", v) for v in ("get", "list", "watch", "patch")},
+    # kopf's and the operator's Events are core v1 (events.py, kopf's posting).
+    ("", "events", "create"),
+    # kopf watches and patches (finalizer, annotations); the sink gets; the TTL deletes.
+    *{("whisperx.io", "predictions", v) for v in ("get", "list", "watch", "patch", "delete")},
+    # The sink merge-patches status; nothing reads it through the subresource.
+    ("whisperx.io", "predictions/status", "patch"),
+    # The owner references it sets block owner deletion: OwnerReferencesPermissionEnforcement
+    # checks this right on the owner.
+    ("whisperx.io", "predictions/finalizers", "update"),
+    # Created, got back on a conflict, watched by kopf, deleted to cancel (never patched).
+    *{("batch", "jobs", v) for v in ("get", "list", "watch", "create", "delete")},
+    # Watched by kopf, listed for why a Job failed or never started; never got by name.
+    *{("", "pods", v) for v in ("list", "watch")},
+    # Created, got back on a conflict; the garbage collector deletes them.
+    *{("", "secrets", v) for v in ("get", "create")},
+}
+GATEWAY_RIGHTS = {
+    # kube_backend.py: create, lookup (get), cancel (patch of spec.cancel).
+    *{("whisperx.io", "predictions", v) for v in ("get", "create", "patch")},
+    # A secret input's Secret: created, given an owner reference, deleted on failure.
+    *{("", "secrets", v) for v in ("create", "patch", "delete")},
+}
+
+
 def rule_triples(rules: list[Obj]) -> set[tuple[str, str, str]]:
     """(apiGroup, resource, verb) for every combination a Role's rules grant."""
     triples = set()
@@ -399,3 +433,46 @@ def rule_triples(rules: list[Obj]) -> set[tuple[str, str, str]]:
                 for verb in rule.get("verbs", []):
                     triples.add((group, resource, verb))
     return triples
+
+
+# --- container environment ------------------------------------------------------------
+
+_VAR_REF = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+
+
+def container_environment(
+    objs: list[Obj],
+    namespace: str,
+    container: Obj,
+    *,
+    secret: Callable[[str, str], str],
+    field: Callable[[str], str],
+) -> dict[str, str]:
+    """The environment the kubelet gives `container`: envFrom ConfigMaps in order, then
+    `env` in order, each `$(NAME)` expanded from what is defined before it (as the
+    kubelet does; an unknown reference stays as written). `secret(name, key)` and
+    `field(path)` stand in for secretKeyRef and fieldRef values."""
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        assert "configMapRef" in source, f"{container['name']}: only ConfigMaps in envFrom"
+        configmap = find(objs, "ConfigMap", source["configMapRef"]["name"], namespace)
+        env.update({k: str(v) for k, v in configmap.get("data", {}).items()})
+    for item in container.get("env", []):
+        if "value" in item:
+            value = _VAR_REF.sub(lambda m: env.get(m.group(1), m.group(0)), item["value"])
+        elif "secretKeyRef" in item.get("valueFrom", {}):
+            ref = item["valueFrom"]["secretKeyRef"]
+            value = secret(ref["name"], ref["key"])
+        elif "fieldRef" in item.get("valueFrom", {}):
+            value = field(item["valueFrom"]["fieldRef"]["fieldPath"])
+        else:
+            raise AssertionError(f"{container['name']}: env {item['name']} is not modelled")
+        env[item["name"]] = value
+    return env
+
+
+def referenced_vars(container: Obj) -> set[str]:
+    """Names used as `$(NAME)` in the container's env values, command or args."""
+    texts = [item.get("value", "") for item in container.get("env", [])]
+    texts += [*container.get("command", []), *container.get("args", [])]
+    return {m.group(1) for text in texts for m in _VAR_REF.finditer(text)}

@@ -141,6 +141,7 @@ def deployed() -> Iterator[str]:
                 "whisperx-webhook-secret",
                 {"secret": "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()},
             ),
+            _secret(CONTROL_NS, "whisperx-files-key", {"key": secrets.token_hex(32)}),
             _secret(
                 CONTROL_NS, "whisperx-gateway-tokens", {"tokens.yaml": f"{token}: {TENANT_NS}\n"}
             ),
@@ -229,3 +230,48 @@ def test_prediction_runs_on_the_cluster(deployed: str, gateway_url: str, fox_wav
         assert "fox" in json.dumps(body["output"]).lower(), body["output"]
     finally:
         kubectl("-n", TENANT_NS, "delete", "prediction", name, "--ignore-not-found", "--wait=false")
+
+
+def _call(
+    method: str, url: str, token: str, body: bytes | None = None, content_type: str = ""
+) -> Any:
+    headers = {"Authorization": f"Bearer {token}"}
+    if content_type:
+        headers["Content-Type"] = content_type
+    request = urllib.request.Request(url, data=body, method=method, headers=headers)
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.load(response)
+
+
+def test_an_uploaded_file_reaches_the_runner(
+    deployed: str, gateway_url: str, fox_wav: Path
+) -> None:
+    """The official clients upload a local file input to /v1/files and pass its signed
+    link: the runner pod fetches it from the gateway's Service (WHISPERX_PUBLIC_URL),
+    which its allow-list and the NetworkPolicies must let it reach."""
+    boundary = "wx" + secrets.token_hex(12)
+    form = (
+        f"--{boundary}\r\n"
+        'Content-Disposition: form-data; name="content"; filename="fox.wav"\r\n'
+        "Content-Type: audio/wav\r\n\r\n"
+    ).encode()
+    form += fox_wav.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+    uploaded = _call(
+        "POST", f"{gateway_url}/v1/files", deployed, form,
+        f"multipart/form-data; boundary={boundary}",
+    )  # fmt: skip
+    link = uploaded["urls"]["get"]
+    assert link.startswith(f"http://whisperx-gateway.{CONTROL_NS}.svc:8000/v1/files/"), link
+    body = {"version": "whisperx", "input": {"audio_file": link, "language": "en"}}
+    created = _call(
+        "POST", f"{gateway_url}/v1/predictions", deployed, json.dumps(body).encode(),
+        "application/json",
+    )  # fmt: skip
+    deadline = time.monotonic() + 1200
+    while True:
+        prediction = _call("GET", f"{gateway_url}/v1/predictions/{created['id']}", deployed)
+        if prediction["status"] in TERMINAL or time.monotonic() > deadline:
+            break
+        time.sleep(5)
+    assert prediction["status"] == "succeeded", prediction
+    assert "fox" in json.dumps(prediction["output"]).lower(), prediction["output"]

@@ -301,24 +301,6 @@ def test_references_resolve(root: str, rendered: dict[str, Objs]) -> None:
 
 # --- RBAC -----------------------------------------------------------------------------
 
-OPERATOR_RIGHTS = {
-    ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
-    ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
-    *{("kopf.dev", "clusterkopfpeerings", v) for v in ("get", "list", "watch", "patch")},
-    ("", "events", "create"),
-    ("events.k8s.io", "events", "create"),
-    *{("whisperx.io", "predictions", v) for v in ("get", "list", "watch", "patch", "delete")},
-    ("whisperx.io", "predictions/status", "get"),
-    ("whisperx.io", "predictions/status", "patch"),
-    *{("batch", "jobs", v) for v in ("get", "list", "watch", "create", "patch", "delete")},
-    *{("", "pods", v) for v in ("get", "list", "watch")},
-    *{("", "secrets", v) for v in ("get", "create", "delete")},
-}
-GATEWAY_RIGHTS = {
-    *{("whisperx.io", "predictions", v) for v in ("get", "list", "watch", "create", "patch")},
-    ("", "secrets", "create"),
-}
-
 
 def rights_of(objs: Objs, service_account: str) -> dict[str | None, set[tuple[str, str, str]]]:
     """Binding namespace (None: cluster-wide) -> what the service account may do there."""
@@ -344,9 +326,9 @@ def rights_of(objs: Objs, service_account: str) -> dict[str | None, set[tuple[st
 @pytest.mark.parametrize("root", OVERLAYS)
 def test_rbac_is_least_privilege(root: str, rendered: dict[str, Objs]) -> None:
     objs = rendered[root]
-    assert rights_of(objs, "whisperx-operator") == {None: OPERATOR_RIGHTS}
+    assert rights_of(objs, "whisperx-operator") == {None: support.OPERATOR_RIGHTS}
     # The gateway: only in the tenant namespaces it serves, nothing cluster-wide.
-    assert rights_of(objs, "whisperx-gateway") == {TENANT_NS: GATEWAY_RIGHTS}
+    assert rights_of(objs, "whisperx-gateway") == {TENANT_NS: support.GATEWAY_RIGHTS}
     assert rights_of(objs, "whisperx-runner") == {}
     for role in (o for o in objs if o["kind"] in ("Role", "ClusterRole")):
         for group, resource, verb in support.rule_triples(role["rules"]):
@@ -395,6 +377,7 @@ def test_network_policies_allow_only_the_designed_flows(
         (gateway, redis, 6379),
         (operator, redis, 6379),
         (runner, operator, 8081),
+        (runner, gateway, 8000),  # uploaded files, by their signed links
         (runner, public_web, 443),
         (runner, public_web, 8080),  # audio URLs may name any port
         (prefetch, public_web, 443),
@@ -413,7 +396,10 @@ def test_network_policies_allow_only_the_designed_flows(
         (foreign_runner, operator, 8081),  # not a tenant namespace
         (gateway, operator, 8081),
         (prefetch, operator, 8081),
-        (runner, gateway, 8000),
+        (runner, operator, 8080),  # liveness: not the runners' business
+        (runner, gateway, 9090),
+        (foreign_runner, redis, 6379),
+        (prefetch, gateway, 8000),
         (runner, metadata_server, 80),
         (runner, private_host, 80),
         (prefetch, public_web, 80),
