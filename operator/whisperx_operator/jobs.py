@@ -237,7 +237,10 @@ def runner_job(
         "activeDeadlineSeconds": start_deadline + active_deadline,
         "podFailurePolicy": {
             "rules": [
-                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+                {
+                    "action": "Ignore",
+                    "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+                },
                 {
                     "action": "FailJob",
                     "onExitCodes": {

@@ -101,7 +101,10 @@ def test_failure_policy_deadlines_and_retries() -> None:
     spec = job["spec"]
     assert spec["activeDeadlineSeconds"] == 660 and spec["backoffLimit"] == 2
     ignore, fail = spec["podFailurePolicy"]["rules"]
-    assert ignore == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
+    assert ignore == {
+        "action": "Ignore",
+        "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+    }
     assert fail["action"] == "FailJob"
     assert fail["onExitCodes"] == {"containerName": "runner", "operator": "In", "values": [1, 2]}
     defaults = jobs.runner_job(ref(), DEFAULT_PROFILES["whisperx"], CONFIG)["spec"]
