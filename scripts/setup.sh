@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
-for pair in redis-server:redis-server espeak-ng:espeak-ng ffmpeg:ffmpeg sox:sox lua5.1:lua5.1; do
+for pair in redis-server:redis-server espeak-ng:espeak-ng ffmpeg:ffmpeg sox:sox lua5.1:lua5.1 \
+  wrk:wrk npm:npm; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need_apt+=("${pair#*:}")
 done
 if ((${#need_apt[@]})); then
@@ -29,5 +30,7 @@ if ! sha256sum --check --status "$stamp" 2>/dev/null; then
 fi
 # Returns at once when the pinned stack is already there.
 PYTHON=$PY bash scripts/install-runner-cpu.sh 2>&1 | quiet
+# The official JavaScript client, for the tests that prove it works against the gateway.
+npm ci --prefix tests/js --no-audit --no-fund --loglevel=error >/dev/null
 $PY -c 'import whisperx_api, whisperx_operator, whisperx_runner, whisperx_gateway'
 echo "setup done: $(./.venv/bin/python --version), $(redis-server --version | cut -d' ' -f3)"

@@ -126,7 +126,11 @@ class StatusWriter:
         view = await self.store.get_view(record.namespace, record.id)
         output = view.output if view else None
         logs = view.logs if view else ""
-        body = json.dumps(to_replicate(record, output, logs, self.public_url))
+        # Compact, as JSON.stringify writes it: clients that re-serialize a parsed body
+        # before checking the signature then usually match.
+        body = json.dumps(
+            to_replicate(record, output, logs, self.public_url), separators=(",", ":")
+        )
         queued = await self.store.enqueue_webhook(
             url=record.webhook,
             body=body,
