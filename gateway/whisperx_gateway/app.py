@@ -36,6 +36,7 @@ from whisperx_gateway.parsing import (
     parse_create_body,
     parse_json_body,
     parse_prefer_wait,
+    route_uploaded_files,
     valid_prediction_id,
 )
 from whisperx_gateway.rendering import Renderer
@@ -144,7 +145,7 @@ async def create_prediction(request: web.Request) -> web.Response:
     new = NewPrediction(
         id=new_prediction_id(),
         namespace=namespace,
-        input=parsed.input,
+        input=route_uploaded_files(parsed.input, gw.base_url(request), gw.config.internal_url),
         secrets=parsed.secrets,
         model=model,
         webhook=parsed.webhook,

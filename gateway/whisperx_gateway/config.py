@@ -58,6 +58,9 @@ class GatewayConfig:
     models: ModelCatalog = field(default_factory=lambda: ModelCatalog(DEFAULT_MODELS))
     # Base of the URLs in answers (urls.get, next); None: taken from each request's Host.
     public_url: str | None = None
+    # Where runners reach this gateway (e.g. its in-cluster Service) when the public URL
+    # is not reachable from them: links to uploaded files in inputs are rewritten to it.
+    internal_url: str | None = None
     host: str = "0.0.0.0"
     port: int = 8000
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
@@ -84,6 +87,7 @@ class GatewayConfig:
             redis_url=env.get("REDIS_URL", "").strip() or cls.redis_url,
             models=ModelCatalog.parse(models) if models else ModelCatalog(DEFAULT_MODELS),
             public_url=env.get("WHISPERX_PUBLIC_URL", "").strip().rstrip("/") or None,
+            internal_url=env.get("WHISPERX_INTERNAL_URL", "").strip().rstrip("/") or None,
             host=env.get("WHISPERX_GATEWAY_HOST", "").strip() or cls.host,
             port=_int(env, "WHISPERX_GATEWAY_PORT", cls.port),
             max_body_bytes=_int(env, "WHISPERX_MAX_BODY_BYTES", cls.max_body_bytes, 1024),

@@ -44,6 +44,22 @@ def new_prediction_id(now: float | None = None) -> str:
     return base64.b32hexencode(raw).decode().rstrip("=").lower()
 
 
+def route_uploaded_files(
+    input_: dict[str, Any], public_url: str, internal_url: str | None
+) -> dict[str, Any]:
+    """The input with links to this gateway's uploaded files pointed at `internal_url`.
+
+    Clients get file links at the public URL; a runner inside the cluster may not reach
+    that address (an ingress on the outside), so it gets the same signed path on the
+    gateway's internal address instead.
+    """
+    audio = input_.get("audio_file")
+    prefix = f"{public_url.rstrip('/')}/v1/files/"
+    if internal_url is None or not isinstance(audio, str) or not audio.startswith(prefix):
+        return input_
+    return {**input_, "audio_file": f"{internal_url.rstrip('/')}/v1/files/{audio[len(prefix) :]}"}
+
+
 def valid_prediction_id(value: str) -> bool:
     return bool(_PREDICTION_ID.match(value))
 

@@ -438,3 +438,18 @@ def test_rendering_reuses_only_identical_records_and_stays_bounded() -> None:
     assert json.loads(changed)["logs"] == "a and more"
     renderer.render(RawPredictionView(raw, None, "b"), "http://other")
     assert len(renderer._heads) == 2
+
+
+def test_uploaded_file_links_are_routed_to_the_internal_url() -> None:
+    from whisperx_gateway.parsing import route_uploaded_files
+
+    public, internal = "https://whisper.example.com", "http://whisperx-gateway.svc:8000"
+    uploaded = {"audio_file": f"{public}/v1/files/abc/download?expiry=1&sig=x", "debug": True}
+    routed = route_uploaded_files(uploaded, public, internal)
+    assert routed == {
+        "audio_file": f"{internal}/v1/files/abc/download?expiry=1&sig=x",
+        "debug": True,
+    }
+    elsewhere = {"audio_file": "https://cdn.example.com/v1/files/abc"}
+    assert route_uploaded_files(elsewhere, public, internal) == elsewhere
+    assert route_uploaded_files(uploaded, public, None) == uploaded
