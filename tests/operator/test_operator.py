@@ -178,7 +178,10 @@ async def test_a_prediction_runs_to_success(
     headers, body = webhooks.received[-1]
     secret_key = operator_env["WHISPERX_WEBHOOK_SECRET"]
     expected = signature(
-        secret_key, headers["webhook-id"], int(headers["webhook-timestamp"]), json.dumps(body)
+        secret_key,
+        headers["webhook-id"],
+        int(headers["webhook-timestamp"]),
+        json.dumps(body, separators=(",", ":")),  # the compact form the operator sends
     )
     assert headers["webhook-signature"] == expected
     assert (
