@@ -146,19 +146,12 @@ class Store:
         return PredictionRecord.from_json(json.loads(raw)) if raw else None
 
     async def get_view(self, namespace: str, prediction_id: str) -> PredictionView | None:
-        """Record, output and logs in one round trip."""
-        rec, out, logs = await self.redis.mget(
-            _key(namespace, prediction_id, "rec"),
-            output_key(namespace, prediction_id),
-            _key(namespace, prediction_id, "logs"),
-        )
-        if rec is None:
+        """Record, output and logs in one round trip, parsed."""
+        raw = await self.get_raw_view(namespace, prediction_id)
+        if raw is None:
             return None
-        return PredictionView(
-            record=PredictionRecord.from_json(json.loads(rec)),
-            output=json.loads(out) if out else None,
-            logs=str(logs or ""),
-        )
+        output = json.loads(raw.output_json) if raw.output_json else None
+        return PredictionView(record=raw.record, output=output, logs=raw.logs)
 
     async def get_raw_view(self, namespace: str, prediction_id: str) -> RawPredictionView | None:
         """Like `get_view` (one round trip), with the output left as JSON text."""
@@ -170,16 +163,6 @@ class Store:
         if rec is None:
             return None
         return RawPredictionView(str(rec), str(out) if out else None, str(logs or ""))
-
-    async def list_ids(
-        self, namespace: str, *, before: float | None = None, limit: int = 100
-    ) -> list[tuple[str, float]]:
-        """Ids newest first, strictly older than `before` (a created time) when given."""
-        top = f"({before}" if before is not None else "+inf"
-        rows = await self.redis.zrevrangebyscore(
-            index_key(namespace), top, "-inf", start=0, num=limit, withscores=True
-        )
-        return [(str(row[0]), float(row[1])) for row in rows]
 
     async def get_views(self, namespace: str, ids: list[str]) -> list[PredictionView]:
         if not ids:
