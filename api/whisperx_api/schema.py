@@ -131,7 +131,9 @@ WEBHOOK_EVENTS: tuple[str, ...] = ("start", "output", "logs", "completed")
 class PredictionInput(BaseModel):
     """Inputs of the original `whisperx` Replicate model, same names and defaults."""
 
-    model_config = ConfigDict(extra="forbid", title="Input")
+    # Strict: the JSON Schema is the contract, so `false` is not a number and "64" is not
+    # an integer (lax parsing would accept what the published schema refuses).
+    model_config = ConfigDict(extra="forbid", title="Input", strict=True)
 
     audio_file: Annotated[
         str,

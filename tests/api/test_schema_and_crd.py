@@ -39,6 +39,12 @@ def test_defaults_match_the_original_model() -> None:
         ({"audio_file": "ftp://x/a.wav"}, "input.audio_file"),
         ({"audio_file": "data:audio/wav;base64,AA", "batch_size": 0}, "input.batch_size"),
         ({"audio_file": "data:,x", "batch_size": "many"}, "input.batch_size"),
+        ({"audio_file": "data:,x", "batch_size": "64"}, "input.batch_size"),
+        (
+            {"audio_file": "data:,x", "language_detection_min_prob": False},
+            "input.language_detection_min_prob",
+        ),
+        ({"audio_file": "data:,x", "debug": "yes"}, "input.debug"),
         ({"audio_file": "data:,x", "vad_onset": 1.5}, "input.vad_onset"),
         ({"audio_file": "data:,x", "language": "xx"}, "input.language"),
         ({"audio_file": "data:,x", "task": "summarize"}, "input.task"),
