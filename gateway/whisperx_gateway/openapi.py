@@ -429,11 +429,13 @@ def gateway_openapi(*, metrics: bool) -> dict[str, Any]:
                                 "properties": {
                                     "content": {"type": "string", "format": "binary"},
                                     "metadata": {
-                                        "type": "string",
-                                        "description": "A JSON object",
+                                        "type": "object",
+                                        "description": "Any JSON object, kept with the file",
                                     },
                                 },
-                            }
+                            },
+                            # The metadata part is JSON text, as Replicate's clients send it.
+                            "encoding": {"metadata": {"contentType": "application/json"}},
                         }
                     },
                 },
