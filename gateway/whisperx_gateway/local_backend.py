@@ -92,13 +92,18 @@ class LocalSink:
 _PR_SET_PDEATHSIG = 1
 
 
+# Resolved here, in the parent: loading a library between fork and exec can deadlock on
+# a loader lock another thread held at fork time.
+_prctl = ctypes.CDLL(None).prctl if sys.platform == "linux" else None
+
+
 def _die_with_parent() -> None:
     """In the runner, before exec: SIGKILL it should local mode itself die (even by
     SIGKILL), instead of leaving it transcribing outside any concurrency limit with
     nobody to report to. Linux only; elsewhere the next start still ends the
     prediction as Interrupted."""
-    if sys.platform == "linux":
-        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def exit_message(code: int, output_tail: Sequence[str]) -> str:

@@ -123,8 +123,10 @@ class EventHub:
             finally:
                 self.subscribed.clear()
                 self._wake_all()
-                with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                # Bounded: closing a pub/sub connection whose listener was just canceled
+                # can wait on that listener forever (seen as a rare hang at shutdown).
+                with contextlib.suppress(RedisError, OSError, TimeoutError):
+                    await asyncio.wait_for(pubsub.aclose(), 2)  # type: ignore[no-untyped-call]
             await asyncio.sleep(self.reconnect_delay)
 
 
