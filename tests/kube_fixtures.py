@@ -1098,12 +1098,42 @@ TEST_REPORT_KEY = "test-report-key-0123456789abcdef"
 
 
 @dataclass
-class OperatorProcess:
-    """`whisperx-operator` against the emulator; kill, restart and read its log."""
+class ChildProcess:
+    """A server run as a child process a test can crash (SIGKILL) or stop (SIGTERM)."""
 
     env: dict[str, str]
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
+
+    async def _wait(self, within: float) -> bool:
+        # Never block the event loop: the emulator the child talks to is served from it.
+        deadline = time.monotonic() + within
+        while self.process is not None and self.process.poll() is None:
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
+    async def kill(self) -> None:
+        """SIGKILL: a crash, with no cleanup at all."""
+        if self.process is not None:
+            self.process.kill()
+            await self._wait(10)
+            self.process = None
+
+    async def stop(self) -> None:
+        """SIGTERM, as Kubernetes stops a pod; SIGKILL after 15 s."""
+        if self.process is not None:
+            self.process.terminate()
+            if not await self._wait(15):
+                await self.kill()
+            self.process = None
+
+
+@dataclass
+class OperatorProcess(ChildProcess):
+    """`whisperx-operator` against the emulator; kill, restart and read its log."""
+
     starts: int = 0
 
     @property
@@ -1149,30 +1179,6 @@ class OperatorProcess:
             await wait_for(ready, within=within, interval=0.1)
         except TimeoutError:
             raise TimeoutError(f"operator not ready in {within} s:\n{self.log_tail()}") from None
-
-    async def _wait(self, within: float) -> bool:
-        # Never block the event loop: the emulator serves the operator from this loop.
-        deadline = time.monotonic() + within
-        while self.process is not None and self.process.poll() is None:
-            if time.monotonic() > deadline:
-                return False
-            await asyncio.sleep(0.05)
-        return True
-
-    async def kill(self) -> None:
-        """SIGKILL: a crash, with no cleanup at all."""
-        if self.process is not None:
-            self.process.kill()
-            await self._wait(10)
-            self.process = None
-
-    async def stop(self) -> None:
-        """SIGTERM, as Kubernetes stops a pod; SIGKILL after 15 s."""
-        if self.process is not None:
-            self.process.terminate()
-            if not await self._wait(15):
-                await self.kill()
-            self.process = None
 
     async def restart(self, emulator: Emulator) -> None:
         await self.kill()

@@ -39,6 +39,7 @@ from replicate.webhook import Webhooks
 
 from tests.conftest import REPO_ROOT, free_port
 from tests.kube_fixtures import (  # noqa: F401  (kube: a fixture)
+    ChildProcess,
     Emulator,
     Kubelet,
     OperatorProcess,
@@ -239,12 +240,8 @@ async def waiting_requests(gateway_url: str) -> float:
 
 
 @dataclass
-class GatewayProcess:
+class GatewayProcess(ChildProcess):
     """`whisperx-gateway` (Kubernetes backend) on a fixed loopback port."""
-
-    env: dict[str, str]
-    log_path: Path
-    process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -271,28 +268,6 @@ class GatewayProcess:
                         if resp.status == 200:
                             return
                 await asyncio.sleep(0.1)
-
-    async def _reap(self, within: float) -> bool:
-        # Never block the loop: the emulator the gateway talks to is served from it.
-        deadline = time.monotonic() + within
-        while self.process is not None and self.process.poll() is None:
-            if time.monotonic() > deadline:
-                return False
-            await asyncio.sleep(0.05)
-        return True
-
-    async def kill(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            await self._reap(10)
-            self.process = None
-
-    async def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            if not await self._reap(15):
-                await self.kill()
-            self.process = None
 
     async def waiting_requests(self) -> float:
         return await waiting_requests(self.url)
