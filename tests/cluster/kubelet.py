@@ -1,0 +1,631 @@
+"""A kubelet stand-in for the real control plane: pods as local processes.
+
+It registers Nodes (one CPU node, one advertising `nvidia.com/gpu`) under each node's own
+identity (`system:node:<name>`, so the Node authorizer and NodeRestriction admission
+apply), renews their Leases, and runs the containers of pods that the real scheduler
+bound to them:
+
+- command, args and env, with `valueFrom` Secret and ConfigMap keys and the downward API
+  (`fieldRef`) resolved as a kubelet resolves them (a missing key leaves the container
+  waiting in `CreateContainerConfigError`);
+- Secret, ConfigMap, emptyDir and PVC volumes mapped to local folders (a PVC to the
+  `hostPath` of the PersistentVolume bound to it), container paths in env values and
+  args rewritten to those folders;
+- deletion: SIGTERM, the grace period, SIGKILL, then the final status and delete;
+- pod status as a kubelet writes it: phase, conditions, containerStatuses with exit codes
+  and reasons, the termination message (`FallbackToLogsOnError`).
+
+Faults a kubelet reports, injected per Job through `plan()`: OOMKilled, image pull
+back-off, eviction with `DisruptionTarget`; and per node, `lose_node()`: the node stops
+renewing its Lease and its processes die, so the node lifecycle controller marks it
+NotReady and the taint eviction controller evicts its pods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from tests.cluster.client import LEASES, NODES, ApiError, Cluster, ResourceRef
+from tests.cluster.controlplane import CPU_NODE, GPU_NODE, ControlPlane
+
+PODS = ResourceRef("", "v1", "pods")
+SECRETS = ResourceRef("", "v1", "secrets")
+CONFIGMAPS = ResourceRef("", "v1", "configmaps")
+PVCS = ResourceRef("", "v1", "persistentvolumeclaims")
+PVS = ResourceRef("", "v1", "persistentvolumes", namespaced=False)
+JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
+GPU = "nvidia.com/gpu"
+LEASE_SECONDS = 4
+
+
+def now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class PodPlan:
+    """What happens to one pod of a Job; the default runs the container."""
+
+    # The container never starts, waiting with this reason (e.g. "ImagePullBackOff").
+    waiting_reason: str | None = None
+    waiting_message: str = ""
+    # Waiting ends after this many seconds and the container starts (a registry that
+    # recovers); None: it waits until the pod is deleted.
+    waiting_for: float | None = None
+    # Killed this many seconds after it started, as the OOM killer would (137, OOMKilled).
+    oom_kill_after: float | None = None
+    # Evicted by the kubelet this many seconds after it started (DisruptionTarget).
+    evict_after: float | None = None
+    # The container does not start until this event is set.
+    hold: asyncio.Event | None = None
+
+
+@dataclass
+class PodRun:
+    namespace: str
+    name: str
+    uid: str
+    job: str
+    node: str
+    log_path: Path
+    process: asyncio.subprocess.Process | None = None
+    exit_code: int | None = None
+    task: asyncio.Task[None] | None = None
+    deleting: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class _ConfigError(Exception):
+    """The container cannot be created (the kubelet's CreateContainerConfigError)."""
+
+
+def _condition(type_: str, status: str = "True", reason: str = "", message: str = "") -> dict[
+    str, Any
+]:
+    cond = {"type": type_, "status": status, "lastProbeTime": None, "lastTransitionTime": now()}
+    if reason:
+        cond["reason"] = reason
+    if message:
+        cond["message"] = message
+    return cond
+
+
+class Kubelet:
+    """Runs the pods bound to its Nodes as local processes (see the module docstring)."""
+
+    def __init__(
+        self,
+        plane: ControlPlane,
+        workdir: Path,
+        *,
+        extra_env: dict[str, str] | None = None,
+        gpus: int = 2,
+        nodes: tuple[str, ...] = (CPU_NODE, GPU_NODE),
+    ) -> None:
+        self.plane = plane
+        self.workdir = workdir
+        self.extra_env = extra_env or {}
+        self.gpus = gpus
+        self.node_names = nodes
+        self.plans: defaultdict[str, list[PodPlan]] = defaultdict(list)
+        self.pods: dict[tuple[str, str], PodRun] = {}
+        self._clients: dict[str, Cluster] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._lost: set[str] = set()
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # --- what tests use ---
+
+    def plan(self, job: str, *plans: PodPlan) -> None:
+        """Plans for the next pods of Job `job`, in order; later pods run normally."""
+        self.plans[job].extend(plans)
+
+    def runs(self, job: str) -> list[PodRun]:
+        return [run for run in self.pods.values() if run.job == job]
+
+    def logs(self, job: str) -> str:
+        return "".join(r.log_path.read_text() for r in self.runs(job) if r.log_path.exists())
+
+    async def lose_node(self, node: str) -> None:
+        """The node goes dark: no Lease renewals, no status, its processes gone."""
+        self._lost.add(node)
+        for run in self.pods.values():
+            if run.node == node and run.process is not None and run.process.returncode is None:
+                run.process.kill()
+
+    # --- lifecycle ---
+
+    async def __aenter__(self) -> Kubelet:
+        for node in self.node_names:
+            ident = self.plane.node_identity(node)
+            client = Cluster(self.plane.url, ident.token, self.plane.ssl_context())
+            self._clients[node] = client
+            await self._register(node, client)
+            self._tasks += [
+                asyncio.create_task(self._heartbeat(node, client), name=f"lease {node}"),
+                asyncio.create_task(self._watch_pods(node, client), name=f"pods {node}"),
+            ]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for task in self._tasks:
+            task.cancel()
+        runs = [r.task for r in self.pods.values() if r.task is not None]
+        for task in runs:
+            task.cancel()
+        await asyncio.gather(*self._tasks, *runs, return_exceptions=True)
+        for run in self.pods.values():
+            if run.process is not None and run.process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(run.process.pid, signal.SIGKILL)
+                await run.process.wait()
+        for client in self._clients.values():
+            await client.close()
+
+    async def _register(self, node: str, client: Cluster) -> None:
+        capacity = {"cpu": "16", "memory": "64Gi", "pods": "110", "ephemeral-storage": "100Gi"}
+        labels = {"kubernetes.io/hostname": node, "kubernetes.io/os": "linux",
+                  "kubernetes.io/arch": "amd64"}  # fmt: skip
+        taints: list[dict[str, str]] = []
+        if node == GPU_NODE:
+            capacity[GPU] = str(self.gpus)
+            # What GPU Feature Discovery and the GPU operator put on a GPU node.
+            labels["nvidia.com/gpu.product"] = "Tesla-T4"
+            labels["nvidia.com/gpu.present"] = "true"
+            taints.append({"key": GPU, "value": "present", "effect": "NoSchedule"})
+        body = {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {"name": node, "labels": labels},
+            "spec": {"taints": taints},
+        }
+        with contextlib.suppress(ApiError):  # registered already (a re-registration)
+            await client.create_object(NODES, None, body)
+        await client.patch_object(
+            NODES, None, node, {"status": self._node_status(capacity)}, subresource="status"
+        )
+        self._capacity = capacity
+
+    def _node_status(self, capacity: dict[str, str] | None = None) -> dict[str, Any]:
+        beat = now()
+        status: dict[str, Any] = {
+            "conditions": [
+                {"type": t, "status": "False", "reason": f"KubeletHas{r}", "message": r,
+                 "lastHeartbeatTime": beat, "lastTransitionTime": beat}
+                for t, r in (("MemoryPressure", "SufficientMemory"),
+                             ("DiskPressure", "NoDiskPressure"), ("PIDPressure", "SufficientPID"))
+            ] + [{"type": "Ready", "status": "True", "reason": "KubeletReady",
+                  "message": "kubelet is posting ready status (stand-in)",
+                  "lastHeartbeatTime": beat, "lastTransitionTime": beat}],
+            "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}],
+            "nodeInfo": {"kubeletVersion": "v1.37.2-standin", "operatingSystem": "linux",
+                         "architecture": "amd64", "containerRuntimeVersion": "process://",
+                         "kernelVersion": "", "osImage": "", "machineID": "", "systemUUID": "",
+                         "bootID": "", "kubeProxyVersion": ""},
+        }  # fmt: skip
+        if capacity is not None:
+            status["capacity"] = capacity
+            status["allocatable"] = capacity
+        return status
+
+    async def _heartbeat(self, node: str, client: Cluster) -> None:
+        path = f"/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/{node}"
+        lease = {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {"name": node, "namespace": "kube-node-lease"},
+            "spec": {"holderIdentity": node, "leaseDurationSeconds": LEASE_SECONDS},
+        }
+        created = False
+        beats = 0
+        while True:
+            if node not in self._lost:
+                renew = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+                try:
+                    if not created:
+                        with contextlib.suppress(ApiError):
+                            await client.create_object(LEASES, "kube-node-lease", lease)
+                        created = True
+                    await client.request(
+                        "PATCH", path, {"spec": {"renewTime": renew}},
+                        content_type="application/merge-patch+json",
+                    )  # fmt: skip
+                    if beats % 5 == 0:
+                        await client.patch_object(
+                            NODES, None, node, {"status": self._node_status()},
+                            subresource="status",
+                        )  # fmt: skip
+                    beats += 1
+                except ApiError:
+                    pass
+            await asyncio.sleep(1)
+
+    async def _watch_pods(self, node: str, client: Cluster) -> None:
+        params = {"fieldSelector": f"spec.nodeName={node}"}
+        while True:
+            try:
+                listed = await client.request("GET", "/api/v1/pods", params=params)
+                for pod in listed.get("items") or ():
+                    self._see(node, client, pod, "ADDED")
+                version = listed["metadata"]["resourceVersion"]
+                async for event in client.watch("/api/v1/pods", version, params):
+                    self._see(node, client, event["object"], event["type"])
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a dropped watch: list again
+                await asyncio.sleep(0.5)
+
+    def _see(self, node: str, client: Cluster, pod: dict[str, Any], kind: str) -> None:
+        if node in self._lost:
+            return
+        meta = pod["metadata"]
+        key = (meta["namespace"], meta["name"])
+        run = self.pods.get(key)
+        if run is not None and run.uid != meta["uid"]:
+            run = None  # a new pod of the same name
+        if run is None:
+            if kind == "DELETED" or (pod.get("status") or {}).get("phase") in (
+                "Succeeded", "Failed"
+            ):  # fmt: skip
+                return
+            labels = meta.get("labels") or {}
+            run = PodRun(
+                namespace=meta["namespace"],
+                name=meta["name"],
+                uid=meta["uid"],
+                job=labels.get(JOB_NAME_LABEL, ""),
+                node=node,
+                log_path=self.workdir / meta["namespace"] / meta["name"] / "log.txt",
+            )
+            self.pods[key] = run
+            run.task = asyncio.create_task(self._run(client, run, pod), name=f"pod {key[1]}")
+        if meta.get("deletionTimestamp"):
+            run.deleting.set()
+
+    # --- running one pod ---
+
+    async def _status(self, client: Cluster, run: PodRun, status: dict[str, Any]) -> None:
+        if run.node in self._lost:
+            return
+        with contextlib.suppress(ApiError):
+            await client.request(
+                "PATCH",
+                f"/api/v1/namespaces/{run.namespace}/pods/{run.name}/status",
+                {"metadata": {"uid": run.uid}, "status": status},
+                content_type="application/strategic-merge-patch+json",
+            )
+
+    async def _run(self, client: Cluster, run: PodRun, pod: dict[str, Any]) -> None:
+        plan = self.plans[run.job].pop(0) if self.plans.get(run.job) else PodPlan()
+        container = pod["spec"]["containers"][0]
+        run.log_path.parent.mkdir(parents=True, exist_ok=True)
+        base = {"hostIP": "127.0.0.1", "podIP": "127.0.0.1", "startTime": now(),
+                "podIPs": [{"ip": "127.0.0.1"}], "hostIPs": [{"ip": "127.0.0.1"}]}  # fmt: skip
+        scheduled = _condition("PodScheduled")
+        initialized = _condition("Initialized")
+
+        def waiting(reason: str, message: str) -> dict[str, Any]:
+            return {
+                **base,
+                "phase": "Pending",
+                "conditions": [scheduled, initialized,
+                               _condition("Ready", "False", "ContainersNotReady"),
+                               _condition("ContainersReady", "False", "ContainersNotReady")],
+                "containerStatuses": [{
+                    "name": container["name"], "image": container.get("image", ""),
+                    "imageID": "", "ready": False, "restartCount": 0, "started": False,
+                    "state": {"waiting": {"reason": reason, "message": message}},
+                }],
+            }  # fmt: skip
+
+        try:
+            await self._status(client, run, waiting("ContainerCreating", ""))
+            if plan.hold is not None:
+                await self._until_deleted(run, plan.hold.wait())
+            if plan.waiting_reason is not None:
+                await self._status(client, run, waiting(plan.waiting_reason, plan.waiting_message))
+                wait = asyncio.sleep(plan.waiting_for) if plan.waiting_for is not None else (
+                    asyncio.Event().wait()
+                )
+                await self._until_deleted(run, wait)
+            while True:
+                try:
+                    env, args = await self._container(client, run, pod, container)
+                    break
+                except _ConfigError as exc:
+                    # A kubelet retries until the Secret or key appears, or the pod goes.
+                    await self._status(
+                        client, run, waiting("CreateContainerConfigError", str(exc))
+                    )
+                    await self._until_deleted(run, asyncio.sleep(1))
+        except _Deleted:
+            await self._finish(client, run, container, None, reason=None)
+            return
+        with run.log_path.open("wb") as log:
+            run.process = await asyncio.create_subprocess_exec(
+                *args, env=env, cwd=str(run.log_path.parent), stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        started = now()
+        await self._status(client, run, {
+            **base, "phase": "Running",
+            "conditions": [scheduled, initialized, _condition("Ready"),
+                           _condition("ContainersReady"), _condition("PodReadyToStartContainers")],
+            "containerStatuses": [{
+                "name": container["name"], "image": container.get("image", ""), "imageID": "",
+                "containerID": f"process://{run.process.pid}", "ready": True, "started": True,
+                "restartCount": 0, "state": {"running": {"startedAt": started}},
+            }],
+        })  # fmt: skip
+        reason = await self._supervise(client, run, pod, plan)
+        await self._finish(client, run, container, started, reason=reason)
+
+    async def _until_deleted(self, run: PodRun, awaitable: Any) -> None:
+        waiter = asyncio.ensure_future(awaitable)
+        deleted = asyncio.ensure_future(run.deleting.wait())
+        done, _ = await asyncio.wait({waiter, deleted}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (waiter, deleted):
+            if task not in done:
+                task.cancel()
+        if deleted in done:
+            raise _Deleted
+
+    async def _supervise(
+        self, client: Cluster, run: PodRun, pod: dict[str, Any], plan: PodPlan
+    ) -> str | None:
+        """Waits for the process; returns a reason when something other than its own
+        exit ended it (OOMKilled, Evicted, or a deletion)."""
+        assert run.process is not None
+        process = run.process
+        exited = asyncio.ensure_future(process.wait())
+        deleted = asyncio.ensure_future(run.deleting.wait())
+        timers: dict[asyncio.Future[Any], str] = {}
+        for after, why in ((plan.oom_kill_after, "OOMKilled"), (plan.evict_after, "Evicted")):
+            if after is not None:
+                timers[asyncio.ensure_future(asyncio.sleep(after))] = why
+        reason: str | None = None
+        try:
+            done, _ = await asyncio.wait(
+                {exited, deleted, *timers}, return_when=asyncio.FIRST_COMPLETED
+            )
+            if exited in done:
+                return None
+            if deleted in done:
+                grace = pod["metadata"].get("deletionGracePeriodSeconds")
+                await self._terminate(run, 30 if grace is None else int(grace))
+                return None
+            reason = next(timers[t] for t in done if t in timers)
+            if reason == "OOMKilled":
+                os.killpg(process.pid, signal.SIGKILL)
+            else:
+                # A kubelet's node-pressure eviction: the pod is marked as disrupted
+                # first, then its containers are stopped.
+                await self._status(client, run, {"conditions": [_condition(
+                    "DisruptionTarget", "True", "TerminationByKubelet",
+                    "The node was low on resource: memory.",
+                )]})  # fmt: skip
+                await self._terminate(run, int(pod["spec"].get("terminationGracePeriodSeconds", 30)))
+            await process.wait()
+            return reason
+        finally:
+            for task in (exited, deleted, *timers):
+                if not task.done():
+                    task.cancel()
+
+    async def _terminate(self, run: PodRun, grace: int) -> None:
+        process = run.process
+        if process is None or process.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), max(grace, 0.1))
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            await process.wait()
+
+    async def _finish(
+        self,
+        client: Cluster,
+        run: PodRun,
+        container: dict[str, Any],
+        started: str | None,
+        *,
+        reason: str | None,
+    ) -> None:
+        if run.node in self._lost:
+            return
+        process = run.process
+        code = None
+        if process is not None and process.returncode is not None:
+            code = 128 - process.returncode if process.returncode < 0 else process.returncode
+        run.exit_code = code
+        succeeded = code == 0 and reason is None
+        status: dict[str, Any] = {
+            "phase": "Succeeded" if succeeded else "Failed",
+            "conditions": [
+                _condition("PodScheduled"),
+                _condition("Ready", "False", "PodCompleted"),
+                _condition("ContainersReady", "False", "PodCompleted"),
+                _condition("PodReadyToStartContainers", "False"),
+            ],
+        }
+        if reason == "Evicted":
+            status["reason"] = "Evicted"
+            status["message"] = "The node was low on resource: memory."
+        if code is not None:
+            terminated: dict[str, Any] = {
+                "exitCode": code,
+                "reason": reason if reason == "OOMKilled" else (
+                    "Completed" if code == 0 else "Error"
+                ),
+                "startedAt": started or now(),
+                "finishedAt": now(),
+                "containerID": f"process://{process.pid if process else 0}",
+            }
+            policy = container.get("terminationMessagePolicy", "File")
+            if code != 0 and policy == "FallbackToLogsOnError" and run.log_path.exists():
+                tail = run.log_path.read_bytes()[-2048:].decode(errors="replace")
+                if tail.strip():
+                    terminated["message"] = "\n".join(tail.splitlines()[-80:])
+        else:
+            # Deleted before it started: the kubelet reports the container as never run.
+            terminated = {"exitCode": 137, "reason": "ContainerStatusUnknown",
+                          "message": "The container could not be located when the pod was "
+                                     "terminated", "startedAt": None, "finishedAt": now()}  # fmt: skip
+            status["phase"] = "Failed"
+        status["containerStatuses"] = [{
+            "name": container["name"], "image": container.get("image", ""), "imageID": "",
+            "ready": False, "started": False, "restartCount": 0,
+            "state": {"terminated": terminated},
+        }]  # fmt: skip
+        await self._status(client, run, status)
+        if run.deleting.is_set():
+            # The kubelet's last word on a deleted pod: remove it for good.
+            await client.delete_object(PODS, run.namespace, run.name, grace_seconds=0, uid=run.uid)
+
+    async def _container(
+        self, client: Cluster, run: PodRun, pod: dict[str, Any], container: dict[str, Any]
+    ) -> tuple[dict[str, str], list[str]]:
+        """The container's environment and argv, with its mounts as local folders."""
+        spec = pod["spec"]
+        root = run.log_path.parent
+        volumes = {v["name"]: v for v in spec.get("volumes") or ()}
+        mounts: dict[str, Path] = {}
+        for mount in container.get("volumeMounts") or ():
+            mounts[mount["mountPath"]] = await self._volume(
+                client, run, volumes[mount["name"]], root / "volumes" / mount["name"]
+            )
+
+        def local_path(value: str) -> str:
+            for mount_path, local in sorted(mounts.items(), key=lambda m: -len(m[0])):
+                prefix = mount_path.rstrip("/")
+                if value == mount_path or value.startswith(prefix + "/"):
+                    return str(local) + value[len(prefix) :]
+            return value
+
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+               "LANG": os.environ.get("LANG", "C.UTF-8"), **self.extra_env}  # fmt: skip
+        for item in container.get("env") or ():
+            if "value" in item:
+                env[item["name"]] = local_path(item.get("value", ""))
+                continue
+            value = await self._value_from(client, run, pod, item["valueFrom"])
+            if value is not None:
+                env[item["name"]] = value
+        argv = [local_path(a) for a in [*container.get("command", []), *container.get("args", [])]]
+        return env, argv
+
+    async def _value_from(
+        self, client: Cluster, run: PodRun, pod: dict[str, Any], source: dict[str, Any]
+    ) -> str | None:
+        if "fieldRef" in source:
+            return _field(pod, source["fieldRef"]["fieldPath"])
+        for kind, ref_key in (("secret", "secretKeyRef"), ("configmap", "configMapKeyRef")):
+            if ref_key not in source:
+                continue
+            ref = source[ref_key]
+            data = await self._data(client, run.namespace, kind, ref["name"])
+            if data is not None and ref["key"] in data:
+                return data[ref["key"]].decode()
+            if ref.get("optional"):
+                return None
+            where = f'{kind} "{ref["name"]}" not found' if data is None else (
+                f'couldn\'t find key {ref["key"]} in {kind.capitalize()} '
+                f'{run.namespace}/{ref["name"]}'
+            )
+            raise _ConfigError(where)
+        raise _ConfigError(f"unsupported env source {sorted(source)}")
+
+    async def _data(
+        self, client: Cluster, namespace: str, kind: str, name: str
+    ) -> dict[str, bytes] | None:
+        resource = SECRETS if kind == "secret" else CONFIGMAPS
+        obj = await client.read(resource, namespace, name)
+        if obj is None:
+            return None
+        if kind == "secret":
+            return {k: base64.b64decode(v) for k, v in (obj.get("data") or {}).items()}
+        return {k: v.encode() for k, v in (obj.get("data") or {}).items()}
+
+    async def _volume(
+        self, client: Cluster, run: PodRun, volume: dict[str, Any], local: Path
+    ) -> Path:
+        for kind, name_key in (("secret", "secretName"), ("configMap", "name")):
+            if kind not in volume:
+                continue
+            source = volume[kind]
+            data = await self._data(client, run.namespace, kind.lower(), source[name_key])
+            if data is None:
+                if source.get("optional"):
+                    data = {}
+                else:
+                    raise _ConfigError(f'{kind.lower()} "{source[name_key]}" not found')
+            local.mkdir(parents=True, exist_ok=True)
+            items = source.get("items") or [{"key": k, "path": k} for k in data]
+            for item in items:
+                if item["key"] not in data:
+                    raise _ConfigError(f"couldn't find key {item['key']} in {kind}")
+                (local / item["path"]).write_bytes(data[item["key"]])
+            return local
+        if "persistentVolumeClaim" in volume:
+            claim = await client.read(PVCS, run.namespace, volume["persistentVolumeClaim"]["claimName"])
+            bound = ((claim or {}).get("spec") or {}).get("volumeName")
+            pv = await self.plane_client().read(PVS, None, bound) if bound else None
+            host = ((pv or {}).get("spec") or {}).get("hostPath", {}).get("path")
+            if host is None:
+                raise _ConfigError(f"volume {volume['name']} has no bound hostPath volume")
+            return Path(host)
+        local.mkdir(parents=True, exist_ok=True)  # emptyDir and anything else: a folder
+        return local
+
+    def plane_client(self) -> Cluster:
+        # A node may read the PersistentVolumes of its pods' claims; any node's client will do.
+        return next(iter(self._clients.values()))
+
+
+class _Deleted(Exception):
+    """The pod was deleted before its container started."""
+
+
+def _field(pod: dict[str, Any], path: str) -> str:
+    meta, spec = pod["metadata"], pod["spec"]
+    if path.startswith(("metadata.labels['", "metadata.annotations['")):
+        which, key = path.split("['", 1)
+        return str((meta.get(which.split(".")[1]) or {}).get(key.rstrip("']"), ""))
+    values = {
+        "metadata.name": meta["name"],
+        "metadata.namespace": meta["namespace"],
+        "metadata.uid": meta["uid"],
+        "spec.nodeName": spec.get("nodeName", ""),
+        "spec.serviceAccountName": spec.get("serviceAccountName", ""),
+        "status.podIP": "127.0.0.1",
+        "status.hostIP": "127.0.0.1",
+    }
+    if path not in values:
+        raise _ConfigError(f"unsupported fieldRef {path}")
+    return str(values[path])
+
+
+async def wait_until(predicate: Any, within: float = 30.0, interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + within
+    while True:
+        result = predicate()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"condition not met within {within} s")
+        await asyncio.sleep(interval)
