@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, cast
 
+from whisperx_runner.audio import DecodeLimits
 from whisperx_runner.errors import ConfigError
 
 Device = Literal["auto", "cuda", "cpu"]
@@ -122,7 +123,7 @@ class RunnerConfig:
     fetch_timeout: float = 600.0
     connect_timeout: float = 30.0
     max_redirects: int = 5
-    decode_timeout: float = 900.0
+    decode: DecodeLimits = field(default_factory=DecodeLimits)
     report_retry_seconds: float = 120.0
     work_dir: Path | None = None
     # The hardware profile's cap on the input's batch_size (what fits in GPU memory).
@@ -174,8 +175,21 @@ class RunnerConfig:
             max_redirects=int(
                 _number(env, "WHISPERX_MAX_REDIRECTS", defaults.max_redirects, minimum=0)
             ),
-            decode_timeout=_number(
-                env, "WHISPERX_DECODE_TIMEOUT", defaults.decode_timeout, minimum=1
+            decode=DecodeLimits(
+                max_seconds=_number(
+                    env, "WHISPERX_MAX_AUDIO_SECONDS", defaults.decode.max_seconds, minimum=1
+                ),
+                memory_bytes=int(
+                    _number(
+                        env,
+                        "WHISPERX_DECODE_MEMORY_BYTES",
+                        defaults.decode.memory_bytes,
+                        minimum=1 << 26,
+                    )
+                ),
+                time_limit=_number(
+                    env, "WHISPERX_DECODE_TIMEOUT", defaults.decode.time_limit, minimum=1
+                ),
             ),
             report_retry_seconds=_number(
                 env, "WHISPERX_REPORT_RETRY_SECONDS", defaults.report_retry_seconds, minimum=0

@@ -247,7 +247,7 @@ async def load_audio_source(
         if path is None:
             log(f"Fetching {describe_source(source)}")
             path = await fetch_audio(source, Path(tmp), config)
-        audio = await decode_audio(path, config.decode_timeout)
+        audio = await decode_audio(path, config.decode)
     log(f"Audio: {audio.duration:.1f} s")
     if debug:
         log(f"Duration to load audio: {(time.perf_counter() - started) * 1000:.2f} ms")

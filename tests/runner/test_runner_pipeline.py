@@ -41,7 +41,7 @@ def similarity(expected: str, got: str) -> float:
 
 
 async def samples_of(path: Path) -> Any:
-    return (await decode_audio(path, 60)).samples()
+    return (await decode_audio(path)).samples()
 
 
 async def test_fox_with_alignment_debug_and_diarization(transcriber: Any, fox_wav: Path) -> None:

@@ -120,7 +120,7 @@ def test_sentences_carry_their_words_and_text() -> None:
 
 
 async def samples_of(path: Path) -> Any:
-    return (await decode_audio(path, 60)).samples()
+    return (await decode_audio(path)).samples()
 
 
 @pytest.fixture
