@@ -11,13 +11,13 @@ from typing import Any
 import kopf
 
 from whisperx_api.crd import GROUP, PLURAL, VERSION
-from whisperx_api.kube import ApiError, KubeClient, KubeConfig, resource_path
+from whisperx_api.kube import ApiError, KubeClient, resource_path
 
 
 @kopf.on.startup()
 async def startup(memo: Any, settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.enabled = False
-    memo.kube = KubeClient(KubeConfig.load())
+    memo.kube = KubeClient()
 
 
 @kopf.on.create(GROUP, VERSION, PLURAL)

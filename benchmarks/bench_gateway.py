@@ -100,7 +100,7 @@ async def seed(redis_url: str) -> None:
 
 
 def serve_gateway(port: int, redis_url: str, kube_url: str) -> None:
-    from whisperx_api.kube import KubeClient, KubeConfig
+    from whisperx_api.kube import KubeClient
     from whisperx_api.store import Store
     from whisperx_gateway.app import create_app
     from whisperx_gateway.auth import TokenMap
@@ -113,7 +113,7 @@ def serve_gateway(port: int, redis_url: str, kube_url: str) -> None:
             redis_url=redis_url,
             public_url=f"http://127.0.0.1:{port}",
         )
-        backend = KubeBackend(KubeClient(KubeConfig.load(server=kube_url)))
+        backend = KubeBackend(KubeClient(kube_url))
         return create_app(config, Store.from_url(redis_url), backend)
 
     web.run_app(build(), host="127.0.0.1", port=port, access_log=None, print=None)

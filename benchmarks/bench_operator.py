@@ -41,7 +41,7 @@ from tests.kube_fixtures import (  # noqa: E402
     running_emulator,
     wait_for,
 )
-from whisperx_api.kube import KubeClient, KubeConfig, resource_path  # noqa: E402
+from whisperx_api.kube import KubeClient, resource_path  # noqa: E402
 
 NS = "default"
 
@@ -137,7 +137,7 @@ async def main(args: argparse.Namespace) -> None:
     redis.start()
     try:
         async with running_emulator() as emulator:
-            client = KubeClient(KubeConfig.load(emulator_url(emulator)), timeout=120)
+            client = KubeClient(emulator_url(emulator), timeout=120)
             clock = JobClock(emulator)
             clock.task = asyncio.create_task(clock.run())
             env = operator_environment(

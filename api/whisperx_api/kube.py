@@ -1,26 +1,32 @@
-"""A small async Kubernetes API client (aiohttp) for the few calls the gateway and the
-operator's status writer make outside kopf: get, list, create, merge-patch, delete.
+"""The few Kubernetes API calls the gateway and the operator make outside kopf (get, list,
+create, merge-patch, delete), through the official client `kubernetes_asyncio`.
 
-It reads an in-cluster service account, a kubeconfig (token or client certificate), or
-an explicit server URL (tests, against an emulated API server).
+Credentials come from the official loaders, in kopf's order: the in-cluster
+ServiceAccount (its rotating token re-read every minute, IPv6 service hosts bracketed),
+else $KUBECONFIG / ~/.kube/config with whatever its user is (token, client certificate,
+an exec credential plugin as on EKS and GKE). An explicit server URL without credentials
+serves development and tests against an emulated API server. The operator logs kopf in
+from the same loader (`whisperx_operator.login`).
 """
 
 from __future__ import annotations
 
-import base64
+import asyncio
+import json
+import logging
 import os
-import ssl
-import tempfile
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import aiohttp
-import yaml
+from kubernetes_asyncio import config as kube_config
+from kubernetes_asyncio.client import ApiClient, Configuration
+from kubernetes_asyncio.client.exceptions import ApiException
 
 from whisperx_api.crd import GROUP, PLURAL, VERSION
 
-SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+log = logging.getLogger(__name__)
+
+# Every status answers with a JSON object (an object, a list, or a Status).
+_AS_OBJECT = {status: "object" for status in range(200, 300)}
 
 
 class ApiError(Exception):
@@ -30,65 +36,47 @@ class ApiError(Exception):
         self.reason = reason
         self.message = message
 
-
-@dataclass
-class KubeConfig:
-    server: str
-    token: str | None = None
-    ssl_context: ssl.SSLContext | bool = True
-
     @classmethod
-    def load(cls, server: str | None = None) -> KubeConfig:
-        """An explicit server, else in-cluster, else $KUBECONFIG / ~/.kube/config."""
-        if server:
-            return cls(server=server.rstrip("/"), ssl_context=False)
-        if (SERVICE_ACCOUNT_DIR / "token").exists() and os.environ.get("KUBERNETES_SERVICE_HOST"):
-            return cls.in_cluster()
-        path = Path(os.environ.get("KUBECONFIG", "~/.kube/config").split(os.pathsep)[0])
-        return cls.from_kubeconfig(path.expanduser())
-
-    @classmethod
-    def in_cluster(cls) -> KubeConfig:
-        host = os.environ["KUBERNETES_SERVICE_HOST"]
-        port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
-        context = ssl.create_default_context(cafile=str(SERVICE_ACCOUNT_DIR / "ca.crt"))
-        token = (SERVICE_ACCOUNT_DIR / "token").read_text().strip()
-        return cls(server=f"https://{host}:{port}", token=token, ssl_context=context)
-
-    @classmethod
-    def from_kubeconfig(cls, path: Path) -> KubeConfig:
-        config = yaml.safe_load(path.read_text())
-        current = config.get("current-context")
-        context = next(c["context"] for c in config["contexts"] if c["name"] == current)
-        cluster = next(c["cluster"] for c in config["clusters"] if c["name"] == context["cluster"])
-        user: dict[str, Any] = next(
-            (u["user"] for u in config.get("users", []) if u["name"] == context.get("user")), {}
-        )
-        server = cluster["server"].rstrip("/")
-        if not server.startswith("https"):
-            return cls(server=server, token=user.get("token"), ssl_context=False)
-        if cluster.get("insecure-skip-tls-verify"):
-            ssl_context: ssl.SSLContext | bool = False
-        else:
-            ssl_context = ssl.create_default_context()
-            if "certificate-authority-data" in cluster:
-                ca = base64.b64decode(cluster["certificate-authority-data"]).decode()
-                ssl_context.load_verify_locations(cadata=ca)
-            elif "certificate-authority" in cluster:
-                ssl_context.load_verify_locations(cafile=cluster["certificate-authority"])
-        if isinstance(ssl_context, ssl.SSLContext) and "client-certificate-data" in user:
-            _load_client_cert(ssl_context, user)
-        return cls(server=server, token=user.get("token"), ssl_context=ssl_context)
+    def from_exception(cls, exc: ApiException) -> ApiError:
+        """The API server's Status (reason, message) when the body holds one."""
+        try:
+            status = json.loads(exc.body or "")
+        except (TypeError, ValueError):
+            status = None
+        if not isinstance(status, dict):
+            return cls(int(exc.status or 0), str(exc.body or exc.reason or ""), "")
+        return cls(int(exc.status or 0), str(status.get("message", "")), status.get("reason", ""))
 
 
-def _load_client_cert(context: ssl.SSLContext, user: dict[str, Any]) -> None:
-    # ssl can only load a certificate chain from files.
-    with tempfile.TemporaryDirectory() as tmp:
-        cert = Path(tmp) / "client.crt"
-        key = Path(tmp) / "client.key"
-        cert.write_bytes(base64.b64decode(user["client-certificate-data"]))
-        key.write_bytes(base64.b64decode(user["client-key-data"]))
-        context.load_cert_chain(str(cert), str(key))
+async def load_configuration(server: str | None = None) -> Any:
+    """The client configuration: `server` as given, else in-cluster, else the kubeconfig.
+
+    Returns a `kubernetes_asyncio.client.Configuration`.
+    """
+    configuration = Configuration()
+    if server:
+        configuration.host = server.rstrip("/")
+        return configuration
+    try:
+        kube_config.load_incluster_config(client_configuration=configuration)
+        return configuration
+    except kube_config.ConfigException:
+        pass
+    loader = await kube_config.load_kube_config(
+        # Read now: the library's default is $KUBECONFIG as it was at import.
+        config_file=os.environ.get("KUBECONFIG") or "~/.kube/config",
+        client_configuration=configuration,
+        persist_config=False,
+    )
+    if hasattr(loader, "exec_plugin_expiry"):
+        # The exec plugin's token expires: run it again when it has (the loader keeps
+        # the token until its expirationTimestamp).
+        async def refresh(conf: Any) -> None:
+            await loader.load_from_exec_plugin()
+            conf.api_key["BearerToken"] = loader.token
+
+        configuration.refresh_api_key_hook = refresh
+    return configuration
 
 
 def resource_path(
@@ -110,20 +98,33 @@ def resource_path(
 
 
 class KubeClient:
-    def __init__(self, config: KubeConfig, *, timeout: float = 30.0) -> None:
-        self.config = config
-        headers = {"Accept": "application/json"}
-        if config.token:
-            headers["Authorization"] = f"Bearer {config.token}"
-        self._session = aiohttp.ClientSession(
-            base_url=config.server,
-            headers=headers,
-            timeout=aiohttp.ClientTimeout(total=timeout),
-            connector=aiohttp.TCPConnector(ssl=config.ssl_context, limit=100),
-        )
+    """Loads its configuration on first use (`server`: see `load_configuration`)."""
+
+    def __init__(self, server: str | None = None, *, timeout: float = 30.0) -> None:
+        self.server = server
+        self.timeout = timeout
+        self._api: Any = None  # kubernetes_asyncio.client.ApiClient
+        self._lock = asyncio.Lock()
+
+    async def connect(self) -> Any:
+        """The official client's ApiClient, configured (credentials read) once."""
+        async with self._lock:
+            if self._api is None:
+                self._api = ApiClient(await load_configuration(self.server))
+            return self._api
+
+    async def _reconnect(self, stale: Any) -> None:
+        """Reads credentials again (a 401: an expired token, a rotated plugin secret)."""
+        async with self._lock:
+            if self._api is stale:
+                self._api = None
+                await stale.close()
 
     async def close(self) -> None:
-        await self._session.close()
+        async with self._lock:
+            if self._api is not None:
+                await self._api.close()
+                self._api = None
 
     async def request(
         self,
@@ -134,21 +135,35 @@ class KubeClient:
         content_type: str = "application/json",
         params: dict[str, str] | None = None,
     ) -> dict[str, Any]:
-        async with self._session.request(
-            method,
+        call: dict[str, Any] = {
+            "query_params": list(params.items()) if params else None,
+            "header_params": {"Accept": "application/json", "Content-Type": content_type},
+            "body": body,
+        }
+        api = await self.connect()
+        try:
+            return await self._call(api, method, path, call)
+        except ApiException as exc:
+            if exc.status != 401 or self.server is not None:
+                raise ApiError.from_exception(exc) from None
+        log.info("the API server refused our credentials: reading them again")
+        await self._reconnect(api)
+        try:
+            return await self._call(await self.connect(), method, path, call)
+        except ApiException as exc:
+            raise ApiError.from_exception(exc) from None
+
+    async def _call(self, api: Any, method: str, path: str, call: dict[str, Any]) -> dict[str, Any]:
+        data = await api.call_api(
             path,
-            json=body,
-            params=params,
-            headers={"Content-Type": content_type} if body is not None else None,
-        ) as resp:
-            try:
-                data = await resp.json(content_type=None)
-            except ValueError:
-                data = {"message": await resp.text()}
-            if resp.status >= 400:
-                data = data if isinstance(data, dict) else {}
-                raise ApiError(resp.status, data.get("message", ""), data.get("reason", ""))
-            return data if isinstance(data, dict) else {}
+            method,
+            auth_settings=["BearerToken"],
+            response_types_map=_AS_OBJECT,
+            _return_http_data_only=True,
+            _request_timeout=self.timeout,
+            **call,
+        )
+        return data if isinstance(data, dict) else {}
 
     async def get(self, path: str) -> dict[str, Any]:
         return await self.request("GET", path)

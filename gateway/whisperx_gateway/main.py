@@ -12,7 +12,7 @@ import sys
 
 from aiohttp import web
 
-from whisperx_api.kube import KubeClient, KubeConfig
+from whisperx_api.kube import KubeClient
 from whisperx_api.store import Store
 from whisperx_gateway import local
 from whisperx_gateway.app import create_app
@@ -41,7 +41,7 @@ def main() -> None:
     async def build() -> web.Application:
         # WHISPERX_KUBE_SERVER: an API server URL without credentials (development,
         # tests); otherwise the in-cluster service account, else $KUBECONFIG.
-        kube = KubeClient(KubeConfig.load(server=os.environ.get("WHISPERX_KUBE_SERVER")))
+        kube = KubeClient(server=os.environ.get("WHISPERX_KUBE_SERVER"))
         return create_app(config, Store.from_url(config.redis_url), KubeBackend(kube))
 
     logging.getLogger("whisperx_gateway").info(

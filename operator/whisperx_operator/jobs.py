@@ -158,6 +158,12 @@ def runner_job(
         {"name": "WHISPERX_INPUT_FILE", "value": f"{INPUT_DIR}/{INPUT_KEY}"},
         {"name": "WHISPERX_REPORT_URL", "value": report_url(config, ref.namespace, ref.name)},
         _secret_env("WHISPERX_REPORT_TOKEN", secret_name(ref.name), TOKEN_KEY),
+        # Each pod of the Job is one runner attempt: a replacement (eviction, preemption,
+        # a retry) numbers its reports from 1 again, so its reports name their pod.
+        {
+            "name": "WHISPERX_RUNNER_ATTEMPT",
+            "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}},
+        },
         {"name": "WHISPERX_MODEL_DIR", "value": MODEL_DIR},
         {"name": "WHISPERX_MODEL", "value": profile.model},
         {"name": "WHISPERX_DEVICE", "value": profile.device},

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 import kopf
 
 import whisperx_operator.handlers  # noqa: F401  (registers the kopf handlers)
+import whisperx_operator.login  # noqa: F401  (kopf's credentials: the same loader as ours)
 from whisperx_api.crd import GROUP, PREDICTION_LABEL
 from whisperx_operator.config import ConfigError, OperatorConfig
 from whisperx_operator.runtime import Runtime

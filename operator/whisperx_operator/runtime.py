@@ -17,7 +17,7 @@ from aiohttp import web
 
 from whisperx_api import lifecycle as lc
 from whisperx_api.crd import PREDICTION_LABEL
-from whisperx_api.kube import ApiError, KubeClient, KubeConfig, resource_path
+from whisperx_api.kube import ApiError, KubeClient, resource_path
 from whisperx_api.records import PredictionRecord
 from whisperx_api.reports import prediction_token
 from whisperx_api.status_writer import StatusWriter
@@ -56,7 +56,7 @@ def prediction_of(obj: dict[str, Any]) -> str | None:
 class Runtime:
     def __init__(self, config: OperatorConfig, *, identity: str) -> None:
         self.config = config
-        self.kube = KubeClient(KubeConfig.load())
+        self.kube = KubeClient()
         self.store = Store.from_url(config.redis_url)
         self.events = EventPoster(self.kube, identity)
         self.gate = PeeringGate(

@@ -125,6 +125,8 @@ class RunnerConfig:
     max_redirects: int = 5
     decode: DecodeLimits = field(default_factory=DecodeLimits)
     report_retry_seconds: float = 120.0
+    # The runner attempt (the pod's uid, from the downward API) its reports carry.
+    report_attempt: str = ""
     work_dir: Path | None = None
     # The hardware profile's cap on the input's batch_size (what fits in GPU memory).
     max_batch_size: int | None = None
@@ -162,6 +164,7 @@ class RunnerConfig:
             else None,
             report_url=_optional(env, "WHISPERX_REPORT_URL"),
             report_token=_optional(env, "WHISPERX_REPORT_TOKEN"),
+            report_attempt=env.get("WHISPERX_RUNNER_ATTEMPT", "").strip(),
             input_file=Path(input_file) if input_file else None,
             max_audio_bytes=int(
                 _number(env, "WHISPERX_MAX_AUDIO_BYTES", defaults.max_audio_bytes, minimum=1)

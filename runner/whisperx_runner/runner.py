@@ -74,7 +74,10 @@ def make_reporter(config: RunnerConfig) -> Reporter:
     if config.report_token is None:
         raise ConfigError("WHISPERX_REPORT_URL is set but WHISPERX_REPORT_TOKEN is not")
     return HttpReporter(
-        config.report_url, config.report_token, retry_seconds=config.report_retry_seconds
+        config.report_url,
+        config.report_token,
+        attempt=config.report_attempt,
+        retry_seconds=config.report_retry_seconds,
     )
 
 

@@ -32,7 +32,7 @@ from tests.kube_fixtures import (  # noqa: F401
     operator,
     operator_environment,
 )
-from whisperx_api.kube import KubeClient, KubeConfig
+from whisperx_api.kube import KubeClient
 from whisperx_api.store import Store
 from whisperx_gateway.kube_backend import KubeBackend
 
@@ -44,7 +44,7 @@ def kube_gateway(
     redis_url: str, emulator: Emulator, **config: Any
 ) -> contextlib.AbstractAsyncContextManager[Gateway]:
     def make_backend(store: Store, url: str, secret: str) -> KubeBackend:
-        return KubeBackend(KubeClient(KubeConfig.load(server=emulator_url(emulator))))
+        return KubeBackend(KubeClient(emulator_url(emulator)))
 
     return serve(redis_url, make_backend, **config)
 

@@ -31,7 +31,7 @@ from tests.kube_fixtures import (
     wait_for,
     wait_for_phase,
 )
-from whisperx_api.kube import KubeClient, KubeConfig
+from whisperx_api.kube import KubeClient
 from whisperx_api.store import Store
 from whisperx_api.webhooks import generate_secret
 from whisperx_gateway.app import create_app
@@ -147,7 +147,7 @@ async def test_the_gateway_calls_exactly_what_its_role_grants(redis_url: str) ->
             files_key=b"test-files-key",
         )
         store = Store.from_url(redis_url)
-        backend = KubeBackend(KubeClient(KubeConfig.load(server=emulator_url(kube))))
+        backend = KubeBackend(KubeClient(emulator_url(kube)))
         runner = web.AppRunner(create_app(config, store, backend))
         await runner.setup()
         port = free_port()

@@ -20,14 +20,14 @@ from tests.kube_fixtures import (
     emulator_url,
     label_selector_matches,
 )
-from whisperx_api.kube import ApiError, KubeClient, KubeConfig, resource_path
+from whisperx_api.kube import ApiError, KubeClient, resource_path
 
 PRED = resource_path("default")
 
 
 @pytest.fixture
 async def client(kube: Emulator) -> AsyncIterator[KubeClient]:
-    client = KubeClient(KubeConfig.load(emulator_url(kube)))
+    client = KubeClient(emulator_url(kube))
     yield client
     await client.close()
 

@@ -1,0 +1,40 @@
+"""The operator authenticated by an exec credential plugin (as on EKS and GKE): kopf's
+watches and the operator's own calls all carry the plugin's token."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.kube_auth import plugin_runs, write_exec_kubeconfig
+from tests.kube_fixtures import (
+    PREDICTIONS,
+    Emulator,
+    Kubelet,
+    emulator_url,
+    operator_environment,
+    prediction_body,
+    running_operator,
+    wait_for_phase,
+)
+
+NS = "default"
+
+
+async def test_operator_logs_in_with_an_exec_plugin(
+    kube: Emulator, kubelet: Kubelet, redis_url: str, tmp_path: Path
+) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("plugin-token")
+    kubeconfig = write_exec_kubeconfig(tmp_path / "exec-config", emulator_url(kube), token_file)
+    env = operator_environment(kube, redis_url, tmp_path, KUBECONFIG=str(kubeconfig))
+    kube.keep_requests = True
+    async with running_operator(kube, env, tmp_path / "operator.log"):
+        body = prediction_body("x1", "https://fake.test/succeed")
+        await kube.create_object(PREDICTIONS, NS, body)
+        assert (await wait_for_phase(kube, "x1"))["status"]["phase"] == "succeeded"
+    operator_calls = list(kube)  # over HTTP: the operator's (the kubelet acts in process)
+    assert {r.headers.get("Authorization") for r in operator_calls} == {"Bearer plugin-token"}
+    kinds = {(str(r.method.value).upper(), r.params.get("watch")) for r in operator_calls}
+    assert ("GET", "true") in kinds  # kopf's watches
+    assert any(r.url.path.endswith("/status") for r in operator_calls)  # the status writer
+    assert plugin_runs(kubeconfig) >= 2  # kopf's login and the operator's client
