@@ -1027,6 +1027,13 @@ class Kubelet:
             if "value" in item:
                 env[item["name"]] = local_path(item["value"])
                 continue
+            if "fieldRef" in item["valueFrom"]:
+                # The downward API: a field of the pod itself (metadata.uid, ...).
+                value: Any = self.emulator.get(PODS, run.namespace, run.name)
+                for part in item["valueFrom"]["fieldRef"]["fieldPath"].split("."):
+                    value = (value or {}).get(part)
+                env[item["name"]] = "" if value is None else str(value)
+                continue
             ref = item["valueFrom"]["secretKeyRef"]
             found = self.emulator.get(SECRETS, namespace, ref["name"])
             data = (found or {}).get("data") or {}

@@ -59,6 +59,9 @@ class _Report(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     seq: Annotated[int, Field(ge=1)]
+    # Which runner attempt (the pod's uid) sent it: a replacement pod of the same Job
+    # numbers its reports from 1 again. Empty where a prediction has one attempt only.
+    attempt: Annotated[str, Field(max_length=128)] = ""
 
 
 class StartReport(_Report):

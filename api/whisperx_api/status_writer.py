@@ -161,7 +161,16 @@ class StatusWriter:
                 return ReportResult(422, {"detail": f"invalid report: {exc.errors()[0]['msg']}"})
             if record.state.terminal:
                 return ReportResult(200, {"applied": False, "reason": "prediction has ended"})
-            if not await self.store.advance_seq(namespace, prediction_id, report.seq):
+            order = await self.store.order_report(
+                namespace, prediction_id, report.attempt, report.seq
+            )
+            if order == "superseded":
+                # A pod the Job has replaced (say, cut off from the network and given up
+                # for lost) must not write over its successor's work.
+                return ReportResult(
+                    409, {"applied": False, "reason": "a newer runner attempt has started"}
+                )
+            if order == "replay":
                 return ReportResult(200, {"applied": False, "reason": "already applied"})
             await self._apply_report(record, report)
             return ReportResult(200, {"applied": True})

@@ -12,13 +12,15 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import redis.asyncio as aioredis
 
 from whisperx_api.records import PredictionRecord
 
 EVENTS_CHANNEL = "wx:events"
+ReportOrder = Literal["new", "replay", "superseded"]
+_REPORT_ORDERS: dict[int, ReportOrder] = {1: "new", 0: "replay", -1: "superseded"}
 WEBHOOKS_DUE = "wx:wh:due"
 
 
@@ -38,15 +40,22 @@ def _delivery_key(delivery_id: str) -> str:
     return f"wx:wh:d:{delivery_id}"
 
 
-# Applies a report sequence number only if it moves forward (atomic on the server).
-_ADVANCE_SEQ = """
-local current = tonumber(redis.call('GET', KEYS[1]) or '0')
-local seq = tonumber(ARGV[1])
-if seq > current then
-  redis.call('SET', KEYS[1], seq)
-  return 1
+# Orders a runner report (atomic on the server). Each runner attempt (a pod of the Job)
+# numbers its reports from 1; the hash keeps the current attempt and the last sequence
+# number applied per attempt. 1: apply; 0: a replay within its attempt; -1: the report of
+# an attempt that a newer one has replaced (attempts are ordered by their first report).
+_ORDER_REPORT = """
+local current = redis.call('HGET', KEYS[1], 'current')
+local field = 'seq:' .. ARGV[1]
+if current and current ~= ARGV[1] and redis.call('HEXISTS', KEYS[1], field) == 1 then
+  return -1
 end
-return 0
+local seq = tonumber(ARGV[2])
+if seq <= tonumber(redis.call('HGET', KEYS[1], field) or '0') then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'current', ARGV[1], field, seq)
+return 1
 """
 
 # Enqueues a delivery unless one with the same `once` marker was enqueued before, so a
@@ -117,7 +126,7 @@ class WebhookDelivery:
 class Store:
     def __init__(self, client: aioredis.Redis) -> None:
         self.redis = client
-        self._advance_seq = client.register_script(_ADVANCE_SEQ)
+        self._order_report = client.register_script(_ORDER_REPORT)
         self._lease_due = client.register_script(_LEASE_DUE)
         self._enqueue_once = client.register_script(_ENQUEUE_ONCE)
 
@@ -197,14 +206,18 @@ class Store:
         if text:
             await self.redis.append(_key(namespace, prediction_id, "logs"), text)
 
-    async def advance_seq(self, namespace: str, prediction_id: str, seq: int) -> bool:
-        """True when `seq` is newer than every report applied so far."""
-        applied = await self._advance_seq(keys=[_key(namespace, prediction_id, "seq")], args=[seq])
-        return bool(applied)
+    async def order_report(
+        self, namespace: str, prediction_id: str, attempt: str, seq: int
+    ) -> ReportOrder:
+        """Whether report `seq` of runner attempt `attempt` is new, and records it if so."""
+        order = await self._order_report(
+            keys=[_key(namespace, prediction_id, "reports")], args=[attempt, seq]
+        )
+        return _REPORT_ORDERS[int(order)]
 
     async def delete_prediction(self, namespace: str, prediction_id: str) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
-            for part in ("rec", "out", "logs", "seq", "wh-completed"):
+            for part in ("rec", "out", "logs", "reports", "wh-completed"):
                 pipe.delete(_key(namespace, prediction_id, part))
             pipe.zrem(index_key(namespace), prediction_id)
             await pipe.execute()

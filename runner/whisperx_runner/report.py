@@ -95,12 +95,14 @@ class HttpReporter:
         url: str,
         token: str,
         *,
+        attempt: str = "",
         retry_seconds: float = 120.0,
         interval: float = 0.5,
         request_timeout: float = 10.0,
     ) -> None:
         self.url = url
         self._token = token
+        self.attempt = attempt
         self.retry_seconds = retry_seconds
         self.interval = interval
         self.request_timeout = request_timeout
@@ -134,7 +136,7 @@ class HttpReporter:
         return self._session
 
     async def start(self) -> None:
-        self._head = StartReport(event="start", seq=self._next_seq())
+        self._head = StartReport(event="start", seq=self._next_seq(), attempt=self.attempt)
         if await self._post(self._head) != "retry":
             self._head = None
         self._sender = asyncio.create_task(self._send_loop())
@@ -156,7 +158,9 @@ class HttpReporter:
         if not text and progress == self._progress_sent:
             return None
         self._progress_sent = progress
-        return LogsReport(event="logs", seq=self._next_seq(), logs=text, progress=progress)
+        return LogsReport(
+            event="logs", seq=self._next_seq(), attempt=self.attempt, logs=text, progress=progress
+        )
 
     async def _send_loop(self) -> None:
         while True:
@@ -226,6 +230,7 @@ class HttpReporter:
         report = CompletedReport(
             event="completed",
             seq=self._next_seq(),
+            attempt=self.attempt,
             status=status,
             output=output,
             error=error[:_MAX_ERROR_CHARS] if error else None,

@@ -104,6 +104,40 @@ async def test_reports_drive_the_lifecycle_and_keep_output_in_redis(store: Store
     assert sink.saves == saves
 
 
+async def test_a_replacement_pod_numbers_its_reports_anew_and_its_predecessor_is_refused(
+    store: Store,
+) -> None:
+    sink = MemorySink()
+    writer = StatusWriter(store=store, sink=sink, report_key=KEY, public_url="http://gw")
+    rec = new_record("r")
+    sink.records[(NS, "r")] = rec
+    first = {"attempt": "pod-a"}
+    assert (await report(writer, rec, {"event": "start", "seq": 1, **first}))[0] == 200
+    logs = {"event": "logs", "seq": 2, "logs": "a\n", **first}
+    assert (await report(writer, rec, logs))[1] == {"applied": True}
+    # Evicted: the replacement pod starts counting from 1 again, and is heard.
+    second = {"attempt": "pod-b"}
+    assert await report(writer, rec, {"event": "start", "seq": 1, **second}) == (
+        200, {"applied": True}
+    )  # fmt: skip
+    assert await report(writer, rec, {"event": "logs", "seq": 2, "logs": "b\n", **second}) == (
+        200, {"applied": True}
+    )  # fmt: skip
+    # A replay within an attempt is still a no-op.
+    replay = {"event": "logs", "seq": 2, "logs": "b\n", **second}
+    assert (await report(writer, rec, replay))[1]["applied"] is False
+    # The replaced pod (cut off, given up for lost) cannot write over its successor.
+    late = {"event": "completed", "seq": 3, "status": "failed", "error": "lost", **first}
+    status, detail = await report(writer, rec, late)
+    assert status == 409 and detail["applied"] is False
+    output = {"segments": [{"start": 0, "end": 1, "text": "hi"}]}
+    done = {"event": "completed", "seq": 3, "status": "succeeded", "output": output, **second}
+    assert (await report(writer, rec, done))[1] == {"applied": True}
+    assert sink.records[(NS, "r")].state.phase is lc.Phase.SUCCEEDED
+    view = await store.get_view(NS, "r")
+    assert view is not None and view.output == output and view.logs == "a\nb\n"
+
+
 async def test_credentials_are_per_prediction_and_replays_are_refused(store: Store) -> None:
     sink = MemorySink()
     writer = StatusWriter(store=store, sink=sink, report_key=KEY, public_url="http://gw")

@@ -33,12 +33,13 @@ class Reporter:
     def __init__(self) -> None:
         self.url = os.environ["WHISPERX_REPORT_URL"]
         self.token = os.environ["WHISPERX_REPORT_TOKEN"]
+        self.attempt = os.environ.get("WHISPERX_RUNNER_ATTEMPT", "")
         self.seq = 0
 
     def send(self, event: dict[str, Any], *, budget: float = 15.0) -> int:
         """Posts one report, retrying 5xx and connection errors; exits 4 if refused."""
         self.seq += 1
-        body = json.dumps({**event, "seq": self.seq}).encode()
+        body = json.dumps({**event, "seq": self.seq, "attempt": self.attempt}).encode()
         deadline = time.monotonic() + budget
         while True:
             request = urllib.request.Request(

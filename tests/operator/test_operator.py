@@ -134,7 +134,7 @@ async def test_a_prediction_runs_to_success(
 ) -> None:
     # Left by an earlier Prediction of the same name (say, its finalizer was removed by
     # hand): it must not make this one's reports look like replays.
-    await redis_client.set("wx:p:default:p1:seq", 99)
+    await redis_client.hset("wx:p:default:p1:reports", mapping={"current": "", "seq:": 99})
     await redis_client.set("wx:p:default:p1:logs", "stale\n")
     created = await create(
         kube, "p1", webhook=webhooks.url, webhookEventsFilter=["start", "completed"]
@@ -154,7 +154,7 @@ async def test_a_prediction_runs_to_success(
     output = await redis_json(redis_client, "wx:p:default:p1:out")
     assert output["segments"][0]["text"] == " the quick brown fox"
     logs = await redis_client.get("wx:p:default:p1:logs")
-    assert logs is not None and logs.startswith("loading model") and "transcribed" in logs
+    assert isinstance(logs, str) and logs.startswith("loading model") and "transcribed" in logs
     record = await redis_json(redis_client, "wx:p:default:p1:rec")
     assert record["status"]["phase"] == "succeeded"
 
@@ -270,6 +270,23 @@ async def test_pods_that_die_or_never_start_end_the_prediction_with_the_reason(
         await wait_for(gone(kube, JOBS, name))
     warnings = [e for e in iter_events(kube, "oom") if e["type"] == "Warning"]
     assert warnings and warnings[0]["reason"] == "OOMKilled"
+
+
+async def test_a_replacement_pod_after_an_eviction_delivers_the_transcript(
+    kube: Emulator, kubelet: Kubelet, operator: OperatorProcess, redis_client: aioredis.Redis
+) -> None:
+    # The first pod is evicted mid-run (after its start and logs reports, and its
+    # `canceled` report on SIGTERM); the Job's replacement pod numbers its reports from 1.
+    kubelet.plan("ev", PodPlan(evict_after=0.5))
+    await create(kube, "ev", "https://fake.test/succeed?seconds=1.5")
+    obj = await wait_for_phase(kube, "ev", within=30)
+    assert obj["status"]["phase"] == "succeeded", obj["status"]
+    assert obj["status"]["detectedLanguage"] == "en"
+    await wait_for(lambda: [run.exit_code for run in kubelet.runs("ev")] == [143, 0])
+    output = await redis_json(redis_client, "wx:p:default:ev:out")
+    assert output["segments"][0]["text"] == " the quick brown fox"
+    logs = await redis_client.get("wx:p:default:ev:logs")
+    assert isinstance(logs, str) and logs.count("loading model") == 2 and "transcribed" in logs
 
 
 async def test_a_job_held_by_kueue_reads_as_queued(
