@@ -215,6 +215,18 @@ class Store:
         )
         return _REPORT_ORDERS[int(order)]
 
+    async def remove_data(self, namespace: str, prediction_id: str) -> None:
+        """Drops the output and logs, keeping the record (marked `data_removed`)."""
+        record = await self.get_record(namespace, prediction_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(
+                output_key(namespace, prediction_id), _key(namespace, prediction_id, "logs")
+            )
+            await pipe.execute()
+        if record is not None and not record.data_removed:
+            record.data_removed = True
+            await self.put_record(record)
+
     async def delete_prediction(self, namespace: str, prediction_id: str) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
             for part in ("rec", "out", "logs", "reports", "wh-completed"):

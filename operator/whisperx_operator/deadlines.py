@@ -22,6 +22,13 @@ from whisperx_api import lifecycle as lc
 log = logging.getLogger(__name__)
 
 Kind = Literal["start", "run", "ttl"]
+# A finished Prediction with this annotation set to "true" outlives its TTL.
+KEEP_ANNOTATION = "whisperx.io/keep"
+# How Argo CD marks what it manages (annotation tracking, the default since Argo CD 3,
+# or label tracking before it): deleting such a Prediction makes self-heal create it
+# again, and run it again, every TTL period.
+ARGOCD_TRACKING_ANNOTATION = "argocd.argoproj.io/tracking-id"
+ARGOCD_TRACKING_LABEL = "app.kubernetes.io/instance"
 Key = tuple[str, str]
 FireFn = Callable[[Kind, str, str], Awaitable[None]]
 RETRY_SECONDS = 5.0
@@ -41,6 +48,23 @@ class Limits:
             run=int(spec.get("activeDeadlineSeconds") or run),
             ttl=int(given_ttl) if given_ttl is not None else ttl,
         )
+
+
+def kept_after_ttl(metadata: dict[str, Any]) -> str | None:
+    """Why a finished Prediction must not be deleted at its TTL (None: delete it).
+
+    Such a Prediction is declared elsewhere (Git) and would come back: at its TTL only
+    what it holds elsewhere (its Job, its transcript in Redis) is removed.
+    """
+    annotations = metadata.get("annotations") or {}
+    labels = metadata.get("labels") or {}
+    if str(annotations.get(KEEP_ANNOTATION, "")).lower() == "true":
+        return f"annotation {KEEP_ANNOTATION}"
+    if ARGOCD_TRACKING_ANNOTATION in annotations:
+        return f"tracked by Argo CD ({ARGOCD_TRACKING_ANNOTATION})"
+    if ARGOCD_TRACKING_LABEL in labels:
+        return f"tracked by Argo CD or another deployer ({ARGOCD_TRACKING_LABEL})"
+    return None
 
 
 def next_deadline(state: lc.PredictionState, limits: Limits) -> tuple[Kind, float] | None:

@@ -25,7 +25,7 @@ from whisperx_api.store import Store
 from whisperx_api.webhooks import WebhookSender
 from whisperx_operator import jobs
 from whisperx_operator.config import OperatorConfig
-from whisperx_operator.deadlines import Deadlines, Kind, Limits
+from whisperx_operator.deadlines import Deadlines, Kind, Limits, kept_after_ttl
 from whisperx_operator.events import EventPoster, involved_object
 from whisperx_operator.peering import PeeringGate
 from whisperx_operator.pods import job_event, pod_event
@@ -219,8 +219,7 @@ class Runtime:
 
     async def deadline_reached(self, kind: Kind, namespace: str, name: str) -> None:
         if kind == "ttl":
-            log.info("deleting %s/%s: its TTL after finishing has passed", namespace, name)
-            await self.kube.delete(resource_path(namespace, name))
+            await self._expire(namespace, name)
             return
         record = await self.sink.load(namespace, name)
         if record is None or record.state.terminal:
@@ -237,6 +236,24 @@ class Runtime:
         else:
             message = f"the run took longer than {limits.run} s"
             await self._end(namespace, name, lc.Failed("DeadlineExceeded", message, lc.now_utc()))
+
+    async def _expire(self, namespace: str, name: str) -> None:
+        """The TTL after finishing has passed: delete the Prediction, or only its data."""
+        try:
+            obj = await self.kube.get(resource_path(namespace, name))
+        except ApiError as exc:
+            if exc.status == 404:
+                return
+            raise
+        kept = kept_after_ttl(obj.get("metadata") or {})
+        if kept is None:
+            log.info("deleting %s/%s: its TTL after finishing has passed", namespace, name)
+            await self.kube.delete(resource_path(namespace, name))
+            return
+        log.info("%s/%s is kept (%s): removing only its Job and data", namespace, name, kept)
+        await self._delete_job(namespace, name)
+        await self.store.remove_data(namespace, name)
+        self.deadlines.forget(namespace, name)
 
     async def _why_waiting(self, namespace: str, name: str, record: PredictionRecord) -> str:
         """Why a prediction has not started: its Queued condition, else its pods now."""

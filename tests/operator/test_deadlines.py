@@ -7,7 +7,7 @@ import dataclasses
 from datetime import UTC, datetime, timedelta
 
 from whisperx_api import lifecycle as lc
-from whisperx_operator.deadlines import Deadlines, Kind, Limits, next_deadline
+from whisperx_operator.deadlines import Deadlines, Kind, Limits, kept_after_ttl, next_deadline
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 LIMITS = Limits(start=60, run=600, ttl=3600)
@@ -88,3 +88,12 @@ async def test_a_failed_action_is_retried() -> None:
         assert deadlines.planned("ns", "a") is not None  # rescheduled
     finally:
         task.cancel()
+
+
+def test_predictions_declared_elsewhere_are_kept_after_their_ttl() -> None:
+    assert kept_after_ttl({}) is None
+    assert kept_after_ttl({"annotations": {"whisperx.io/keep": "false"}}) is None
+    assert "keep" in str(kept_after_ttl({"annotations": {"whisperx.io/keep": "True"}}))
+    tracked = {"annotations": {"argocd.argoproj.io/tracking-id": "app:whisperx.io/Prediction:ns/p"}}
+    assert "Argo CD" in str(kept_after_ttl(tracked))
+    assert "instance" in str(kept_after_ttl({"labels": {"app.kubernetes.io/instance": "app"}}))

@@ -4,6 +4,7 @@ server, a real redis-server, and the fake kubelet running the stand-in runner.""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -403,6 +404,37 @@ async def test_ttl_deletes_the_prediction_and_its_data(
     await wait_for(lambda: kube.get(PREDICTIONS, NS, "t2") is None)
     keys = await redis_client.keys("wx:p:default:t*")
     assert keys == [] and await redis_client.zscore("wx:idx:default", "t1") is None
+
+
+async def test_ttl_keeps_a_prediction_declared_in_git_and_removes_only_its_data(
+    kube: Emulator, kubelet: Kubelet, operator: OperatorProcess, redis_client: aioredis.Redis
+) -> None:
+    # Argo CD's self-heal would create a deleted one again, and it would run again.
+    tracking_id = "wx:whisperx.io/Prediction:default/argo"
+    markers = {
+        "argo": {"annotations": {"argocd.argoproj.io/tracking-id": tracking_id}},
+        "label": {"labels": {"app.kubernetes.io/instance": "transcripts"}},
+        "keep": {"annotations": {"whisperx.io/keep": "true"}},
+    }
+    for name, meta in markers.items():
+        body = prediction_body(name, SUCCEED, ttlSecondsAfterFinished=0)
+        body["metadata"].update(meta)
+        await kube.create_object(PREDICTIONS, NS, body)
+    for name in markers:
+        assert (await wait_for_phase(kube, name))["status"]["phase"] == "succeeded"
+
+    async def data_removed(name: str) -> bool:
+        record = await redis_json(redis_client, f"wx:p:default:{name}:rec")
+        return bool(record["data_removed"])
+
+    for name in markers:
+        await wait_for(gone(kube, JOBS, name))
+        await wait_for(functools.partial(data_removed, name))
+        assert await redis_client.exists(f"wx:p:default:{name}:out") == 0
+        assert await redis_client.exists(f"wx:p:default:{name}:logs") == 0
+    await asyncio.sleep(1)
+    for name in markers:
+        assert current(kube, name)["status"]["phase"] == "succeeded"
 
 
 async def test_an_operator_crash_loses_nothing_and_repeats_nothing(
