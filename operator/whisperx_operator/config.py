@@ -133,6 +133,9 @@ class OperatorConfig:
     default_start_deadline_seconds: int = 3600
     default_active_deadline_seconds: int = 7200
     default_backoff_limit: int = 0
+    # How long a runner container may wait on what a kubelet retries (image pull back-off,
+    # a missing Secret) before its prediction fails; the start deadline bounds it too.
+    waiting_grace_seconds: int = 300
     namespaces: tuple[str, ...] = ()
     peering: str = "whisperx"
     peering_priority: int = 0
@@ -184,6 +187,9 @@ class OperatorConfig:
             ),
             default_backoff_limit=_required_int(
                 env, "WHISPERX_DEFAULT_BACKOFF_LIMIT", cls.default_backoff_limit
+            ),
+            waiting_grace_seconds=_required_int(
+                env, "WHISPERX_WAITING_GRACE_SECONDS", cls.waiting_grace_seconds
             ),
             namespaces=tuple(ns.strip() for ns in namespaces.split(",") if ns.strip()),
             peering=env.get("WHISPERX_PEERING", cls.peering),
