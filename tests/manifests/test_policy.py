@@ -385,6 +385,7 @@ def test_network_policies_allow_only_the_designed_flows(
         (operator, api_endpoint, 6443),
         (gateway, api_service, 443),
         (operator, public_web, 443),  # webhook delivery
+        (operator, public_web, 8080),  # webhook URLs may name any port
     ]
     denied = [
         (client, redis, 6379),
@@ -409,6 +410,9 @@ def test_network_policies_allow_only_the_designed_flows(
         (client, runner, 8080),
         (client, gateway, 8080),
         (gateway, public_web, 80),
+        # Webhook URLs are the clients' choice: never the cluster's internals.
+        (operator, metadata_server, 80),
+        (operator, private_host, 8080),
     ]
     wrong = [f"{s} -> {d}:{p} denied" for s, d, p in allowed if not net.allowed(s, d, p)]
     wrong += [f"{s} -> {d}:{p} allowed" for s, d, p in denied if net.allowed(s, d, p)]
