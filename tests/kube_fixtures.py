@@ -58,6 +58,9 @@ import pytest
 import yaml
 from kmock._internal import apps, rendering
 
+from tests.cluster.controlplane import ControlPlane
+from tests.cluster.fixtures import RealKube, node_agent_for, real_kube, service_account_kubeconfig
+from tests.cluster.kubelet import Kubelet as NodeAgent
 from tests.conftest import REPO_ROOT, free_port
 from whisperx_api.crd import GROUP, PLURAL, VERSION
 
@@ -601,6 +604,9 @@ class PodPlan:
     waiting_message: str = ""
     # The pod is never scheduled (PodScheduled=False, Unschedulable) with this message.
     unschedulable: str | None = None
+    # With `waiting_reason`: the wait lasts this many seconds, then the container starts
+    # (a kubelet's retry that succeeds); without, it lasts forever.
+    waiting_seconds: float | None = None
     # The process is killed this many seconds after it started, as the kernel's OOM
     # killer would (exit 137, reason OOMKilled).
     oom_kill_after: float | None = None
@@ -892,7 +898,9 @@ class Kubelet:
                 }
             ]
             await self._pod_status(run, pending)
-            await asyncio.Event().wait()
+            if plan.waiting_seconds is None or waiting[0] != plan.waiting_reason:
+                await asyncio.Event().wait()
+            await asyncio.sleep(plan.waiting_seconds)
         log = run.log_path.open("wb")
         run.process = await asyncio.create_subprocess_exec(
             *container["command"], *container.get("args", []),
@@ -1215,10 +1223,16 @@ class OperatorProcess(ChildProcess):
 
 
 def operator_environment(
-    emulator: Emulator, redis_url: str, workdir: Path, **overrides: str
+    emulator: Emulator | RealKube, redis_url: str, workdir: Path, **overrides: str
 ) -> dict[str, str]:
-    """Environment for `whisperx-operator` against `emulator`, with free ports."""
-    kubeconfig = write_kubeconfig(emulator_url(emulator), workdir / "kubeconfig")
+    """Environment for `whisperx-operator` against `emulator` (or the real API server,
+    with a token of the operator's own ServiceAccount), with free ports."""
+    if isinstance(emulator, RealKube):
+        kubeconfig = service_account_kubeconfig(
+            emulator.plane, "whisperx-operator", workdir / "kubeconfig"
+        )
+    else:
+        kubeconfig = write_kubeconfig(emulator_url(emulator), workdir / "kubeconfig")
     report_port = free_port()
     env = {
         "PATH": os.environ.get("PATH", ""),
@@ -1227,6 +1241,7 @@ def operator_environment(
         "REDIS_URL": redis_url,
         "WHISPERX_REPORT_KEY": TEST_REPORT_KEY,
         "WHISPERX_WEBHOOK_SECRET": "whsec_" + base64.b64encode(b"w" * 32).decode(),
+        "WHISPERX_WEBHOOK_ALLOW_HOSTS": "127.0.0.1",  # the tests' webhook receivers
         "WHISPERX_REPORT_BASE_URL": f"http://127.0.0.1:{report_port}",
         "WHISPERX_REPORT_PORT": str(report_port),
         "WHISPERX_LIVENESS_PORT": str(free_port()),
@@ -1241,6 +1256,12 @@ def operator_environment(
         "WHISPERX_LOG_LEVEL": "DEBUG",
         "PYTHONUNBUFFERED": "1",
     }
+    if isinstance(emulator, RealKube):
+        # The hardware profiles the deployed (kind) overlay ships: CPU pods, which the
+        # real scheduler places on the CPU node (the defaults ask for GPUs).
+        env["WHISPERX_PROFILES_FILE"] = str(
+            REPO_ROOT / "manifests" / "overlays" / "kind" / "profiles.yaml"
+        )
     env.update(overrides)
     return env
 
@@ -1250,12 +1271,12 @@ FAKE_RUNNER = REPO_ROOT / "tests" / "operator" / "fake_runner.py"
 
 @contextlib.asynccontextmanager
 async def running_operator(
-    emulator: Emulator, env: dict[str, str], log_path: Path
+    emulator: Emulator | RealKube, env: dict[str, str], log_path: Path
 ) -> AsyncIterator[OperatorProcess]:
     operator = OperatorProcess(env=env, log_path=log_path)
     operator.start()
     try:
-        await operator.wait_ready(emulator)
+        await operator.wait_ready(emulator if isinstance(emulator, Emulator) else None)
         yield operator
     finally:
         await operator.stop()
@@ -1264,26 +1285,51 @@ async def running_operator(
 # --- pytest fixtures ---
 
 
-@pytest.fixture
-async def kube() -> AsyncIterator[Emulator]:
-    async with running_emulator() as emulator:
-        yield emulator
+# The operator's suites run on the real control plane (tests/cluster); with
+# WHISPERX_KUBE_BACKEND=emulator they run on the emulator instead (fast, but no behaviour
+# is claimed on it alone).
+KUBE_BACKEND = os.environ.get("WHISPERX_KUBE_BACKEND", "real")
+Kube = Emulator | RealKube
+AnyKubelet = Kubelet | NodeAgent
 
 
 @pytest.fixture
-async def kubelet(kube: Emulator, tmp_path: Path) -> AsyncIterator[Kubelet]:
-    async with Kubelet(kube, tmp_path / "kubelet") as kubelet:
-        yield kubelet
+def kube_plane(request: pytest.FixtureRequest) -> ControlPlane | None:
+    """The real control plane with the stack deployed, or None on the emulator."""
+    if KUBE_BACKEND == "emulator":
+        return None
+    plane: ControlPlane = request.getfixturevalue("stack")
+    return plane
 
 
 @pytest.fixture
-def operator_env(kube: Emulator, redis_url: str, tmp_path: Path) -> dict[str, str]:
+async def kube(kube_plane: ControlPlane | None) -> AsyncIterator[Kube]:
+    if kube_plane is None:
+        async with running_emulator() as emulator:
+            yield emulator
+        return
+    async with real_kube(kube_plane) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+async def kubelet(kube: Kube, tmp_path: Path) -> AsyncIterator[AnyKubelet]:
+    if isinstance(kube, Emulator):
+        async with Kubelet(kube, tmp_path / "kubelet") as kubelet:
+            yield kubelet
+        return
+    async with node_agent_for(kube, tmp_path / "kubelet") as agent:
+        yield agent
+
+
+@pytest.fixture
+def operator_env(kube: Kube, redis_url: str, tmp_path: Path) -> dict[str, str]:
     return operator_environment(kube, redis_url, tmp_path)
 
 
 @pytest.fixture
 async def operator(
-    kube: Emulator, operator_env: dict[str, str], tmp_path: Path
+    kube: Kube, operator_env: dict[str, str], tmp_path: Path
 ) -> AsyncIterator[OperatorProcess]:
     async with running_operator(kube, operator_env, tmp_path / "operator.log") as operator:
         yield operator
@@ -1301,7 +1347,7 @@ def prediction_body(name: str, audio: str, **spec: Any) -> dict[str, Any]:
 
 
 async def wait_for_phase(
-    emulator: Emulator,
+    emulator: Kube,
     name: str,
     phases: Iterable[str] = ("succeeded", "failed", "canceled"),
     *,
@@ -1324,7 +1370,7 @@ async def wait_for_phase(
     return result
 
 
-def iter_events(emulator: Emulator, name: str) -> Iterator[dict[str, Any]]:
+def iter_events(emulator: Kube, name: str) -> Iterator[dict[str, Any]]:
     """Kubernetes Events about the object `name`."""
     for event in emulator.list(EVENTS):
         if (event.get("involvedObject") or {}).get("name") == name:

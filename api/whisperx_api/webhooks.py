@@ -4,6 +4,11 @@ Deliveries go through a Redis outbox (`Store.enqueue_webhook`), so a terminal we
 queued before an operator restart is still delivered after it. Terminal deliveries are
 retried with exponential backoff; `start`, `output` and `logs` are best effort, as on
 Replicate.
+
+Each tenant (namespace) has its own signing secret, derived from the master secret, so a
+tenant cannot forge webhooks to another. Targets are client-chosen URLs: they get the
+address guard (`netguard`), and redirects are not followed (a 3xx answer is a failed
+attempt), so no answer can steer a signed body to an internal address.
 """
 
 from __future__ import annotations
@@ -14,17 +19,21 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import os
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import aiohttp
 
+from whisperx_api.netguard import AddressRefused, GuardedResolver, HostAllowList, check_url
 from whisperx_api.store import Store, WebhookDelivery
 
 log = logging.getLogger(__name__)
 
 SECRET_PREFIX = "whsec_"
+# Hosts or CIDRs webhook targets may reach although they are not public.
+ALLOW_HOSTS_ENV = "WHISPERX_WEBHOOK_ALLOW_HOSTS"
 THROTTLED_EVENTS = frozenset({"logs", "output"})
 THROTTLE_SECONDS = 0.5
 
@@ -35,6 +44,18 @@ def generate_secret() -> str:
 
 def _secret_bytes(secret: str) -> bytes:
     return base64.b64decode(secret.removeprefix(SECRET_PREFIX))
+
+
+def tenant_secret(master: str, namespace: str) -> str:
+    """The signing secret of one namespace's webhooks (what its
+    `GET /v1/webhooks/default/secret` returns), derived from the master secret."""
+    digest = hmac.new(_secret_bytes(master), f"webhooks/{namespace}".encode(), hashlib.sha256)
+    return SECRET_PREFIX + base64.b64encode(digest.digest()).decode()
+
+
+def allow_list(env: Mapping[str, str] | None = None) -> HostAllowList:
+    """WHISPERX_WEBHOOK_ALLOW_HOSTS: where webhooks may go although not public."""
+    return HostAllowList.parse((os.environ if env is None else env).get(ALLOW_HOSTS_ENV, ""))
 
 
 def signature(secret: str, message_id: str, timestamp: int, body: str) -> str:
@@ -95,12 +116,14 @@ class WebhookSender:
         store: Store,
         secret: str,
         *,
+        allow: HostAllowList | None = None,
         max_attempts: int = 12,
         timeout: float = 10.0,
         poll_interval: float = 0.2,
     ) -> None:
         self.store = store
         self.secret = secret
+        self.allow = allow_list() if allow is None else allow
         self.max_attempts = max_attempts
         self.timeout = aiohttp.ClientTimeout(total=timeout)
         self.poll_interval = poll_interval
@@ -111,7 +134,11 @@ class WebhookSender:
         self._wake.set()
 
     async def run(self) -> None:
-        async with aiohttp.ClientSession(timeout=self.timeout) as session:
+        connector = aiohttp.TCPConnector(resolver=GuardedResolver(self.allow))
+        # trust_env=False: a proxy from the environment would bypass the address guard.
+        async with aiohttp.ClientSession(
+            connector=connector, timeout=self.timeout, trust_env=False
+        ) as session:
             while True:
                 try:
                     due = await self.store.lease_due_webhooks()
@@ -132,11 +159,19 @@ class WebhookSender:
                     await asyncio.wait_for(self._wake.wait(), self.poll_interval)
 
     async def _deliver(self, session: aiohttp.ClientSession, delivery: WebhookDelivery) -> None:
-        headers = signed_headers(self.secret, delivery.id, delivery.body)
+        secret = tenant_secret(self.secret, delivery.namespace)
+        headers = signed_headers(secret, delivery.id, delivery.body)
+        refused = False
         try:
-            async with session.post(delivery.url, data=delivery.body, headers=headers) as resp:
+            # The resolver guards names; IP literals and `localhost` never reach it.
+            check_url(delivery.url, self.allow)
+            async with session.post(
+                delivery.url, data=delivery.body, headers=headers, allow_redirects=False
+            ) as resp:
                 ok = 200 <= resp.status < 300
                 detail = f"HTTP {resp.status}"
+        except AddressRefused as exc:
+            ok, refused, detail = False, True, f"{exc} (see {ALLOW_HOSTS_ENV})"
         except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
             # ValueError: a URL aiohttp cannot send to (e.g. credentials it cannot
             # encode); it must fail this delivery only, never the delivery loop.
@@ -145,7 +180,7 @@ class WebhookSender:
         if ok:
             await self.store.finish_webhook(delivery.id)
             return
-        if delivery.event != "completed" or attempts >= self.max_attempts:
+        if refused or delivery.event != "completed" or attempts >= self.max_attempts:
             log.warning(
                 "webhook %s for %s/%s (%s) dropped after %d attempt(s): %s",
                 delivery.id, delivery.namespace, delivery.prediction_id, delivery.event,

@@ -15,6 +15,7 @@ from redis.exceptions import RedisError
 
 from whisperx_api.records import to_replicate
 from whisperx_api.store import RawPredictionView, Store
+from whisperx_api.webhooks import tenant_secret
 from whisperx_gateway.auth import parse_authorization
 from whisperx_gateway.backend import Backend, BackendError, NewPrediction, PredictionReader
 from whisperx_gateway.config import GatewayConfig
@@ -133,7 +134,9 @@ async def create_prediction(request: web.Request) -> web.Response:
     wait = parse_prefer_wait(request.headers.get("Prefer"), gw.config.max_wait_seconds)
     deadline = parse_cancel_after(request.headers.get("Cancel-After"))
     parsed = parse_create_body(
-        parse_json_body(await request.read()), version_required=not model_route
+        parse_json_body(await request.read()),
+        version_required=not model_route,
+        webhook_allow=gw.config.webhook_allow_hosts,
     )
     if model is None:
         version = parsed.version or ""
@@ -249,10 +252,10 @@ async def get_version(request: web.Request) -> web.Response:
 
 async def webhook_secret(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
-    gw.authenticate(request)
+    namespace = gw.authenticate(request)
     if gw.config.webhook_secret is None:
         raise ApiError(404, "no webhook signing secret is configured (WHISPERX_WEBHOOK_SECRET)")
-    return _json({"key": gw.config.webhook_secret})
+    return _json({"key": tenant_secret(gw.config.webhook_secret, namespace)})
 
 
 # --- files ---

@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from whisperx_api import webhooks
+from whisperx_api.netguard import HostAllowList
 from whisperx_gateway.auth import TokenMap
 from whisperx_gateway.models import DEFAULT_MODELS, ModelCatalog
 
@@ -69,8 +71,11 @@ class GatewayConfig:
     max_wait_seconds: int = 60
     page_size: int = 100
     metrics: bool = True
-    # The `whsec_` secret the status writer signs client webhooks with.
+    # The master `whsec_` secret; each namespace's webhooks are signed with one derived
+    # from it (whisperx_api.webhooks.tenant_secret).
     webhook_secret: str | None = None
+    # Internal hosts webhooks may name (WHISPERX_WEBHOOK_ALLOW_HOSTS).
+    webhook_allow_hosts: HostAllowList = field(default_factory=HostAllowList)
     # Signs the download URLs of uploaded files (shared by all replicas); None: no uploads.
     files_key: bytes | None = None
     max_file_bytes: int = 100 * 1024 * 1024
@@ -96,6 +101,7 @@ class GatewayConfig:
             page_size=_int(env, "WHISPERX_PAGE_SIZE", cls.page_size),
             metrics=_bool(env, "WHISPERX_METRICS", cls.metrics),
             webhook_secret=env.get("WHISPERX_WEBHOOK_SECRET", "").strip() or None,
+            webhook_allow_hosts=webhooks.allow_list(env),
             files_key=env.get("WHISPERX_FILES_KEY", "").strip().encode() or None,
             max_file_bytes=_int(env, "WHISPERX_MAX_FILE_BYTES", cls.max_file_bytes),
         )

@@ -26,6 +26,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from whisperx_api.store import Store
+from whisperx_api import webhooks
 from whisperx_api.webhooks import generate_secret
 from whisperx_gateway.app import create_app
 from whisperx_gateway.auth import TokenMap
@@ -204,6 +205,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
         files_key = await _kept_secret(
             store, "WHISPERX_FILES_KEY", FILES_KEY, lambda: secrets.token_hex(32)
         )
+        webhook_allow = webhooks.allow_list()
         config = GatewayConfig(
             tokens=tokens,
             redis_url=redis_url,
@@ -211,6 +213,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
             host=args.host,
             port=args.port,
             webhook_secret=webhook_secret,
+            webhook_allow_hosts=webhook_allow,
             files_key=files_key.encode(),
         )
         command = args.runner_command.split() if args.runner_command else default_runner_command()
@@ -223,6 +226,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
             concurrency=args.concurrency,
             # Uploaded files are downloaded from this gateway, a private address.
             allow_hosts=args.allow_hosts or yarl.URL(public_url).host,
+            webhook_allow_hosts=webhook_allow,
         )
         report_key = os.environ.get("WHISPERX_REPORT_KEY", "").encode() or os.urandom(32)
         backend = LocalBackend(

@@ -31,6 +31,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from whisperx_api import lifecycle as lc
+from whisperx_api.netguard import HostAllowList
 from whisperx_api.records import PredictionRecord
 from whisperx_api.reports import MAX_REPORT_BYTES, SIGNATURE_HEADER
 from whisperx_api.status_writer import StatusWriter
@@ -68,6 +69,8 @@ class LocalSettings:
     concurrency: int = field(default_factory=default_concurrency)
     # WHISPERX_ALLOW_HOSTS for the runner, e.g. loopback so local audio URLs work.
     allow_hosts: str | None = None
+    # Internal hosts client webhooks may reach (WHISPERX_WEBHOOK_ALLOW_HOSTS).
+    webhook_allow_hosts: HostAllowList = field(default_factory=HostAllowList)
     # Seconds a runner gets to exit after SIGTERM before SIGKILL.
     stop_grace: float = 10.0
 
@@ -134,7 +137,7 @@ class LocalBackend:
     ) -> None:
         self.store = store
         self.settings = settings
-        self.sender = WebhookSender(store, webhook_secret)
+        self.sender = WebhookSender(store, webhook_secret, allow=settings.webhook_allow_hosts)
         self.writer = StatusWriter(
             store=store,
             sink=LocalSink(store),

@@ -19,6 +19,7 @@ from typing import Annotated, Any
 import yarl
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from whisperx_api.netguard import AddressRefused, HostAllowList, check_literal
 from whisperx_api.schema import (
     SECRET_INPUT_FIELDS,
     WEBHOOK_EVENTS,
@@ -26,6 +27,7 @@ from whisperx_api.schema import (
     describe_errors,
     validate_input,
 )
+from whisperx_api.webhooks import ALLOW_HOSTS_ENV
 from whisperx_gateway.errors import ApiError
 
 # Kubernetes object names (kubectl users pick their own; the gateway makes 26-char ids).
@@ -84,8 +86,15 @@ class CreateBody(BaseModel):
 _HOSTNAME = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*\.?$")
 
 
-def webhook_url_problem(url: str) -> str | None:
-    """Why a webhook URL could not be delivered to, or None when it can."""
+_NO_INTERNAL_HOSTS = HostAllowList()
+
+
+def webhook_url_problem(url: str, allow: HostAllowList = _NO_INTERNAL_HOSTS) -> str | None:
+    """Why a webhook URL could not be delivered to, or None when it can.
+
+    Visibly internal hosts (loopback, private and link-local literals, `localhost`) are
+    refused here for a clear error; the sender's connect-time check is the real guard.
+    """
     if not url.isascii() or any(c.isspace() for c in url):
         return "must be an ASCII URL without spaces (write international hosts in punycode)"
     try:
@@ -102,6 +111,10 @@ def webhook_url_problem(url: str) -> str | None:
             return f"{host!r} is not a valid IP address"
     elif not _HOSTNAME.match(host):
         return f"{host!r} is not a valid host name"
+    try:
+        check_literal(host, allow)
+    except AddressRefused as exc:
+        return f"{exc}: webhooks go to public addresses (allow-list: {ALLOW_HOSTS_ENV})"
     return None
 
 
@@ -123,7 +136,9 @@ def parse_json_body(raw: bytes) -> Any:
         raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
 
 
-def parse_create_body(data: Any, *, version_required: bool) -> CreateRequest:
+def parse_create_body(
+    data: Any, *, version_required: bool, webhook_allow: HostAllowList = _NO_INTERNAL_HOSTS
+) -> CreateRequest:
     """Validates a create body and its input against the one schema."""
     if not isinstance(data, dict):
         raise ApiError(422, "the request body must be a JSON object")
@@ -146,7 +161,7 @@ def parse_create_body(data: Any, *, version_required: bool) -> CreateRequest:
             secret_values[name] = str(value)
     for name in ("webhook", "webhook_completed"):
         url = getattr(body, name)
-        problem = webhook_url_problem(url) if url is not None else None
+        problem = webhook_url_problem(url, webhook_allow) if url is not None else None
         if problem:
             raise ApiError(422, f"{name}: {problem}")
     webhook = body.webhook

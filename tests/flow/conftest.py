@@ -330,6 +330,7 @@ async def cluster(
             "WHISPERX_PUBLIC_URL": gateway_url,
             # The operator signs webhooks; the gateway hands the same secret to clients.
             "WHISPERX_WEBHOOK_SECRET": env["WHISPERX_WEBHOOK_SECRET"],
+            "WHISPERX_WEBHOOK_ALLOW_HOSTS": env["WHISPERX_WEBHOOK_ALLOW_HOSTS"],
             "PYTHONUNBUFFERED": "1",
         },
         log_path=workdir / "gateway.log",

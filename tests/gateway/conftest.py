@@ -23,6 +23,7 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import free_port
+from whisperx_api.netguard import HostAllowList
 from whisperx_api.store import Store
 from whisperx_api.webhooks import generate_secret
 from whisperx_gateway.app import create_app
@@ -35,6 +36,8 @@ STAND_IN_RUNNER = [sys.executable, str(Path(__file__).with_name("fake_runner.py"
 TOKEN = "token-alpha-0001"
 OTHER_TOKEN = "token-beta-00002"
 TOKENS = {TOKEN: "alpha", OTHER_TOKEN: "beta"}
+# The tests' webhook receivers listen on loopback, an internal address.
+LOOPBACK = HostAllowList.parse("127.0.0.1")
 
 
 @dataclass
@@ -62,6 +65,7 @@ async def serve(
     url = f"http://127.0.0.1:{port}"
     config.setdefault("webhook_secret", generate_secret())
     config.setdefault("files_key", b"test-files-key")
+    config.setdefault("webhook_allow_hosts", LOOPBACK)
     gateway_config = GatewayConfig(
         tokens=TokenMap.from_mapping(TOKENS), redis_url=redis_url, public_url=url, **config
     )
@@ -97,6 +101,7 @@ def serve_local(
             concurrency=concurrency,
             stop_grace=stop_grace,
             allow_hosts="127.0.0.1",
+            webhook_allow_hosts=LOOPBACK,
         )
         return LocalBackend(
             store, settings, report_key=b"test-report-key", webhook_secret=secret, public_url=url

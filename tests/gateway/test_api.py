@@ -16,6 +16,7 @@ import pytest
 from tests.gateway.conftest import OTHER_TOKEN, Gateway, serve_local
 from whisperx_api import lifecycle as lc
 from whisperx_api.records import PredictionRecord
+from whisperx_api.webhooks import tenant_secret
 
 AUDIO = "data:audio/wav;base64,UklGRg=="
 HANG = {"audio_file": AUDIO, "initial_prompt": "stand-in:hang"}
@@ -442,7 +443,9 @@ async def test_operations_endpoints(http: aiohttp.ClientSession, gateway: Gatewa
     )
     assert 'whisperx_gateway_predictions_created_total{model="whisperx"} 1.0' in text
     status, secret = await get(http, gateway, "/v1/webhooks/default/secret")
-    assert status == 200 and secret["key"] == gateway.config.webhook_secret
+    assert gateway.config.webhook_secret is not None
+    master = gateway.config.webhook_secret
+    assert status == 200 and secret["key"] == tenant_secret(master, "alpha") != master
     async with http.get(gateway.url + "/v1/webhooks/default/secret") as resp:
         assert resp.status == 401
 

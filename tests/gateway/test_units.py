@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from whisperx_api import lifecycle as lc
+from whisperx_api.netguard import HostAllowList
 from whisperx_api.records import PredictionRecord, to_replicate
 from whisperx_api.schema import input_json_schema
 from whisperx_api.store import RawPredictionView
@@ -232,8 +233,15 @@ def test_json_body_errors(raw: bytes) -> None:
     ("url", "problem"),
     [
         ("https://hooks.example.com/a?b=c", None),
-        ("http://127.0.0.1:8000/hook", None),
-        ("http://[::1]/hook", None),
+        ("http://127.0.0.1:8000/hook", "'127.0.0.1' is a loopback address; refused"),
+        ("http://[::1]/hook", "'::1' is a loopback address"),
+        ("http://localhost:6379/", "'localhost' is a loopback address"),
+        ("http://app.localhost/", "'app.localhost' is a loopback address"),
+        ("http://0.0.0.0:8000/", "'0.0.0.0' is an unspecified address"),
+        ("http://10.1.2.3/", "'10.1.2.3' is a private address"),
+        ("http://[::ffff:192.168.1.1]/", "private address"),
+        ("http://169.254.169.254/latest", "link-local (cloud metadata)"),
+        ("http://93.184.215.14/hook", None),
         ("http://user:pass@example.com/", None),
         ("http://0/", "not a valid IP address"),
         ("http://1.2.3/", "not a valid IP address"),
@@ -245,7 +253,7 @@ def test_json_body_errors(raw: bytes) -> None:
         ("http://example.com:99999/", "not a valid URL"),
     ],
 )
-def test_webhook_urls_must_be_deliverable(url: str, problem: str | None) -> None:
+def test_webhook_urls_must_be_deliverable_and_public(url: str, problem: str | None) -> None:
     found = webhook_url_problem(url)
     assert (found is None) if problem is None else (found is not None and problem in found)
     if problem is not None:
@@ -253,6 +261,15 @@ def test_webhook_urls_must_be_deliverable(url: str, problem: str | None) -> None
         assert api_error(parse_create_body, body, version_required=True).detail.startswith(
             "webhook: "
         )
+
+
+def test_webhook_allow_list_admits_internal_hosts() -> None:
+    allow = HostAllowList.parse("127.0.0.1 localhost 10.0.0.0/8")
+    for url in ("http://127.0.0.1:9/", "http://localhost/", "http://10.9.9.9/"):
+        assert webhook_url_problem(url, allow) is None
+    body = {"version": "v", "input": {"audio_file": AUDIO}, "webhook": "http://10.9.9.9/"}
+    assert parse_create_body(body, version_required=True, webhook_allow=allow).webhook
+    assert webhook_url_problem("http://192.168.0.1/", allow) is not None
 
 
 # --- cursors ---

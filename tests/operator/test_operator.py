@@ -35,7 +35,7 @@ from tests.kube_fixtures import (
     wait_for_phase,
 )
 from whisperx_api.reports import SIGNATURE_HEADER, prediction_token, sign
-from whisperx_api.webhooks import signature
+from whisperx_api.webhooks import signature, tenant_secret
 
 NS = "default"
 SUCCEED = "https://fake.test/succeed"
@@ -177,7 +177,7 @@ async def test_a_prediction_runs_to_success(
     await asyncio.sleep(0.5)  # nothing more arrives
     assert webhooks.events("p1") == ["processing", "succeeded"]
     headers, body = webhooks.received[-1]
-    secret_key = operator_env["WHISPERX_WEBHOOK_SECRET"]
+    secret_key = tenant_secret(operator_env["WHISPERX_WEBHOOK_SECRET"], NS)
     expected = signature(
         secret_key,
         headers["webhook-id"],
@@ -233,7 +233,7 @@ async def test_pods_that_die_or_never_start_end_the_prediction_with_the_reason(
 ) -> None:
     kubelet.plan("oom", PodPlan(oom_kill_after=0.3))
     kubelet.plan("evicted", PodPlan(evict_after=0.3))
-    kubelet.plan("pull", PodPlan(waiting_reason="ImagePullBackOff", waiting_message="not found"))
+    kubelet.plan("pull", PodPlan(waiting_reason="InvalidImageName", waiting_message="bad name"))
     kubelet.plan(
         "nogpu", PodPlan(unschedulable="0/3 nodes are available: 3 Insufficient nvidia.com/gpu.")
     )
@@ -288,6 +288,43 @@ async def test_a_replacement_pod_after_an_eviction_delivers_the_transcript(
     assert output["segments"][0]["text"] == " the quick brown fox"
     logs = await redis_client.get("wx:p:default:ev:logs")
     assert isinstance(logs, str) and logs.count("loading model") == 2 and "transcribed" in logs
+
+
+async def test_a_kubelet_retry_is_waited_on_for_a_grace_then_fails_with_its_reason(
+    kube: Emulator, kubelet: Kubelet, redis_url: str, tmp_path: Path
+) -> None:
+    env = operator_environment(kube, redis_url, tmp_path, WHISPERX_WAITING_GRACE_SECONDS="2")
+    rate_limited = "toomanyrequests: You have reached your pull rate limit"
+    kubelet.plan(
+        "gives-up", PodPlan(waiting_reason="ImagePullBackOff", waiting_message=rate_limited)
+    )
+    # The registry answers again within the grace: the pull succeeds, the run goes on.
+    kubelet.plan(
+        "recovers",
+        PodPlan(waiting_reason="ImagePullBackOff", waiting_message=rate_limited, waiting_seconds=1),
+    )
+    async with running_operator(kube, env, tmp_path / "operator.log"):
+        await create(kube, "gives-up")
+        await create(kube, "recovers")
+
+        def waiting() -> dict[str, Any] | None:
+            obj = kube.get(PREDICTIONS, NS, "gives-up")
+            return obj if obj and conditions(obj).get("Waiting") == "True" else None
+
+        obj = await wait_for(waiting)
+        assert obj["status"]["phase"] == "starting"  # not failed at first sight
+        warning = await wait_for(
+            lambda: next((e for e in iter_events(kube, "gives-up") if e["type"] == "Warning"), None)
+        )
+        assert warning["reason"] == "ImagePullBackOff" and "pull rate limit" in warning["message"]
+        failed = (await wait_for_phase(kube, "gives-up"))["status"]
+        recovered = await wait_for_phase(kube, "recovers")
+    assert (failed["phase"], failed["reason"]) == ("failed", "ImagePullFailed")
+    assert "cannot pull image whisperx/runner:test" in failed["error"]
+    assert "still ImagePullBackOff after 2 s" in failed["error"]
+    await wait_for(gone(kube, JOBS, "gives-up"))
+    assert recovered["status"]["phase"] == "succeeded"
+    assert conditions(recovered)["Waiting"] == "False"
 
 
 async def test_a_job_held_by_kueue_reads_as_queued(

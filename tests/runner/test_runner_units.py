@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from whisperx_api.netguard import address_kind
 from whisperx_runner.config import HostAllowList, RunnerConfig
 from whisperx_runner.errors import ConfigError, InputError, ModelNotFoundError
-from whisperx_runner.fetch import address_kind, check_address, decode_data_uri
+from whisperx_runner.fetch import check_address, decode_data_uri
 from whisperx_runner.models import punkt_data_dir, resolve_whisper_model, write_punkt_data
 from whisperx_runner.pipeline import (
     StageProgress,

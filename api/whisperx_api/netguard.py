@@ -1,0 +1,150 @@
+"""Outbound connections to URLs a client chose: public addresses only, unless allow-listed.
+
+A client names the runner's audio URL and the control plane's webhook target. Either
+could point at loopback, the cluster's private services or the cloud metadata endpoint
+(169.254.169.254). The check runs on the resolved address at connection time (in the
+resolver, so a DNS answer cannot slip past it) and again for IP literals, which aiohttp
+connects to without resolving.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from dataclasses import dataclass
+
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import ThreadedResolver
+from yarl import URL
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def address_kind(address: IPAddress) -> str | None:
+    """Why an address is not a public one (None when it is public)."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if address.is_loopback:
+        return "loopback"
+    if address.is_link_local:
+        return "link-local (cloud metadata)"
+    if address.is_unspecified:
+        return "unspecified"
+    if address.is_multicast:
+        return "multicast"
+    if address.is_private or not address.is_global:
+        return "private"
+    return None
+
+
+@dataclass(frozen=True)
+class HostAllowList:
+    """Hosts or address ranges a URL may reach although they are not public.
+
+    In-cluster sources (MinIO, a Service) live on private addresses, which are refused by
+    default because a URL chosen by a client must not reach the cluster's internals or the
+    cloud metadata endpoint. Entries: host names, `*.suffix` or `.suffix`, addresses and
+    CIDRs, separated by commas or spaces.
+    """
+
+    hostnames: frozenset[str] = frozenset()
+    suffixes: tuple[str, ...] = ()
+    networks: tuple[IPNetwork, ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> HostAllowList:
+        hostnames: set[str] = set()
+        suffixes: list[str] = []
+        networks: list[IPNetwork] = []
+        for entry in text.replace(",", " ").split():
+            try:
+                networks.append(ipaddress.ip_network(entry, strict=False))
+                continue
+            except ValueError:
+                pass
+            name = entry.lower().rstrip(".")
+            if name.startswith("*."):
+                suffixes.append(name[1:])
+            elif name.startswith("."):
+                suffixes.append(name)
+            elif name:
+                hostnames.add(name)
+        return cls(frozenset(hostnames), tuple(suffixes), tuple(networks))
+
+    def allows_host(self, host: str) -> bool:
+        name = host.lower().rstrip(".")
+        return name in self.hostnames or any(name.endswith(s) for s in self.suffixes)
+
+    def allows_address(self, address: IPAddress) -> bool:
+        return any(address in net for net in self.networks if net.version == address.version)
+
+
+class AddressRefused(Exception):
+    """A URL's host is (or resolves to) a non-public address that is not allow-listed.
+
+    Not an OSError: aiohttp's connector lets it through its resolver unwrapped."""
+
+    def __init__(self, host: str, address: IPAddress | None, kind: str) -> None:
+        article = "an" if kind[0] in "aeiou" else "a"
+        where = f"resolves to {address}, {article}" if address else f"is {article}"
+        super().__init__(f"host {host!r} {where} {kind} address; refused")
+        self.host, self.address, self.kind = host, address, kind
+
+
+def check_address(host: str, address: IPAddress, allow: HostAllowList) -> None:
+    """Refuses a non-public address unless the host or the address is allow-listed."""
+    kind = address_kind(address)
+    if kind is None or allow.allows_host(host) or allow.allows_address(address):
+        return
+    raise AddressRefused(host, address, kind)
+
+
+def check_literal(host: str, allow: HostAllowList) -> None:
+    """The check for what never reaches a resolver: IP literals, and `localhost` names
+    (which resolve to loopback by definition, RFC 6761)."""
+    try:
+        literal = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        name = host.lower().rstrip(".")
+        if (name == "localhost" or name.endswith(".localhost")) and not allow.allows_host(name):
+            raise AddressRefused(host, None, "loopback") from None
+        return
+    kind = address_kind(literal)
+    if kind is not None and not allow.allows_address(literal):
+        raise AddressRefused(host, None, kind)
+
+
+def check_url(url: str, allow: HostAllowList) -> None:
+    """Refuses a URL whose host is visibly internal, before any connection."""
+    host = URL(url).host
+    if host:
+        check_literal(host, allow)
+
+
+class GuardedResolver(AbstractResolver):
+    """Resolves names, then keeps only addresses the allow policy permits."""
+
+    def __init__(self, allow: HostAllowList) -> None:
+        self._inner = ThreadedResolver()
+        self._allow = allow
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        results = await self._inner.resolve(host, port, family)
+        kept: list[ResolveResult] = []
+        refusal: AddressRefused | None = None
+        for result in results:
+            try:
+                check_address(host, ipaddress.ip_address(result["host"]), self._allow)
+            except AddressRefused as exc:
+                refusal = exc
+            else:
+                kept.append(result)
+        if not kept and refusal is not None:
+            raise refusal
+        return kept
+
+    async def close(self) -> None:
+        await self._inner.close()
