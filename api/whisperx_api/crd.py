@@ -34,16 +34,17 @@ DEFAULT_CRD_PATH = Path(__file__).resolve().parents[2] / "crds" / "prediction.ya
 _ALLOWED_KEYS = {
     "type", "format", "description", "default", "enum", "minimum", "maximum",
     "exclusiveMinimum", "exclusiveMaximum", "minLength", "maxLength", "pattern",
-    "items", "properties", "required", "nullable", "additionalProperties",
-    "minItems", "maxItems",
+    "items", "properties", "required", "additionalProperties", "minItems", "maxItems",
 }  # fmt: skip
 
 
 def to_structural(schema: dict[str, Any]) -> dict[str, Any]:
     """Turns a pydantic JSON Schema node into a Kubernetes structural schema node.
 
-    `anyOf: [X, {type: null}]` becomes X with `nullable: true`; keys Kubernetes does not
-    know (title, writeOnly, x-secret) are dropped.
+    `anyOf: [X, {type: null}]` (an optional field, None meaning unset) becomes X, not
+    nullable: the API server drops a null it is sent for such a field before validating
+    (as unset), where a nullable field with an enum would refuse it. Keys Kubernetes does
+    not know (title, writeOnly, x-secret) and `additionalProperties: false` are dropped.
     """
     node = copy.deepcopy(schema)
     any_of = node.pop("anyOf", None)
@@ -51,15 +52,17 @@ def to_structural(schema: dict[str, Any]) -> dict[str, Any]:
         non_null = [option for option in any_of if option.get("type") != "null"]
         if len(non_null) != 1:
             raise ValueError(f"cannot express anyOf {any_of!r} as a structural schema")
-        merged = {**non_null[0], **node}
-        merged["nullable"] = True
-        node = merged
+        node = {**non_null[0], **node}
     if "enum" in node:
         node["enum"] = [value for value in node["enum"] if value is not None]
     if node.get("default", 0) is None:
         del node["default"]
     out = {key: value for key, value in node.items() if key in _ALLOWED_KEYS}
     if "properties" in out:
+        # pydantic's `extra="forbid"`: the API server prunes unknown fields, and refuses
+        # them under strict field validation (`kubectl --validate=strict`);
+        # `additionalProperties` beside `properties` would make it refuse the CRD.
+        out.pop("additionalProperties", None)
         out["properties"] = {k: to_structural(v) for k, v in out["properties"].items()}
     if isinstance(out.get("items"), dict):
         out["items"] = to_structural(out["items"])
@@ -68,7 +71,6 @@ def to_structural(schema: dict[str, Any]) -> dict[str, Any]:
 
 def _input_schema() -> dict[str, Any]:
     schema = to_structural(input_json_schema(include_secrets=False))
-    schema["additionalProperties"] = False
     schema["x-kubernetes-validations"] = [
         {
             "rule": "!has(self.min_speakers) || !has(self.max_speakers) "

@@ -24,6 +24,8 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from whisperx_api.crd import GROUP, PLURAL, VERSION
 
 log = logging.getLogger(__name__)
+# The official client logs whole response bodies at DEBUG: Secrets' values among them.
+logging.getLogger("kubernetes_asyncio.client.rest").setLevel(logging.INFO)
 
 # Every status answers with a JSON object (an object, a list, or a Status).
 _AS_OBJECT = {status: "object" for status in range(200, 300)}

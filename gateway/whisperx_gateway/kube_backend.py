@@ -31,7 +31,9 @@ def secret_inputs_name(prediction_id: str) -> str:
 
 def prediction_manifest(new: NewPrediction) -> dict[str, Any]:
     spec: dict[str, Any] = {
-        "input": new.input,
+        # An optional field sent as null or "" (Replicate's "unset") is left out, as in
+        # the CRD, where optional fields are not nullable.
+        "input": {name: value for name, value in new.input.items() if value is not None},
         "hardware": new.model.hardware,
         "model": new.model.full_name,
         "version": new.model.version,

@@ -18,8 +18,10 @@ import aiohttp
 import httpx
 import pytest
 import replicate
+import yaml
 from replicate.webhook import Webhooks
 
+from tests.api.structural import admit
 from tests.conftest import free_port
 from tests.gateway.conftest import TOKEN, Gateway, Receiver, call, completed, serve
 from tests.kube_fixtures import (  # noqa: F401
@@ -32,9 +34,12 @@ from tests.kube_fixtures import (  # noqa: F401
     operator,
     operator_environment,
 )
+from whisperx_api.crd import DEFAULT_CRD_PATH
 from whisperx_api.kube import KubeClient
 from whisperx_api.store import Store
-from whisperx_gateway.kube_backend import KubeBackend
+from whisperx_gateway.backend import NewPrediction
+from whisperx_gateway.kube_backend import KubeBackend, prediction_manifest
+from whisperx_gateway.models import ModelRef
 
 GATEWAY_PORT = free_port()
 NAMESPACE = "alpha"  # TOKEN's namespace
@@ -82,6 +87,8 @@ async def test_create_makes_a_prediction_resource_and_a_secret(
             "input": {
                 "audio_file": "https://example.com/a.wav",
                 "huggingface_access_token": "hf_1",
+                "language": "",  # Replicate clients' "unset": left out of spec.input
+                "min_speakers": None,
             },
             "webhook": "https://example.com/hook",
             "webhook_events_filter": ["completed"],
@@ -120,6 +127,25 @@ async def test_create_makes_a_prediction_resource_and_a_secret(
         assert cancel_requested is not None and cancel_requested["spec"]["cancel"] is True
         async with http.get(gw.url + "/v1/predictions/nosuchone", headers=gw.auth()) as resp:
             assert resp.status == 404
+
+
+def test_the_manifest_is_what_the_crd_stores() -> None:
+    """Unset optional inputs are left out: the CRD's enum for language has no null."""
+    new = NewPrediction(
+        id="p1",
+        namespace=NAMESPACE,
+        input={"audio_file": "https://a/b.wav", "language": None, "initial_prompt": None},
+        secrets={},
+        model=ModelRef(owner="whisperx", name="whisperx", version="v", hardware="whisperx"),
+        webhook=None,
+        webhook_events_filter=("completed",),
+        run_deadline_seconds=None,
+    )
+    manifest = prediction_manifest(new)
+    assert manifest["spec"]["input"] == {"audio_file": "https://a/b.wav"}
+    crd = yaml.safe_load(DEFAULT_CRD_PATH.read_text())
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    assert admit(schema, manifest, strict=True) == []
 
 
 async def test_the_official_client_through_the_operator(
