@@ -178,9 +178,12 @@ def runner_job(
         env.append(hf)
     env += [{"name": k, "value": v} for k, v in sorted(config.runner_env.items())]
 
+    # The shared cache is filled by the prefetch Job and only read here; without one, an
+    # emptyDir takes what the runner downloads (WHISPERX_ALLOW_DOWNLOADS).
+    cache = bool(config.model_cache_pvc)
     models: dict[str, Any] = (
-        {"persistentVolumeClaim": {"claimName": config.model_cache_pvc}}
-        if config.model_cache_pvc
+        {"persistentVolumeClaim": {"claimName": config.model_cache_pvc, "readOnly": True}}
+        if cache
         else {"emptyDir": {}}
     )
     container: dict[str, Any] = {
@@ -192,7 +195,7 @@ def runner_job(
         "resources": {k: dict(v) for k, v in profile.resources.items()},
         "volumeMounts": [
             {"name": "input", "mountPath": INPUT_DIR, "readOnly": True},
-            {"name": "models", "mountPath": MODEL_DIR},
+            {"name": "models", "mountPath": MODEL_DIR, "readOnly": cache},
             {"name": "tmp", "mountPath": "/tmp"},
         ],
         # On a crash the last log lines become the pod's termination message: the error.
@@ -209,11 +212,12 @@ def runner_job(
         "enableServiceLinks": False,
         # Time for the runner to report `canceled` after SIGTERM.
         "terminationGracePeriodSeconds": 15,
+        # No fsGroup: emptyDirs are writable and Secret files readable by any uid, and an
+        # fsGroup would have the kubelet chown the whole model cache on some drivers.
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": 1000,
             "runAsGroup": 1000,
-            "fsGroup": 1000,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": [container],

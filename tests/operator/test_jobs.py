@@ -59,7 +59,7 @@ def test_job_is_owned_labelled_and_runs_the_runner_with_the_profile() -> None:
     assert env["WHISPERX_MODEL_DIR"] == "/models" and env["WHISPERX_MODEL"] == "large-v3"
     assert env["WHISPERX_DEVICE"] == "cuda" and env["WHISPERX_COMPUTE_TYPE"] == "float16"
     volumes = {v["name"]: v for v in pod["volumes"]}
-    assert volumes["models"]["persistentVolumeClaim"] == {"claimName": "models"}
+    assert volumes["models"]["persistentVolumeClaim"]["claimName"] == "models"
     assert volumes["input"]["secret"]["secretName"] == "p1-runner"
 
 
@@ -130,9 +130,23 @@ def test_cpu_profile_without_model_cache_uses_an_empty_dir() -> None:
     job = jobs.runner_job(ref(), cpu, OperatorConfig(report_key=b"k" * 32))
     pod = job["spec"]["template"]["spec"]
     assert {v["name"]: v for v in pod["volumes"]}["models"] == {"name": "models", "emptyDir": {}}
+    (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "models"]
+    assert mount["readOnly"] is False  # downloads land here
     assert pod["nodeSelector"] == {"k": "v"} and "tolerations" not in pod
     env = env_of(job)
     assert (env["WHISPERX_DEVICE"], env["WHISPERX_COMPUTE_TYPE"]) == ("cpu", "int8")
+
+
+def test_the_model_cache_is_mounted_read_only_without_an_fs_group() -> None:
+    job = jobs.runner_job(ref(), DEFAULT_PROFILES["whisperx"], CONFIG)
+    pod = job["spec"]["template"]["spec"]
+    volume = {v["name"]: v for v in pod["volumes"]}["models"]
+    assert volume["persistentVolumeClaim"] == {"claimName": "models", "readOnly": True}
+    mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts["models"] == {"name": "models", "mountPath": jobs.MODEL_DIR, "readOnly": True}
+    # An fsGroup would have the kubelet chown the whole cache at every start on some drivers.
+    assert "fsGroup" not in pod["securityContext"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
 
 
 def test_long_names_are_bounded_and_deterministic() -> None:
