@@ -45,24 +45,32 @@ class HostAllowList:
     In-cluster sources (MinIO, a Service) live on private addresses, which are refused by
     default because a URL chosen by a client must not reach the cluster's internals or the
     cloud metadata endpoint. Entries: host names, `*.suffix` or `.suffix`, addresses and
-    CIDRs, separated by commas or spaces.
+    CIDRs, separated by commas or spaces; `host:port` (`[::1]:port` for IPv6) admits that
+    one port only, so a loopback service does not open every other loopback port.
     """
 
     hostnames: frozenset[str] = frozenset()
     suffixes: tuple[str, ...] = ()
     networks: tuple[IPNetwork, ...] = ()
+    # (host name or address text, port) pairs.
+    endpoints: frozenset[tuple[str, int]] = frozenset()
 
     @classmethod
     def parse(cls, text: str) -> HostAllowList:
         hostnames: set[str] = set()
         suffixes: list[str] = []
         networks: list[IPNetwork] = []
+        endpoints: set[tuple[str, int]] = set()
         for entry in text.replace(",", " ").split():
             try:
                 networks.append(ipaddress.ip_network(entry, strict=False))
                 continue
             except ValueError:
                 pass
+            host, sep, port = entry.rpartition(":")
+            if sep and port.isdigit() and host:
+                endpoints.add((_normal_host(host), int(port)))
+                continue
             name = entry.lower().rstrip(".")
             if name.startswith("*."):
                 suffixes.append(name[1:])
@@ -70,7 +78,7 @@ class HostAllowList:
                 suffixes.append(name)
             elif name:
                 hostnames.add(name)
-        return cls(frozenset(hostnames), tuple(suffixes), tuple(networks))
+        return cls(frozenset(hostnames), tuple(suffixes), tuple(networks), frozenset(endpoints))
 
     def allows_host(self, host: str) -> bool:
         name = host.lower().rstrip(".")
@@ -78,6 +86,23 @@ class HostAllowList:
 
     def allows_address(self, address: IPAddress) -> bool:
         return any(address in net for net in self.networks if net.version == address.version)
+
+    def allows(self, host: str, address: IPAddress | None, port: int | None) -> bool:
+        """Whether the host, or the address it resolved to, is allow-listed (on `port`)."""
+        if self.allows_host(host) or (address is not None and self.allows_address(address)):
+            return True
+        if port is None:
+            return False
+        names = {_normal_host(host)} | ({str(address)} if address is not None else set())
+        return any((name, port) in self.endpoints for name in names)
+
+
+def _normal_host(host: str) -> str:
+    """An address in its canonical text, a name in lower case without a trailing dot."""
+    try:
+        return str(ipaddress.ip_address(host.strip("[]")))
+    except ValueError:
+        return host.lower().rstrip(".")
 
 
 class AddressRefused(Exception):
@@ -92,34 +117,37 @@ class AddressRefused(Exception):
         self.host, self.address, self.kind = host, address, kind
 
 
-def check_address(host: str, address: IPAddress, allow: HostAllowList) -> None:
+def check_address(
+    host: str, address: IPAddress, allow: HostAllowList, port: int | None = None
+) -> None:
     """Refuses a non-public address unless the host or the address is allow-listed."""
     kind = address_kind(address)
-    if kind is None or allow.allows_host(host) or allow.allows_address(address):
+    if kind is None or allow.allows(host, address, port):
         return
     raise AddressRefused(host, address, kind)
 
 
-def check_literal(host: str, allow: HostAllowList) -> None:
+def check_literal(host: str, allow: HostAllowList, port: int | None = None) -> None:
     """The check for what never reaches a resolver: IP literals, and `localhost` names
     (which resolve to loopback by definition, RFC 6761)."""
     try:
         literal = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
         name = host.lower().rstrip(".")
-        if (name == "localhost" or name.endswith(".localhost")) and not allow.allows_host(name):
-            raise AddressRefused(host, None, "loopback") from None
+        if name == "localhost" or name.endswith(".localhost"):
+            if not allow.allows(name, None, port):
+                raise AddressRefused(host, None, "loopback") from None
         return
     kind = address_kind(literal)
-    if kind is not None and not allow.allows_address(literal):
+    if kind is not None and not allow.allows(host, literal, port):
         raise AddressRefused(host, None, kind)
 
 
 def check_url(url: str, allow: HostAllowList) -> None:
     """Refuses a URL whose host is visibly internal, before any connection."""
-    host = URL(url).host
-    if host:
-        check_literal(host, allow)
+    parsed = URL(url)
+    if parsed.host:
+        check_literal(parsed.host, allow, parsed.port)
 
 
 class GuardedResolver(AbstractResolver):
@@ -137,7 +165,8 @@ class GuardedResolver(AbstractResolver):
         refusal: AddressRefused | None = None
         for result in results:
             try:
-                check_address(host, ipaddress.ip_address(result["host"]), self._allow)
+                address = ipaddress.ip_address(result["host"])
+                check_address(host, address, self._allow, result["port"])
             except AddressRefused as exc:
                 refusal = exc
             else:

@@ -107,6 +107,15 @@ class PrivateRedis:
         self.process = None
 
 
+def gateway_endpoint(public_url: str) -> str:
+    """The runner's default allow-list: uploaded files are downloaded from this gateway,
+    a loopback address, and only its port may be reached (not the private Redis, the
+    report endpoint or anything else listening on loopback)."""
+    url = yarl.URL(public_url)
+    host = url.host or "127.0.0.1"
+    return f"[{host}]:{url.port}" if ":" in host else f"{host}:{url.port}"
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -165,8 +174,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--allow-hosts",
         default=env.get("WHISPERX_ALLOW_HOSTS") or None,
-        help="hosts or CIDRs audio URLs may resolve to although private (default: this "
-        "gateway's host, so uploaded files can be fetched)",
+        help="hosts, host:port pairs or CIDRs audio URLs may resolve to although private "
+        "(default: this gateway's host and port, so uploaded files can be fetched)",
     )
     parser.add_argument(
         "--runner-command",
@@ -224,8 +233,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
             device=args.device,
             compute_type=args.compute_type,
             concurrency=args.concurrency,
-            # Uploaded files are downloaded from this gateway, a private address.
-            allow_hosts=args.allow_hosts or yarl.URL(public_url).host,
+            allow_hosts=args.allow_hosts or gateway_endpoint(public_url),
             webhook_allow_hosts=webhook_allow,
         )
         report_key = os.environ.get("WHISPERX_REPORT_KEY", "").encode() or os.urandom(32)

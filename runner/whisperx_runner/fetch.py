@@ -73,7 +73,7 @@ def _hop_checks(url: str, allow: HostAllowList) -> str:
         raise InputError(f"audio_file: URL has no host: {url!r}")
     try:
         # aiohttp skips the resolver for IP literals, so they are checked here.
-        netguard.check_literal(host, allow)
+        netguard.check_literal(host, allow, parts.port or (443 if parts.scheme == "https" else 80))
     except AddressRefused as exc:
         raise _refused(exc) from None
     return host

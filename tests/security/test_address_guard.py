@@ -1,0 +1,65 @@
+"""The address guard's allow-list, and local mode's default: the gateway's port only.
+
+Before, local mode allow-listed all of 127.0.0.1, so any caller's `audio_file` reached
+the private Redis and the report endpoint, and the differing errors mapped which
+loopback ports were open.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import free_port
+from tests.runner.conftest import AudioServer
+from whisperx_api.netguard import AddressRefused, HostAllowList, check_address, check_url
+from whisperx_gateway.local import gateway_endpoint
+from whisperx_runner.config import RunnerConfig
+from whisperx_runner.errors import InputError
+from whisperx_runner.fetch import fetch_audio
+
+LOOPBACK = ipaddress.ip_address("127.0.0.1")
+
+
+def test_a_host_port_entry_admits_that_port_only() -> None:
+    allow = HostAllowList.parse("127.0.0.1:8000, [::1]:9000 Gateway.Local.:8080")
+    check_address("127.0.0.1", LOOPBACK, allow, 8000)
+    check_address("::1", ipaddress.ip_address("::1"), allow, 9000)
+    check_address("gateway.local", ipaddress.ip_address("10.0.0.7"), allow, 8080)
+    check_url("http://127.0.0.1:8000/v1/files/x", allow)
+    for host, address, port in [
+        ("127.0.0.1", LOOPBACK, 6379),
+        ("127.0.0.1", LOOPBACK, None),
+        ("::1", ipaddress.ip_address("::1"), 8000),
+        ("gateway.local", ipaddress.ip_address("10.0.0.7"), 6379),
+    ]:
+        with pytest.raises(AddressRefused):
+            check_address(host, address, allow, port)
+    with pytest.raises(AddressRefused):
+        check_url("http://127.0.0.1/", allow)  # port 80
+
+
+@pytest.mark.parametrize(
+    ("public_url", "entry"),
+    [
+        ("http://127.0.0.1:8000", "127.0.0.1:8000"),
+        ("http://[::1]:8001", "[::1]:8001"),
+        ("http://localhost", "localhost:80"),
+    ],
+)
+def test_local_mode_allows_the_gateway_port_only(public_url: str, entry: str) -> None:
+    assert gateway_endpoint(public_url) == entry
+
+
+async def test_the_runner_reaches_the_allowed_port_and_no_other(
+    tmp_path: Path, audio_server: AudioServer
+) -> None:
+    port = int(audio_server.base.rsplit(":", 1)[1])
+    config = RunnerConfig(allow_hosts=HostAllowList.parse(gateway_endpoint(audio_server.base)))
+    assert (await fetch_audio(audio_server.url("/fox.wav"), tmp_path, config)).stat().st_size
+    for other in (f"http://127.0.0.1:{free_port()}/", f"http://localhost:{port}/fox.wav"):
+        with pytest.raises(InputError, match="loopback address; refused") as caught:
+            await fetch_audio(other, tmp_path, config)
+        assert caught.value.reason == "AddressRefused"
