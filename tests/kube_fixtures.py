@@ -650,6 +650,7 @@ class Kubelet:
         self.pods: dict[tuple[str, str], PodRun] = {}
         self._jobs: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._resumed: defaultdict[tuple[str, str], asyncio.Event] = defaultdict(asyncio.Event)
+        self._suspended: defaultdict[tuple[str, str], asyncio.Event] = defaultdict(asyncio.Event)
         self._tasks: list[asyncio.Task[None]] = []
         self._terminating: set[asyncio.Task[None]] = set()
 
@@ -694,6 +695,10 @@ class Kubelet:
                     task.cancel()
             elif not (job.get("spec") or {}).get("suspend"):
                 self._resumed[key].set()
+                self._suspended[key].clear()
+            else:  # suspended (again: Kueue preempts by setting spec.suspend)
+                self._suspended[key].set()
+                self._resumed[key].clear()
 
     async def _watch_pods(self) -> None:
         async for event in self.emulator.subscribe(PODS):
@@ -771,7 +776,21 @@ class Kubelet:
             await self._job_status(job, {"active": 1, "failed": failed})
             remaining = None if deadline is None else deadline - (time.monotonic() - start)
             try:
-                pod = await asyncio.wait_for(self._run_pod(job, run, plan), remaining)
+                pod = await self._unless_suspended(
+                    key, asyncio.wait_for(self._run_pod(job, run, plan), remaining)
+                )
+                if pod is None:
+                    # Suspended while running: the Job controller deletes the active pod
+                    # (not a failure) and creates a new one once resumed, with startTime
+                    # (the activeDeadlineSeconds clock) reset.
+                    await self._delete_pod(run)
+                    condition("Suspended", "JobSuspended", "Job suspended")
+                    await self._job_status(job, {"active": 0, "conditions": conditions})
+                    await self._resumed[key].wait()
+                    condition("Suspended", "JobResumed", "Job resumed", status="False")
+                    start = time.monotonic()
+                    await self._job_status(job, {"startTime": now_iso(), "conditions": conditions})
+                    continue
             except TimeoutError:
                 await self._terminate(run)
                 pod = await self._finish_pod(run, "DeadlineExceeded")
@@ -830,6 +849,27 @@ class Kubelet:
                 continue
             await self._job_status(job, {"active": 0, "failed": failed, "conditions": conditions})
             return
+
+    async def _unless_suspended(
+        self, key: tuple[str, str], work: Awaitable[dict[str, Any]]
+    ) -> dict[str, Any] | None:
+        """`work`'s result, or None (work cancelled) if the Job is suspended first."""
+        task = asyncio.ensure_future(work)
+        suspended = asyncio.ensure_future(self._suspended[key].wait())
+        try:
+            await asyncio.wait({task, suspended}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            suspended.cancel()
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        return None if task.cancelled() else task.result()
+
+    async def _delete_pod(self, run: PodRun) -> None:
+        with contextlib.suppress(kmock.KubernetesError):
+            await self.emulator.delete_object(PODS, run.namespace, run.name)
+        await self._terminate(run)
 
     async def _create_pod(self, job: dict[str, Any], attempt: int) -> PodRun:
         meta, template = job["metadata"], job["spec"]["template"]
@@ -898,9 +938,10 @@ class Kubelet:
                 }
             ]
             await self._pod_status(run, pending)
-            if plan.waiting_seconds is None or waiting[0] != plan.waiting_reason:
+            if plan.waiting_seconds is not None and waiting[0] == plan.waiting_reason:
+                await asyncio.sleep(plan.waiting_seconds)
+            else:
                 await asyncio.Event().wait()
-            await asyncio.sleep(plan.waiting_seconds)
         log = run.log_path.open("wb")
         run.process = await asyncio.create_subprocess_exec(
             *container["command"], *container.get("args", []),

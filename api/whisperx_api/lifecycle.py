@@ -89,6 +89,9 @@ class PredictionState:
     detected_language: str | None = None
     audio_duration: float | None = None
     predict_time: float | None = None
+    # Time the run spent suspended after it started (Kueue preemption): the run deadline
+    # does not count it.
+    suspended_seconds: float = 0.0
     conditions: tuple[Condition, ...] = field(default_factory=tuple)
 
     @property
@@ -97,7 +100,15 @@ class PredictionState:
 
     @property
     def queued(self) -> bool:
-        return any(c.type == "Queued" and c.status == "True" for c in self.conditions)
+        return self.holds("Queued")
+
+    @property
+    def waiting(self) -> bool:
+        return self.holds("Waiting")
+
+    def holds(self, type_: str) -> bool:
+        """Whether condition `type_` is True."""
+        return any(c.type == type_ and c.status == "True" for c in self.conditions)
 
     @property
     def total_time(self) -> float | None:
@@ -136,6 +147,8 @@ class PredictionState:
         metrics = {"predictTime": self.predict_time, "totalTime": self.total_time}
         if any(v is not None for v in metrics.values()):
             status["metrics"] = {k: v for k, v in metrics.items() if v is not None}
+        if self.suspended_seconds:
+            status["suspendedSeconds"] = self.suspended_seconds
         return {k: v for k, v in status.items() if v is not None}
 
     @classmethod
@@ -152,6 +165,7 @@ class PredictionState:
             detected_language=status.get("detectedLanguage"),
             audio_duration=status.get("audioDuration"),
             predict_time=metrics.get("predictTime"),
+            suspended_seconds=float(status.get("suspendedSeconds") or 0.0),
             conditions=tuple(Condition.from_dict(c) for c in status.get("conditions") or ()),
         )
 
@@ -174,7 +188,19 @@ class Queued:
 
 
 @dataclass(frozen=True)
+class Waiting:
+    """The runner's container waits on what a kubelet retries: an image pull (a
+    registry's rate limit), a Secret or ConfigMap that does not exist yet."""
+
+    reason: str
+    message: str
+    at: datetime
+
+
+@dataclass(frozen=True)
 class Admitted:
+    """The Job runs (admitted, resumed) or its pod got a node and its container started."""
+
     at: datetime
 
 
@@ -211,7 +237,7 @@ class CancelRequested:
     message: str = "canceled by request"
 
 
-Event = Created | Queued | Admitted | Started | Completed | Failed | CancelRequested
+Event = Created | Queued | Waiting | Admitted | Started | Completed | Failed | CancelRequested
 
 
 @dataclass(frozen=True)
@@ -239,8 +265,9 @@ def _finish(
         **fields,
     )
     ended = ended.with_condition("Running", False, reason, message, at)
-    if ended.condition("Queued") is not None:
-        ended = ended.with_condition("Queued", False, reason, "", at)
+    for passing in ("Queued", "Waiting"):
+        if ended.condition(passing) is not None:
+            ended = ended.with_condition(passing, False, reason, "", at)
     return ended.with_condition(_TERMINAL_CONDITION[phase], True, reason, message, at)
 
 
@@ -256,23 +283,42 @@ def apply(state: PredictionState, event: Event) -> Transition:
             return Transition(dataclasses.replace(state, created_at=at), changed=True)
 
         case Queued(reason=reason, message=message, at=at):
+            new = state.with_condition("Queued", True, reason, message, at)
+            if state.phase is Phase.PROCESSING:
+                # Preempted (Kueue suspended the Job): queued again until re-admitted.
+                new = new.with_condition("Running", False, reason, message, at)
+            return Transition(new, changed=new != state)
+
+        case Waiting(reason=reason, message=message, at=at):
             if state.phase is not Phase.STARTING:
                 return Transition(state, changed=False)
-            new = state.with_condition("Queued", True, reason, message, at)
+            new = state.with_condition("Waiting", True, reason, message, at)
+            if new.queued:
+                new = new.with_condition("Queued", False, "Scheduled", "", at)
             return Transition(new, changed=new != state)
 
         case Admitted(at=at):
-            if not state.queued:
-                return Transition(state, changed=False)
-            new = state.with_condition("Queued", False, "Admitted", "", at)
-            return Transition(new, changed=True)
+            new = state
+            if state.queued:
+                new = new.with_condition("Queued", False, "Admitted", "", at)
+                queued = state.condition("Queued")
+                if state.phase is Phase.PROCESSING and queued is not None:
+                    paused = max(0.0, (at - queued.last_transition_time).total_seconds())
+                    new = dataclasses.replace(
+                        new, suspended_seconds=state.suspended_seconds + paused
+                    )
+                    new = new.with_condition("Running", True, "Resumed", "transcribing", at)
+            if state.waiting:
+                new = new.with_condition("Waiting", False, "Admitted", "", at)
+            return Transition(new, changed=new != state)
 
         case Started(at=at):
             if state.phase is not Phase.STARTING:
                 return Transition(state, changed=False)
             new = dataclasses.replace(state, phase=Phase.PROCESSING, started_at=at)
-            if new.condition("Queued") is not None:
-                new = new.with_condition("Queued", False, "Started", "", at)
+            for passing in ("Queued", "Waiting"):
+                if new.condition(passing) is not None:
+                    new = new.with_condition(passing, False, "Started", "", at)
             new = new.with_condition("Running", True, "RunnerStarted", "transcribing", at)
             return Transition(new, changed=True, webhook_event="start")
 

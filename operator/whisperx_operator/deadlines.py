@@ -1,8 +1,11 @@
 """One scheduler for every prediction's next deadline: start, run, or TTL.
 
 A prediction has at most one pending deadline at a time, decided by its state: before the
-runner starts, the start deadline (image pull, queue, scheduling); while it runs, the run
-deadline; once finished, its TTL. Kept in a heap rather than a kopf timer per object, so
+runner starts, the start deadline (image pull, queue, scheduling), or sooner the end of
+the grace for a container that waits on a kubelet's retries (image pull back-off, a
+missing Secret); while it runs, the run deadline, paused while Kueue has suspended the
+Job again (then the start deadline bounds the wait for re-admission); once finished,
+its TTL. Kept in a heap rather than a kopf timer per object, so
 thousands of live Predictions cost a few hundred bytes each, not a task each.
 """
 
@@ -21,7 +24,7 @@ from whisperx_api import lifecycle as lc
 
 log = logging.getLogger(__name__)
 
-Kind = Literal["start", "run", "ttl"]
+Kind = Literal["start", "waiting", "run", "ttl"]
 # A finished Prediction with this annotation set to "true" outlives its TTL.
 KEEP_ANNOTATION = "whisperx.io/keep"
 # How Argo CD marks what it manages (annotation tracking, the default since Argo CD 3,
@@ -39,14 +42,19 @@ class Limits:
     start: int
     run: int
     ttl: int | None
+    # How long a container may wait on a kubelet's retries before the prediction fails.
+    waiting: int
 
     @classmethod
-    def from_spec(cls, spec: dict[str, Any], *, start: int, run: int, ttl: int | None) -> Limits:
+    def from_spec(
+        cls, spec: dict[str, Any], *, start: int, run: int, ttl: int | None, waiting: int
+    ) -> Limits:
         given_ttl = spec.get("ttlSecondsAfterFinished")
         return cls(
             start=int(spec.get("startDeadlineSeconds") or start),
             run=int(spec.get("activeDeadlineSeconds") or run),
             ttl=int(given_ttl) if given_ttl is not None else ttl,
+            waiting=waiting,
         )
 
 
@@ -74,11 +82,20 @@ def next_deadline(state: lc.PredictionState, limits: Limits) -> tuple[Kind, floa
             return None
         ended = state.completed_at or lc.now_utc()
         return "ttl", ended.timestamp() + limits.ttl
+    queued = state.condition("Queued")
     if state.phase is lc.Phase.PROCESSING and state.started_at is not None:
-        return "run", state.started_at.timestamp() + limits.run
-    if state.created_at is not None:
-        return "start", state.created_at.timestamp() + limits.start
-    return None
+        if queued is not None and queued.status == "True":
+            return "start", queued.last_transition_time.timestamp() + limits.start
+        return "run", state.started_at.timestamp() + limits.run + state.suspended_seconds
+    if state.created_at is None:
+        return None
+    start = state.created_at.timestamp() + limits.start
+    waiting = state.condition("Waiting")
+    if waiting is not None and waiting.status == "True":
+        grace_ends = waiting.last_transition_time.timestamp() + limits.waiting
+        if grace_ends < start:
+            return "waiting", grace_ends
+    return "start", start
 
 
 class Deadlines:

@@ -45,6 +45,10 @@ def transition_events(
     was_queued = old is not None and old.queued
     if queued is not None and new.queued and not was_queued:
         events.append(("Normal", "Queued", f"{queued.reason}: {queued.message}".strip(": ")))
+    waiting = new.condition("Waiting")
+    if waiting is not None and new.waiting and not (old is not None and old.waiting):
+        # Retried by the kubelet for a while (WHISPERX_WAITING_GRACE_SECONDS): a warning.
+        events.append(("Warning", waiting.reason, waiting.message))
     if new.phase == old_phase:
         return events
     match new.phase:

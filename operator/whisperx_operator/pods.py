@@ -15,10 +15,16 @@ from whisperx_api import lifecycle as lc
 
 # Waiting reasons that do not heal by waiting: fail now rather than at the start deadline.
 _PERMANENT_WAITING = {
-    "ImagePullBackOff": "ImagePullFailed",
     "ErrImageNeverPull": "ImagePullFailed",
     "InvalidImageName": "ImagePullFailed",
+}
+# Waiting reasons a kubelet retries (a registry's rate limit, a Secret created late): the
+# prediction waits a bounded grace, then fails with the reason named here.
+RETRIED_WAITING = {
+    "ErrImagePull": "ImagePullFailed",
+    "ImagePullBackOff": "ImagePullFailed",
     "CreateContainerConfigError": "ContainerConfigError",
+    "CreateContainerError": "ContainerCreateError",
 }
 _MAX_MESSAGE = 1024
 
@@ -122,13 +128,16 @@ def pod_event(pod: dict[str, Any], at: datetime) -> lc.Event | None:
         return None
     for container in status.get("containerStatuses") or ():
         waiting = (container.get("state") or {}).get("waiting") or {}
-        reason = _PERMANENT_WAITING.get(waiting.get("reason", ""))
-        if reason is not None:
-            message = waiting.get("message") or waiting["reason"]
-            image = container.get("image")
-            if reason == "ImagePullFailed" and image:
-                message = f"cannot pull image {image}: {message}"
-            return lc.Failed(reason, _short(message), at)
+        why = waiting.get("reason", "")
+        if why not in _PERMANENT_WAITING and why not in RETRIED_WAITING:
+            continue
+        message = waiting.get("message") or why
+        image = container.get("image")
+        if why.startswith(("ErrImage", "ImagePull", "InvalidImage")) and image:
+            message = f"cannot pull image {image}: {message}"
+        if why in _PERMANENT_WAITING:
+            return lc.Failed(_PERMANENT_WAITING[why], _short(message), at)
+        return lc.Waiting(why, _short(message), at)
     scheduled = _conditions(pod).get("PodScheduled") or {}
     if scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable":
         return lc.Queued(

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from whisperx_api import lifecycle as lc
 from whisperx_api.crd import PREDICTION_LABEL
+from whisperx_api.hostport import bind_host
 from whisperx_api.kube import ApiError, KubeClient, resource_path
 from whisperx_api.records import PredictionRecord
 from whisperx_api.reports import prediction_token
@@ -28,7 +29,7 @@ from whisperx_operator.config import OperatorConfig
 from whisperx_operator.deadlines import Deadlines, Kind, Limits, kept_after_ttl
 from whisperx_operator.events import EventPoster, involved_object
 from whisperx_operator.peering import PeeringGate
-from whisperx_operator.pods import job_event, pod_event
+from whisperx_operator.pods import RETRIED_WAITING, job_event, pod_event
 from whisperx_operator.server import report_app
 from whisperx_operator.sink import KubeStatusSink
 from whisperx_operator.validation import profile_for, validate_spec
@@ -90,7 +91,9 @@ class Runtime:
         app = report_app(self.writer, self.store, active=lambda: self.gate.active)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.listen_host, self.config.report_port)
+        site = web.TCPSite(
+            self._runner, bind_host(self.config.listen_host), self.config.report_port
+        )
         await site.start()
         for name, coro in (
             ("events", self.events.run()),
@@ -122,6 +125,7 @@ class Runtime:
             start=self.config.default_start_deadline_seconds,
             run=self.config.default_active_deadline_seconds,
             ttl=self.config.default_ttl_seconds,
+            waiting=self.config.waiting_grace_seconds,
         )
 
     async def reconcile(self, body: dict[str, Any]) -> None:
@@ -225,7 +229,14 @@ class Runtime:
         if record is None or record.state.terminal:
             return
         limits = self.deadlines.limits_of(namespace, name) or self.limits({})
-        if kind == "start":
+        if kind == "waiting":
+            await self._waited_too_long(namespace, name, limits)
+        elif kind == "start" and record.state.phase is lc.Phase.PROCESSING:
+            message = f"the suspended run was not admitted again within {limits.start} s"
+            await self._end(
+                namespace, name, lc.Failed("StartDeadlineExceeded", message, lc.now_utc())
+            )
+        elif kind == "start":
             message = f"the runner did not start within {limits.start} s"
             waiting = await self._why_waiting(namespace, name, record)
             if waiting:
@@ -255,18 +266,34 @@ class Runtime:
         await self.store.remove_data(namespace, name)
         self.deadlines.forget(namespace, name)
 
+    async def _waited_too_long(self, namespace: str, name: str, limits: Limits) -> None:
+        """The grace for a container waiting on a kubelet's retries has run out."""
+        for pod in await self._pods(namespace, name):
+            event = pod_event(pod, lc.now_utc())
+            if isinstance(event, lc.Waiting):
+                message = f"{event.message} (still {event.reason} after {limits.waiting} s)"
+                failed = lc.Failed(RETRIED_WAITING[event.reason], message, lc.now_utc())
+                await self._end(namespace, name, failed)
+                return
+        # Its container has stopped waiting since: clear the condition (the start deadline
+        # applies again).
+        await self.writer.apply(namespace, name, lc.Admitted(lc.now_utc()))
+
+    async def _pods(self, namespace: str, name: str) -> list[dict[str, Any]]:
+        return await self.kube.list(
+            _core_path(namespace, "pods"),
+            labelSelector=f"{PREDICTION_LABEL}={jobs.label_value(name)}",
+        )
+
     async def _why_waiting(self, namespace: str, name: str, record: PredictionRecord) -> str:
         """Why a prediction has not started: its Queued condition, else its pods now."""
         queued = record.state.condition("Queued")
         if queued is not None and queued.status == "True":
             return f"{queued.reason}: {queued.message}"
-        pods = await self.kube.list(
-            _core_path(namespace, "pods"),
-            labelSelector=f"{PREDICTION_LABEL}={jobs.label_value(name)}",
-        )
+        pods = await self._pods(namespace, name)
         for pod in pods:
             event = pod_event(pod, lc.now_utc())
-            if isinstance(event, lc.Queued):
+            if isinstance(event, lc.Queued | lc.Waiting):
                 return f"{event.reason}: {event.message}"
         return "no pod was started" if not pods else ""
 
@@ -286,10 +313,7 @@ class Runtime:
         pods: list[dict[str, Any]] = []
         if _has_failed(job):
             # Why it failed is in its pods (OOMKilled, evicted, exit code).
-            pods = await self.kube.list(
-                _core_path(namespace, "pods"),
-                labelSelector=f"{PREDICTION_LABEL}={jobs.label_value(name)}",
-            )
+            pods = await self._pods(namespace, name)
         event = job_event(job, pods, lc.now_utc())
         if event is not None:
             await self.writer.apply(namespace, name, event)

@@ -105,3 +105,35 @@ def test_creation_time_uses_the_gateway_annotation_only_within_the_servers_secon
     assert creation_time(forged) == at(5)
     garbage = {**meta, "annotations": {"whisperx.io/created-at": "yesterday"}}
     assert creation_time(garbage) == at(5)
+
+
+def test_waiting_on_a_kubelet_retry_is_a_condition_until_the_container_starts() -> None:
+    queued = run(lc.Created(at=at(0)), lc.Queued("Unschedulable", "no node", at(1)))
+    waiting = lc.apply(queued, lc.Waiting("ImagePullBackOff", "rate limited", at(2))).state
+    assert waiting.phase is lc.Phase.STARTING and waiting.waiting and not waiting.queued
+    # The kubelet's back-off alternates reasons; the condition keeps its start time.
+    again = lc.apply(waiting, lc.Waiting("ErrImagePull", "rate limited", at(9))).state
+    cond = again.condition("Waiting")
+    assert cond is not None and cond.last_transition_time == at(2) and cond.reason == "ErrImagePull"
+    admitted = lc.apply(again, lc.Admitted(at=at(10))).state
+    assert not admitted.waiting and admitted.phase is lc.Phase.STARTING
+    started = lc.apply(again, lc.Started(at=at(10))).state
+    assert not started.waiting
+    failed = lc.apply(again, lc.Failed("ImagePullFailed", "gave up", at(11))).state
+    assert not failed.waiting
+    running = run(lc.Created(at=at(0)), lc.Started(at=at(1)))
+    assert not lc.apply(running, lc.Waiting("ImagePullBackOff", "", at(2))).changed
+
+
+def test_a_suspended_run_is_queued_again_and_its_pause_is_counted() -> None:
+    running = run(lc.Created(at=at(0)), lc.Started(at=at(1)))
+    preempted = lc.apply(running, lc.Queued("Suspended", "preempted by Kueue", at(10))).state
+    assert preempted.phase is lc.Phase.PROCESSING and preempted.queued
+    assert not preempted.holds("Running")
+    resumed = lc.apply(preempted, lc.Admitted(at=at(40))).state
+    assert not resumed.queued and resumed.holds("Running") and resumed.suspended_seconds == 30
+    again = lc.apply(
+        lc.apply(resumed, lc.Queued("Suspended", "", at(50))).state, lc.Admitted(at=at(55))
+    ).state
+    assert again.suspended_seconds == 35
+    assert lc.PredictionState.from_status(again.to_status()) == again

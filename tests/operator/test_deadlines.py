@@ -10,7 +10,7 @@ from whisperx_api import lifecycle as lc
 from whisperx_operator.deadlines import Deadlines, Kind, Limits, kept_after_ttl, next_deadline
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
-LIMITS = Limits(start=60, run=600, ttl=3600)
+LIMITS = Limits(start=60, run=600, ttl=3600, waiting=30)
 
 
 def test_the_state_decides_the_deadline() -> None:
@@ -27,10 +27,31 @@ def test_the_state_decides_the_deadline() -> None:
     assert next_deadline(done, dataclasses.replace(LIMITS, ttl=None)) is None
 
 
+def test_a_wait_on_kubelet_retries_ends_at_its_grace_within_the_start_deadline() -> None:
+    starting = lc.PredictionState(created_at=T0)
+    waiting = lc.apply(
+        starting, lc.Waiting("ImagePullBackOff", "", T0 + timedelta(seconds=5))
+    ).state
+    assert next_deadline(waiting, LIMITS) == ("waiting", (T0 + timedelta(seconds=35)).timestamp())
+    late = lc.apply(starting, lc.Waiting("ImagePullBackOff", "", T0 + timedelta(seconds=50))).state
+    assert next_deadline(late, LIMITS) == ("start", (T0 + timedelta(seconds=60)).timestamp())
+
+
+def test_the_run_deadline_pauses_while_the_job_is_suspended() -> None:
+    running = lc.apply(
+        lc.PredictionState(created_at=T0), lc.Started(at=T0 + timedelta(seconds=5))
+    ).state
+    preempted = lc.apply(running, lc.Queued("Suspended", "", T0 + timedelta(seconds=100))).state
+    # Suspended: no run deadline; the start deadline bounds the wait to be admitted again.
+    assert next_deadline(preempted, LIMITS) == ("start", (T0 + timedelta(seconds=160)).timestamp())
+    resumed = lc.apply(preempted, lc.Admitted(T0 + timedelta(seconds=130))).state
+    assert next_deadline(resumed, LIMITS) == ("run", (T0 + timedelta(seconds=635)).timestamp())
+
+
 def test_limits_from_spec_override_the_defaults() -> None:
     spec = {"startDeadlineSeconds": 5, "ttlSecondsAfterFinished": 0}
-    assert Limits.from_spec(spec, start=60, run=600, ttl=None) == Limits(5, 600, 0)
-    assert Limits.from_spec({}, start=60, run=600, ttl=None) == Limits(60, 600, None)
+    assert Limits.from_spec(spec, start=60, run=600, ttl=None, waiting=9) == Limits(5, 600, 0, 9)
+    assert Limits.from_spec({}, start=60, run=600, ttl=None, waiting=9) == Limits(60, 600, None, 9)
 
 
 async def test_fires_the_current_deadline_once_and_waits_while_standby() -> None:
@@ -45,7 +66,7 @@ async def test_fires_the_current_deadline_once_and_waits_while_standby() -> None
     deadlines = Deadlines(fire, active=active.is_set)
     task = asyncio.create_task(deadlines.run())
     now = lc.now_utc()
-    limits = Limits(start=1, run=1, ttl=0)
+    limits = Limits(start=1, run=1, ttl=0, waiting=1)
     try:
         # a: starting, its start deadline 0.2 s away; b: superseded by a later state.
         deadlines.track(
@@ -81,7 +102,7 @@ async def test_a_failed_action_is_retried() -> None:
     task = asyncio.create_task(deadlines.run())
     try:
         done = lc.PredictionState(phase=lc.Phase.SUCCEEDED, completed_at=lc.now_utc())
-        deadlines.track("ns", "a", Limits(1, 1, 0), done)
+        deadlines.track("ns", "a", Limits(1, 1, 0, 1), done)
         async with asyncio.timeout(3):
             await attempted.wait()
         await asyncio.sleep(0.05)

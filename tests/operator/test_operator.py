@@ -101,7 +101,7 @@ async def redis_json(client: aioredis.Redis, key: str) -> Any:
 
 
 def conditions(obj: dict[str, Any]) -> dict[str, str]:
-    return {c["type"]: c["status"] for c in obj["status"].get("conditions") or ()}
+    return {c["type"]: c["status"] for c in (obj.get("status") or {}).get("conditions") or ()}
 
 
 def event_reasons(kube: Emulator, name: str) -> list[str]:
@@ -350,6 +350,32 @@ async def test_a_job_held_by_kueue_reads_as_queued(
     assert done["status"]["phase"] == "succeeded"
     assert conditions(done)["Queued"] == "False"
     assert "Queued" in event_reasons(kube, "q1")
+
+
+async def test_a_run_suspended_by_kueue_is_queued_again_and_its_deadline_paused(
+    kube: Emulator, kubelet: Kubelet, operator: OperatorProcess
+) -> None:
+    await create(kube, "pre", "https://fake.test/succeed?seconds=1.5", activeDeadlineSeconds=4)
+    await wait_for_phase(kube, "pre", ["processing"])
+    # Kueue preempts a running workload by suspending its Job; the Job controller stops
+    # the pod (the stand-in does as it would).
+    await kube.patch_object(JOBS, NS, "pre", {"spec": {"suspend": True}})
+
+    def requeued() -> dict[str, Any] | None:
+        obj = kube.get(PREDICTIONS, NS, "pre")
+        return obj if obj and conditions(obj).get("Queued") == "True" else None
+
+    obj = await wait_for(requeued)
+    assert obj["status"]["phase"] == "processing" and conditions(obj)["Running"] == "False"
+    await wait_for(exited(kubelet, "pre", 143))
+    await asyncio.sleep(4.5)  # past the run deadline, had it kept running
+    assert conditions(current(kube, "pre")) == {"Queued": "True", "Running": "False"}
+    await kube.patch_object(JOBS, NS, "pre", {"spec": {"suspend": False}})
+    done = await wait_for_phase(kube, "pre", within=20)
+    assert done["status"]["phase"] == "succeeded", done["status"]
+    assert conditions(done)["Queued"] == "False"
+    assert done["status"]["suspendedSeconds"] >= 4.5
+    await wait_for(lambda: [run.exit_code for run in kubelet.runs("pre")] == [143, 0])
 
 
 async def test_cancel_by_field_or_annotation_and_no_revival(

@@ -112,21 +112,31 @@ def waiting_pod(reason: str, message: str = "") -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(
-    ("reason", "expected", "text"),
+    ("reason", "text"),
+    [("InvalidImageName", "cannot pull image runner:1"), ("ErrImageNeverPull", "runner:1")],
+)
+def test_pods_that_can_never_start_fail_the_prediction(reason: str, text: str) -> None:
+    event = pod_event(waiting_pod(reason, "bad"), AT)
+    assert isinstance(event, lc.Failed) and event.reason == "ImagePullFailed"
+    assert text in event.message
+
+
+@pytest.mark.parametrize(
+    ("reason", "text"),
     [
-        ("ImagePullBackOff", "ImagePullFailed", "cannot pull image runner:1"),
-        ("InvalidImageName", "ImagePullFailed", "runner:1"),
-        ("CreateContainerConfigError", "ContainerConfigError", 'secret "hf" not found'),
+        ("ImagePullBackOff", "cannot pull image runner:1: toomanyrequests"),
+        ("ErrImagePull", "cannot pull image runner:1"),
+        ("CreateContainerConfigError", "toomanyrequests"),
+        ("CreateContainerError", "toomanyrequests"),
     ],
 )
-def test_pods_that_cannot_start_fail_the_prediction(reason: str, expected: str, text: str) -> None:
-    event = pod_event(waiting_pod(reason, 'secret "hf" not found'), AT)
-    assert isinstance(event, lc.Failed) and event.reason == expected and text in event.message
+def test_what_a_kubelet_retries_is_waited_on(reason: str, text: str) -> None:
+    event = pod_event(waiting_pod(reason, "toomanyrequests"), AT)
+    assert isinstance(event, lc.Waiting) and event.reason == reason and text in event.message
 
 
 def test_transient_waits_and_scheduling() -> None:
-    # A first pull error may heal; ImagePullBackOff (after retries) does not.
-    assert isinstance(pod_event(waiting_pod("ErrImagePull"), AT), lc.Admitted)
+    assert isinstance(pod_event(waiting_pod("ContainerCreating"), AT), lc.Admitted)
     unschedulable = {
         "status": {
             "phase": "Pending",

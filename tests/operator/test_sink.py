@@ -36,3 +36,9 @@ def test_events_for_transitions_only() -> None:
     assert transition_events(running, failed) == [("Warning", "OOMKilled", "out of memory")]
     canceled = lc.apply(start, lc.CancelRequested(at=AT)).state
     assert [e[1] for e in transition_events(None, canceled)] == ["Canceled"]
+    waiting = lc.apply(start, lc.Waiting("ImagePullBackOff", "cannot pull image x", AT)).state
+    assert transition_events(start, waiting) == [
+        ("Warning", "ImagePullBackOff", "cannot pull image x")
+    ]
+    again = lc.apply(waiting, lc.Waiting("ErrImagePull", "cannot pull image x", AT)).state
+    assert transition_events(waiting, again) == []
