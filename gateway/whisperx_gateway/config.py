@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from whisperx_api import webhooks
+from whisperx_api.hostport import ALL_INTERFACES
 from whisperx_api.netguard import HostAllowList
 from whisperx_gateway.auth import TokenMap
 from whisperx_gateway.models import DEFAULT_MODELS, ModelCatalog
@@ -63,7 +64,8 @@ class GatewayConfig:
     # Where runners reach this gateway (e.g. its in-cluster Service) when the public URL
     # is not reachable from them: links to uploaded files in inputs are rewritten to it.
     internal_url: str | None = None
-    host: str = "0.0.0.0"
+    # "": every interface, IPv4 and IPv6 (whisperx_api.hostport).
+    host: str = ALL_INTERFACES
     port: int = 8000
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     # Requests in flight (including those held by Prefer: wait) before answering 503.

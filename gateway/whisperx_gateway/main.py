@@ -12,6 +12,7 @@ import sys
 
 from aiohttp import web
 
+from whisperx_api.hostport import bind_host, join_host_port
 from whisperx_api.kube import KubeClient
 from whisperx_api.store import Store
 from whisperx_gateway import local
@@ -45,9 +46,10 @@ def main() -> None:
         return create_app(config, Store.from_url(config.redis_url), KubeBackend(kube))
 
     logging.getLogger("whisperx_gateway").info(
-        "whisperx-gateway on %s:%d (Kubernetes backend)", config.host, config.port
+        "whisperx-gateway on %s (Kubernetes backend)",
+        join_host_port(config.host or "*", config.port),
     )
-    web.run_app(build(), host=config.host, port=config.port, access_log=None, print=None)
+    web.run_app(build(), host=bind_host(config.host), port=config.port, access_log=None, print=None)
 
 
 if __name__ == "__main__":

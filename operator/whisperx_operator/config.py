@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from whisperx_api.hostport import ALL_INTERFACES, join_host_port, wildcard_for
 from whisperx_api.webhooks import generate_secret
 
 
@@ -139,9 +140,18 @@ class OperatorConfig:
     namespaces: tuple[str, ...] = ()
     peering: str = "whisperx"
     peering_priority: int = 0
-    listen_host: str = "0.0.0.0"  # pods are reached on their pod IP
+    # "": every interface, IPv4 and IPv6 (pods are reached on their pod IP, either family).
+    listen_host: str = ALL_INTERFACES
     liveness_port: int = 8080
     report_port: int = 8081
+    # The pod's IP (downward API): its family picks the one address kopf's liveness
+    # endpoint binds when listen_host is every interface.
+    pod_ip: str = ""
+
+    @property
+    def liveness_endpoint(self) -> str:
+        host = self.listen_host or wildcard_for(self.pod_ip)
+        return f"http://{join_host_port(host, self.liveness_port)}/healthz"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
@@ -197,5 +207,6 @@ class OperatorConfig:
             listen_host=env.get("WHISPERX_LISTEN_HOST", cls.listen_host),
             liveness_port=_required_int(env, "WHISPERX_LIVENESS_PORT", cls.liveness_port),
             report_port=_required_int(env, "WHISPERX_REPORT_PORT", cls.report_port),
+            pod_ip=env.get("POD_IP", ""),
             **extra,
         )

@@ -16,9 +16,10 @@ from datetime import UTC, datetime
 
 import kopf
 
-import whisperx_operator.handlers  # noqa: F401  (registers the kopf handlers)
-import whisperx_operator.login  # noqa: F401  (kopf's credentials: the same loader as ours)
 from whisperx_api.crd import GROUP, PREDICTION_LABEL
+
+# Imported to register kopf's handlers and its login (the same credentials as ours).
+from whisperx_operator import handlers, login  # noqa: F401
 from whisperx_operator.config import ConfigError, OperatorConfig
 from whisperx_operator.runtime import Runtime
 
@@ -81,7 +82,7 @@ async def run(config: OperatorConfig) -> None:
             peering_name=config.peering or None,
             standalone=not config.peering,
             priority=config.peering_priority,
-            liveness_endpoint=f"http://{config.listen_host}:{config.liveness_port}/healthz",
+            liveness_endpoint=config.liveness_endpoint,
             memo=kopf.Memo(runtime=runtime),
         )
     finally:

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from whisperx_api import lifecycle as lc
 from whisperx_api.crd import PREDICTION_LABEL
+from whisperx_api.hostport import bind_host
 from whisperx_api.kube import ApiError, KubeClient, resource_path
 from whisperx_api.records import PredictionRecord
 from whisperx_api.reports import prediction_token
@@ -90,7 +91,9 @@ class Runtime:
         app = report_app(self.writer, self.store, active=lambda: self.gate.active)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.listen_host, self.config.report_port)
+        site = web.TCPSite(
+            self._runner, bind_host(self.config.listen_host), self.config.report_port
+        )
         await site.start()
         for name, coro in (
             ("events", self.events.run()),

@@ -66,7 +66,11 @@ def fake_secret(name: str, key: str) -> str:
 
 
 def fake_field(path: str) -> str:
-    return {"metadata.name": POD_NAME, "metadata.namespace": CONTROL_NS}[path]
+    return {
+        "metadata.name": POD_NAME,
+        "metadata.namespace": CONTROL_NS,
+        "status.podIP": "fd00:10:244::7",
+    }[path]
 
 
 def deployment(objs: Objs, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -221,7 +225,10 @@ def test_the_code_accepts_the_settings(
     ports = {p["name"]: p["containerPort"] for p in op["ports"]}
     assert (operator.liveness_port, operator.report_port) == (ports["liveness"], ports["reports"])
     assert [gateway.port] == [p["containerPort"] for p in gw["ports"]]
-    assert operator.listen_host == gateway.host == "0.0.0.0"
+    # Every interface of both families (single-stack IPv4 or IPv6, dual-stack clusters);
+    # kopf's liveness endpoint binds the wildcard of the pod IP's family.
+    assert operator.listen_host == gateway.host == ""
+    assert operator.liveness_endpoint == f"http://[::]:{operator.liveness_port}/healthz"
     # The runner identity exists in the tenant namespace, without an API token.
     account = support.find(objs, "ServiceAccount", operator.runner_service_account, TENANT_NS)
     assert account["automountServiceAccountToken"] is False

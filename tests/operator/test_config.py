@@ -82,3 +82,24 @@ def test_environment() -> None:
 def test_bad_environment_is_refused(env: dict[str, str]) -> None:
     with pytest.raises(ConfigError):
         OperatorConfig.from_env(env)
+
+
+@pytest.mark.parametrize(
+    ("listen_host", "pod_ip", "endpoint"),
+    [
+        # Every interface: kopf binds one address, of the pod IP's family.
+        ("", "10.244.0.7", "http://0.0.0.0:8080/healthz"),
+        ("", "fd00:10:244::7", "http://[::]:8080/healthz"),
+        ("", "", "http://0.0.0.0:8080/healthz"),
+        ("::1", "10.244.0.7", "http://[::1]:8080/healthz"),
+        ("127.0.0.1", "", "http://127.0.0.1:8080/healthz"),
+    ],
+)
+def test_liveness_endpoint_on_ipv4_and_ipv6(listen_host: str, pod_ip: str, endpoint: str) -> None:
+    env = {"WHISPERX_REPORT_KEY": "k" * 32, "WHISPERX_LISTEN_HOST": listen_host, "POD_IP": pod_ip}
+    assert OperatorConfig.from_env(env).liveness_endpoint == endpoint
+
+
+def test_servers_listen_on_every_interface_by_default() -> None:
+    config = OperatorConfig.from_env({"WHISPERX_REPORT_KEY": "k" * 32})
+    assert config.listen_host == ""  # IPv4 and IPv6 (whisperx_api.hostport)
