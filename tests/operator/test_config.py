@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
 
 from tests.conftest import REPO_ROOT
 from whisperx_operator.config import DEFAULT_PROFILES, ConfigError, OperatorConfig, load_profiles
@@ -103,3 +105,11 @@ def test_liveness_endpoint_on_ipv4_and_ipv6(listen_host: str, pod_ip: str, endpo
 def test_servers_listen_on_every_interface_by_default() -> None:
     config = OperatorConfig.from_env({"WHISPERX_REPORT_KEY": "k" * 32})
     assert config.listen_host == ""  # IPv4 and IPv6 (whisperx_api.hostport)
+
+
+def test_the_declared_kopf_floor_has_the_settings_used() -> None:
+    """settings.watching.label_selectors / field_selectors (main.kopf_settings) and
+    kopf.on.login with ConnectionInfo (login.py) exist from kopf 1.45 on."""
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    (kopf,) = [Requirement(r) for r in project["dependencies"] if r.startswith("kopf")]
+    assert kopf.specifier.contains("1.45.0") and not kopf.specifier.contains("1.44.9")
