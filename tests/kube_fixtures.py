@@ -73,6 +73,8 @@ NAMESPACES = kmock.resource("", "v1", "namespaces")
 CRDS = kmock.resource("apiextensions.k8s.io", "v1", "customresourcedefinitions")
 CLUSTER_PEERINGS = kmock.resource("kopf.dev", "v1", "clusterkopfpeerings")
 PEERINGS = kmock.resource("kopf.dev", "v1", "kopfpeerings")
+SERVICE_ACCOUNTS = kmock.resource("", "v1", "serviceaccounts")
+CLAIMS = kmock.resource("", "v1", "persistentvolumeclaims")
 
 ALL_VERBS = ["list", "watch", "get", "create", "patch", "update", "delete"]
 # resource -> (kind, namespaced, status subresource)
@@ -86,6 +88,8 @@ DECLARED: dict[kmock.resource, tuple[str, bool, bool]] = {
     CRDS: ("CustomResourceDefinition", False, True),
     CLUSTER_PEERINGS: ("ClusterKopfPeering", False, False),
     PEERINGS: ("KopfPeering", True, False),
+    SERVICE_ACCOUNTS: ("ServiceAccount", True, False),
+    CLAIMS: ("PersistentVolumeClaim", True, True),
 }
 
 Key = tuple[kmock.resource, str | None, str]
@@ -771,6 +775,7 @@ class Kubelet:
         attempt = 0
         while True:
             plan = self.plans[meta["name"]].pop(0) if self.plans[meta["name"]] else PodPlan()
+            await self._admitted(job)
             run = await self._create_pod(job, attempt)
             attempt += 1
             await self._job_status(job, {"active": 1, "failed": failed})
@@ -850,6 +855,54 @@ class Kubelet:
             await self._job_status(job, {"active": 0, "failed": failed, "conditions": conditions})
             return
 
+    async def _admitted(self, job: dict[str, Any]) -> None:
+        """Until the API server would admit the Job's pod: without its ServiceAccount it
+        refuses it, and the Job controller records a FailedCreate Event and retries."""
+        meta = job["metadata"]
+        namespace = meta["namespace"]
+        account = job["spec"]["template"]["spec"].get("serviceAccountName")
+        recorded = False
+        while account and self.emulator.get(SERVICE_ACCOUNTS, namespace, account) is None:
+            if not recorded:
+                message = (
+                    f'Error creating: pods "{meta["name"]}-" is forbidden: error looking up '
+                    f'service account {namespace}/{account}: serviceaccount "{account}" not found'
+                )
+                await self.emulator.create_object(
+                    EVENTS,
+                    namespace,
+                    {
+                        "metadata": {"generateName": f"{meta['name']}."},
+                        "involvedObject": {
+                            "apiVersion": "batch/v1",
+                            "kind": "Job",
+                            "name": meta["name"],
+                            "namespace": namespace,
+                            "uid": meta["uid"],
+                        },
+                        "type": "Warning",
+                        "reason": "FailedCreate",
+                        "message": message,
+                        "source": {"component": "job-controller"},
+                        "count": 1,
+                        "firstTimestamp": now_iso(),
+                        "lastTimestamp": now_iso(),
+                    },
+                )
+                recorded = True
+            await asyncio.sleep(self.retry_delay)
+
+    def _missing_claim(self, job: dict[str, Any]) -> str | None:
+        """The first PersistentVolumeClaim of the pod that is neither mapped to a local
+        folder nor an object in the API server."""
+        namespace = job["metadata"]["namespace"]
+        for volume in job["spec"]["template"]["spec"].get("volumes") or ():
+            claim = (volume.get("persistentVolumeClaim") or {}).get("claimName")
+            mapped = claim in self.host_volumes
+            if claim and not mapped and self.emulator.get(CLAIMS, namespace, claim) is None:
+                return str(claim)
+        return None
+
     async def _unless_suspended(
         self, key: tuple[str, str], work: Awaitable[dict[str, Any]]
     ) -> dict[str, Any] | None:
@@ -912,10 +965,16 @@ class Kubelet:
     async def _run_pod(self, job: dict[str, Any], run: PodRun, plan: PodPlan) -> dict[str, Any]:
         container = job["spec"]["template"]["spec"]["containers"][0]
         pending: dict[str, Any] = {"phase": "Pending"}
-        if plan.unschedulable is not None:
-            pending["conditions"] = [
-                _cond("PodScheduled", "False", "Unschedulable", plan.unschedulable)
-            ]
+        unschedulable = plan.unschedulable
+        claim = self._missing_claim(job)
+        if claim is not None:
+            unschedulable = (
+                f'0/1 nodes are available: persistentvolumeclaim "{claim}" not found. '
+                "preemption: 0/1 nodes are available: 1 Preemption is not helpful for "
+                "scheduling."
+            )
+        if unschedulable is not None:
+            pending["conditions"] = [_cond("PodScheduled", "False", "Unschedulable", unschedulable)]
             await self._pod_status(run, pending)
             await asyncio.Event().wait()  # until the Job is deleted or its deadline passes
         pending["conditions"] = [_cond("PodScheduled", "True")]

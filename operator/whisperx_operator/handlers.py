@@ -1,8 +1,9 @@
 """kopf handlers: thin adapters onto `Runtime` (runtime.py), which holds the logic.
 
 Predictions get changing handlers (create, resume, cancel, delete with a finalizer that
-removes the Redis data). Jobs and pods get event handlers only: they store nothing on
-those objects and only feed the lifecycle, which ignores repeats.
+removes the Redis data). Jobs, pods and the Job controller's FailedCreate Events get event
+handlers only: they store nothing on those objects and only feed the lifecycle, which
+ignores repeats.
 """
 
 from __future__ import annotations
@@ -58,6 +59,14 @@ async def deleted(body: kopf.Body, memo: Any, **_: Any) -> None:
 @kopf.on.event("batch", "v1", "jobs", labels={PREDICTION_LABEL: kopf.PRESENT})
 async def job_event(type: str | None, body: kopf.Body, memo: Any, **_: Any) -> None:
     await _runtime(memo).job_changed(type, dict(body))
+
+
+# Only the Job controller's FailedCreate Events on Jobs reach it (a server-side field
+# selector, main.py): a pod that could not even be created has no status to watch.
+@kopf.on.event("v1", "events")
+async def job_warning(type: str | None, body: kopf.Body, memo: Any, **_: Any) -> None:
+    if type != "DELETED":
+        await _runtime(memo).pod_not_created(dict(body))
 
 
 @kopf.on.event("v1", "pods", labels={PREDICTION_LABEL: kopf.PRESENT})

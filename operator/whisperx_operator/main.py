@@ -56,6 +56,9 @@ def kopf_settings(config: OperatorConfig) -> kopf.OperatorSettings:
     # Server-side filtering: only the Jobs and pods of predictions reach the operator.
     settings.watching.label_selectors["batch", "v1", "jobs"] = PREDICTION_LABEL
     settings.watching.label_selectors["v1", "pods"] = PREDICTION_LABEL
+    settings.watching.field_selectors["v1", "events"] = (
+        "involvedObject.kind=Job,reason=FailedCreate"
+    )
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.watching.connect_timeout = 10

@@ -27,6 +27,14 @@ RETRIED_WAITING = {
     "CreateContainerError": "ContainerCreateError",
 }
 _MAX_MESSAGE = 1024
+# The scheduler's words for a pod whose PersistentVolumeClaim (the model cache) does not
+# exist or cannot bind (k8s.io/kubernetes pkg/scheduler/framework/plugins/volumebinding).
+_UNBOUND_VOLUME = (
+    "persistentvolumeclaim",  # `persistentvolumeclaim "whisperx-models" not found`
+    "unbound immediate PersistentVolumeClaims",
+)
+# A Job controller's FailedCreate for want of quota heals when quota frees up.
+_QUOTA = "exceeded quota"
 
 
 def _conditions(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -140,9 +148,20 @@ def pod_event(pod: dict[str, Any], at: datetime) -> lc.Event | None:
         return lc.Waiting(why, _short(message), at)
     scheduled = _conditions(pod).get("PodScheduled") or {}
     if scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable":
-        return lc.Queued(
-            "Unschedulable", _short(scheduled.get("message") or "no node fits the pod"), at
-        )
+        message = _short(scheduled.get("message") or "no node fits the pod")
+        if any(sign in message for sign in _UNBOUND_VOLUME):
+            # No node will ever do until someone creates or binds the claim.
+            return lc.Failed("VolumeUnbound", message, at)
+        return lc.Queued("Unschedulable", message, at)
     if scheduled.get("status") == "True":
         return lc.Admitted(at)
     return None
+
+
+def pod_creation_failed(message: str, at: datetime) -> lc.Event:
+    """The event for the Job controller's `FailedCreate` (it could not create the pod):
+    no pod will come of it (a missing ServiceAccount, a Pod Security violation, an
+    admission webhook's refusal), except for want of quota, which is waited on."""
+    if _QUOTA in message:
+        return lc.Queued("QuotaExceeded", _short(message), at)
+    return lc.Failed("RunnerNotCreated", _short(message), at)

@@ -29,7 +29,7 @@ from whisperx_operator.config import OperatorConfig
 from whisperx_operator.deadlines import Deadlines, Kind, Limits, kept_after_ttl
 from whisperx_operator.events import EventPoster, involved_object
 from whisperx_operator.peering import PeeringGate
-from whisperx_operator.pods import RETRIED_WAITING, job_event, pod_event
+from whisperx_operator.pods import RETRIED_WAITING, job_event, pod_creation_failed, pod_event
 from whisperx_operator.server import report_app
 from whisperx_operator.sink import KubeStatusSink
 from whisperx_operator.validation import profile_for, validate_spec
@@ -317,6 +317,30 @@ class Runtime:
         event = job_event(job, pods, lc.now_utc())
         if event is not None:
             await self.writer.apply(namespace, name, event)
+
+    async def pod_not_created(self, event: dict[str, Any]) -> None:
+        """The Job controller recorded `FailedCreate` on a Job: it could not create its
+        pod (say, no runner ServiceAccount in the namespace), and retrying will not help."""
+        involved = event.get("involvedObject") or {}
+        namespace, job = involved.get("namespace") or "default", involved.get("name")
+        if not job:
+            return
+        try:
+            found = await self.kube.get(_job_path(namespace, job))
+        except ApiError as exc:
+            if exc.status == 404:
+                return
+            raise
+        name = prediction_of(found)
+        if name is None or found["metadata"].get("uid") != involved.get("uid"):
+            return  # not ours, or about an earlier Job of the same name
+        if (found.get("status") or {}).get("active"):
+            return  # a pod was created since (say, the ServiceAccount came)
+        outcome = pod_creation_failed(str(event.get("message") or ""), lc.now_utc())
+        if isinstance(outcome, lc.Failed):
+            await self._end(namespace, name, outcome)
+        else:
+            await self.writer.apply(namespace, name, outcome)
 
     async def pod_changed(self, pod: dict[str, Any]) -> None:
         name = prediction_of(pod)

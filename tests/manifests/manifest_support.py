@@ -400,8 +400,9 @@ OPERATOR_RIGHTS = {
     ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
     ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
     *{("kopf.dev", "clusterkopfpeerings", v) for v in ("get", "list", "watch", "patch")},
-    # kopf's and the operator's Events are core v1 (events.py, kopf's posting).
-    ("", "events", "create"),
+    # kopf's and the operator's Events are core v1 (events.py, kopf's posting); kopf
+    # lists and watches the Job controller's FailedCreate Events (handlers.py).
+    *{("", "events", v) for v in ("create", "list", "watch")},
     # kopf watches and patches (finalizer, annotations); the sink gets; the TTL deletes.
     *{("whisperx.io", "predictions", v) for v in ("get", "list", "watch", "patch", "delete")},
     # The sink merge-patches status; nothing reads it through the subresource.

@@ -22,6 +22,7 @@ from tests.kube_fixtures import (
     JOBS,
     PREDICTIONS,
     SECRETS,
+    SERVICE_ACCOUNTS,
     TEST_REPORT_KEY,
     Emulator,
     Kubelet,
@@ -325,6 +326,30 @@ async def test_a_kubelet_retry_is_waited_on_for_a_grace_then_fails_with_its_reas
     await wait_for(gone(kube, JOBS, "gives-up"))
     assert recovered["status"]["phase"] == "succeeded"
     assert conditions(recovered)["Waiting"] == "False"
+
+
+async def test_a_namespace_without_the_runner_account_or_model_cache_fails_at_once(
+    kube: Emulator, kubelet: Kubelet, redis_url: str, tmp_path: Path
+) -> None:
+    env = operator_environment(
+        kube, redis_url, tmp_path,
+        WHISPERX_RUNNER_SERVICE_ACCOUNT="whisperx-runner", WHISPERX_MODEL_CACHE_PVC="models",
+    )  # fmt: skip
+    # "default" has the runner's ServiceAccount but no model cache claim; "bare" neither.
+    await kube.create_object(SERVICE_ACCOUNTS, NS, {"metadata": {"name": "whisperx-runner"}})
+    async with running_operator(kube, env, tmp_path / "operator.log"):
+        await create(kube, "no-cache")
+        bare = prediction_body("no-account", SUCCEED)
+        await kube.create_object(PREDICTIONS, "bare", bare)
+        no_cache = (await wait_for_phase(kube, "no-cache"))["status"]
+        no_account = (await wait_for_phase(kube, "no-account", namespace="bare"))["status"]
+    # Not at the start deadline (an hour by default): now, with the server's words.
+    assert (no_cache["phase"], no_cache["reason"]) == ("failed", "VolumeUnbound")
+    assert 'persistentvolumeclaim "models" not found' in no_cache["error"]
+    assert (no_account["phase"], no_account["reason"]) == ("failed", "RunnerNotCreated")
+    assert 'serviceaccount "whisperx-runner" not found' in no_account["error"]
+    await wait_for(gone(kube, JOBS, "no-cache"))
+    await wait_for(lambda: kube.get(JOBS, "bare", "no-account") is None)
 
 
 async def test_a_job_held_by_kueue_reads_as_queued(

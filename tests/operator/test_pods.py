@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from whisperx_api import lifecycle as lc
-from whisperx_operator.pods import job_event, pod_event
+from whisperx_operator.pods import job_event, pod_creation_failed, pod_event
 
 AT = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -148,3 +148,36 @@ def test_transient_waits_and_scheduling() -> None:
     assert isinstance(pod_event({"status": {"phase": "Running"}}, AT), lc.Admitted)
     assert pod_event({"status": {"phase": "Succeeded"}}, AT) is None
     assert pod_event({"status": {"phase": "Pending"}}, AT) is None
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        '0/3 nodes are available: persistentvolumeclaim "whisperx-models" not found.',
+        "0/3 nodes are available: pod has unbound immediate PersistentVolumeClaims.",
+    ],
+)
+def test_a_claim_that_cannot_bind_fails_the_prediction(message: str) -> None:
+    pod = {
+        "status": {
+            "phase": "Pending",
+            "conditions": [condition("PodScheduled", "Unschedulable", message, "False")],
+        }
+    }
+    event = pod_event(pod, AT)
+    assert isinstance(event, lc.Failed) and event.reason == "VolumeUnbound"
+    assert event.message == message
+
+
+def test_a_pod_the_job_controller_could_not_create() -> None:
+    refused = pod_creation_failed(
+        'Error creating: pods "p-" is forbidden: error looking up service account '
+        'ns/whisperx-runner: serviceaccount "whisperx-runner" not found',
+        AT,
+    )
+    assert isinstance(refused, lc.Failed) and refused.reason == "RunnerNotCreated"
+    assert 'serviceaccount "whisperx-runner" not found' in refused.message
+    quota = pod_creation_failed(
+        'pods "p-x" is forbidden: exceeded quota: gpu, requested: nvidia.com/gpu=1', AT
+    )
+    assert isinstance(quota, lc.Queued) and quota.reason == "QuotaExceeded"
