@@ -131,8 +131,15 @@ class Store:
         self._enqueue_once = client.register_script(_ENQUEUE_ONCE)
 
     @classmethod
-    def from_url(cls, url: str) -> Store:
-        return cls(aioredis.Redis.from_url(url, decode_responses=True))
+    def from_url(cls, url: str, max_connections: int | None = None) -> Store:
+        """With `max_connections`, a pool that waits (up to 5 s) for a free connection
+        when all are busy, instead of failing the command at once."""
+        if max_connections is None:
+            return cls(aioredis.Redis.from_url(url, decode_responses=True))
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=5, decode_responses=True
+        )
+        return cls(aioredis.Redis.from_pool(pool))
 
     async def close(self) -> None:
         await self.redis.aclose()

@@ -3,6 +3,7 @@ reader and a `Backend` (Kubernetes or local)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -27,6 +28,7 @@ from whisperx_gateway.errors import (
     unavailable,
 )
 from whisperx_gateway.files import FileStore, valid_download
+from whisperx_gateway.limits import InFlight
 from whisperx_gateway.metrics import GatewayMetrics
 from whisperx_gateway.models import ModelRef, model_json, version_json
 from whisperx_gateway.openapi import gateway_openapi, model_openapi
@@ -59,17 +61,21 @@ class Gateway:
     metrics: GatewayMetrics
     openapi: bytes
     files: FileStore
+    in_flight: InFlight
     renderer: Renderer = field(default_factory=Renderer)
-    in_flight: int = 0
     model_schemas: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def base_url(self, request: web.Request) -> str:
         return self.config.public_url or f"{request.scheme}://{request.host}"
 
+    def caller(self, request: web.Request) -> str | None:
+        """The caller's namespace, None without a valid token."""
+        token = parse_authorization(request.headers.get("Authorization"))
+        return self.config.tokens.namespace_for(token) if token else None
+
     def authenticate(self, request: web.Request) -> str:
         """The caller's namespace."""
-        token = parse_authorization(request.headers.get("Authorization"))
-        namespace = self.config.tokens.namespace_for(token) if token else None
+        namespace = self.caller(request)
         if namespace is None:
             raise ApiError(
                 401,
@@ -123,6 +129,23 @@ def _prediction_id(request: web.Request) -> str:
     return prediction_id
 
 
+async def _body(request: web.Request, seconds: int) -> bytes:
+    """The request body, if it arrives in time: a half-sent body must not hold a slot."""
+    try:
+        async with asyncio.timeout(seconds):
+            return await request.read()
+    except TimeoutError:
+        raise _body_timeout(seconds) from None
+
+
+def _body_timeout(seconds: int) -> ApiError:
+    return ApiError(
+        408,
+        f"the request body did not arrive within {seconds} s (WHISPERX_BODY_TIMEOUT_SECONDS)",
+        headers={"Connection": "close"},
+    )
+
+
 # --- predictions ---
 
 
@@ -134,7 +157,7 @@ async def create_prediction(request: web.Request) -> web.Response:
     wait = parse_prefer_wait(request.headers.get("Prefer"), gw.config.max_wait_seconds)
     deadline = parse_cancel_after(request.headers.get("Cancel-After"))
     parsed = parse_create_body(
-        parse_json_body(await request.read()),
+        parse_json_body(await _body(request, gw.config.body_timeout)),
         version_required=not model_route,
         webhook_allow=gw.config.webhook_allow_hosts,
     )
@@ -284,7 +307,10 @@ async def upload_file(request: web.Request) -> web.Response:
     if request.content_type != "multipart/form-data":
         raise ApiError(415, "send multipart/form-data with the file in a `content` part")
     try:
-        return await _upload(gw, request, namespace, key)
+        async with asyncio.timeout(gw.config.body_timeout):
+            return await _upload(gw, request, namespace, key)
+    except TimeoutError:
+        raise _body_timeout(gw.config.body_timeout) from None
     except (ValueError, HttpProcessingError) as exc:  # aiohttp's multipart parser
         reason = exc.message if isinstance(exc, HttpProcessingError) else str(exc)
         raise ApiError(400, f"malformed multipart/form-data body: {reason}") from None
@@ -420,13 +446,15 @@ async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     gw = request.app[GATEWAY]
     started = time.perf_counter()
     limited = request.path not in OPEN_PATHS
-    if limited and gw.in_flight >= gw.config.max_in_flight:
+    tenant = gw.caller(request) if limited else None
+    response: web.StreamResponse
+    try:
+        if limited:
+            gw.in_flight.admit(tenant)
+    except ApiError as exc:
         gw.metrics.rejected.inc()
-        response: web.StreamResponse = from_api_error(
-            unavailable("the gateway is at its concurrency limit; retry shortly")
-        )
+        response = from_api_error(exc)
     else:
-        gw.in_flight += limited
         try:
             response = await handler(request)
         except ApiError as exc:
@@ -442,7 +470,8 @@ async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
             log.exception("%s %s failed", request.method, request.path)
             response = problem_response(500, "internal error; the gateway log has the details")
         finally:
-            gw.in_flight -= limited
+            if limited:
+                gw.in_flight.release(tenant)
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
     gw.metrics.requests.inc(route, request.method, str(response.status))
@@ -462,6 +491,7 @@ def create_app(config: GatewayConfig, store: Store, backend: Backend) -> web.App
         metrics=GatewayMetrics(lambda: hub.waiting),
         openapi=json.dumps(gateway_openapi(metrics=config.metrics)).encode(),
         files=FileStore(store.redis),
+        in_flight=InFlight(config.max_in_flight, config.tenant_in_flight),
     )
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=[middleware])
     app[GATEWAY] = gw

@@ -18,6 +18,16 @@ from whisperx_gateway.models import DEFAULT_MODELS, ModelCatalog
 DEFAULT_MAX_BODY_BYTES = 1_200_000
 
 
+REDIS_BACKGROUND_CONNECTIONS = 32
+
+
+def redis_pool_size(max_in_flight: int) -> int:
+    """Redis connections: one per request in flight, and some for the background work
+    (event hub, webhook sender, local mode's runs), so a full gateway never finds the
+    pool empty."""
+    return max_in_flight + REDIS_BACKGROUND_CONNECTIONS
+
+
 class ConfigError(ValueError):
     pass
 
@@ -70,6 +80,10 @@ class GatewayConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     # Requests in flight (including those held by Prefer: wait) before answering 503.
     max_in_flight: int = 1000
+    # One token's share of them before answering it 429; None: a quarter of the total.
+    max_in_flight_per_token: int | None = None
+    # Seconds to receive a whole request body (an upload included) before answering 408.
+    body_timeout: int = 120
     max_wait_seconds: int = 60
     page_size: int = 100
     metrics: bool = True
@@ -81,6 +95,14 @@ class GatewayConfig:
     # Signs the download URLs of uploaded files (shared by all replicas); None: no uploads.
     files_key: bytes | None = None
     max_file_bytes: int = 100 * 1024 * 1024
+
+    @property
+    def tenant_in_flight(self) -> int:
+        return self.max_in_flight_per_token or max(1, self.max_in_flight // 4)
+
+    @property
+    def redis_pool_size(self) -> int:
+        return redis_pool_size(self.max_in_flight)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> GatewayConfig:
@@ -99,6 +121,8 @@ class GatewayConfig:
             port=_int(env, "WHISPERX_GATEWAY_PORT", cls.port),
             max_body_bytes=_int(env, "WHISPERX_MAX_BODY_BYTES", cls.max_body_bytes, 1024),
             max_in_flight=_int(env, "WHISPERX_MAX_IN_FLIGHT", cls.max_in_flight),
+            max_in_flight_per_token=_int(env, "WHISPERX_MAX_IN_FLIGHT_PER_TOKEN", 0, 0) or None,
+            body_timeout=_int(env, "WHISPERX_BODY_TIMEOUT_SECONDS", cls.body_timeout),
             max_wait_seconds=_int(env, "WHISPERX_MAX_WAIT_SECONDS", cls.max_wait_seconds),
             page_size=_int(env, "WHISPERX_PAGE_SIZE", cls.page_size),
             metrics=_bool(env, "WHISPERX_METRICS", cls.metrics),

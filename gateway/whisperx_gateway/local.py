@@ -25,12 +25,12 @@ import yarl
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from whisperx_api.store import Store
 from whisperx_api import webhooks
+from whisperx_api.store import Store
 from whisperx_api.webhooks import generate_secret
 from whisperx_gateway.app import create_app
 from whisperx_gateway.auth import TokenMap
-from whisperx_gateway.config import GatewayConfig, load_tokens
+from whisperx_gateway.config import GatewayConfig, load_tokens, redis_pool_size
 from whisperx_gateway.local_backend import LocalBackend, LocalSettings, default_concurrency
 
 log = logging.getLogger("whisperx_gateway.local")
@@ -197,7 +197,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
         redis_url = await private.start()
         log.info("started a private redis-server at %s (data in %s)", redis_url, args.data_dir)
     try:
-        store = Store.from_url(redis_url)
+        store = Store.from_url(redis_url, redis_pool_size(GatewayConfig.max_in_flight))
         tokens = TokenMap.from_mapping({args.token: DEFAULT_NAMESPACE}) if args.token else None
         tokens = tokens or load_tokens(os.environ)
         generated = None

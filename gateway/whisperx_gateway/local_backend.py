@@ -396,12 +396,21 @@ class LocalBackend:
     # --- the report endpoint (the operator's :8081 in a cluster) ---
 
     async def _report(self, request: web.Request) -> web.Response:
-        result = await self.writer.handle_report(
-            request.match_info["ns"],
-            request.match_info["id"],
-            await request.read(),
-            request.headers.get(SIGNATURE_HEADER),
-        )
+        try:
+            result = await self.writer.handle_report(
+                request.match_info["ns"],
+                request.match_info["id"],
+                await request.read(),
+                request.headers.get(SIGNATURE_HEADER),
+            )
+        except (RedisError, OSError) as exc:
+            # The runner retries a 503: the report is not lost, and no 500 is logged.
+            log.warning("report for %s: Redis unavailable: %s", request.path, exc)
+            return web.json_response(
+                {"detail": "Redis is unavailable; retry shortly"},
+                status=503,
+                headers={"Retry-After": "1"},
+            )
         return web.json_response(result.body, status=result.http_status)
 
 

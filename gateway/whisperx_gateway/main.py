@@ -43,7 +43,9 @@ def main() -> None:
         # WHISPERX_KUBE_SERVER: an API server URL without credentials (development,
         # tests); otherwise the in-cluster service account, else $KUBECONFIG.
         kube = KubeClient(server=os.environ.get("WHISPERX_KUBE_SERVER"))
-        return create_app(config, Store.from_url(config.redis_url), KubeBackend(kube))
+        return create_app(
+            config, Store.from_url(config.redis_url, config.redis_pool_size), KubeBackend(kube)
+        )
 
     logging.getLogger("whisperx_gateway").info(
         "whisperx-gateway on %s (Kubernetes backend)",

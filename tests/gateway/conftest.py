@@ -69,7 +69,7 @@ async def serve(
     gateway_config = GatewayConfig(
         tokens=TokenMap.from_mapping(TOKENS), redis_url=redis_url, public_url=url, **config
     )
-    store = Store.from_url(redis_url)
+    store = Store.from_url(redis_url, gateway_config.redis_pool_size)
     backend = make_backend(store, url, gateway_config.webhook_secret or "")
     runner = web.AppRunner(create_app(gateway_config, store, backend))
     await runner.setup()
