@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import ipaddress
+import json
 import re
 import shutil
 import subprocess
@@ -92,6 +94,21 @@ def find_prefixed(objs: list[Obj], kind: str, prefix: str, namespace: str) -> Ob
     if len(matches) != 1:
         raise KeyError(f"{kind} {namespace}/{prefix}-<hash>: {len(matches)} rendered")
     return matches[0]
+
+
+PREFETCH = "whisperx-prefetch"
+
+
+def prefetch_job(objs: list[Obj]) -> Obj:
+    """The model-cache prefetch Job (named by a hash of its spec)."""
+    return find_prefixed(objs, "Job", PREFETCH, TENANT_NS)
+
+
+def spec_hash(obj: Obj) -> str:
+    """What names a Job by its spec: any change to it (image, model, arguments) gives
+    another name, so the changed Job is a new one that runs once."""
+    canonical = json.dumps(obj["spec"], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:10]
 
 
 def ident(obj: Obj) -> str:

@@ -187,3 +187,53 @@ def test_application_points_at_a_buildable_overlay(
     for ns in (o for o in rendered["gpu"] if o["kind"] == "Namespace"):
         options = ns["metadata"]["annotations"]["argocd.argoproj.io/sync-options"]
         assert "Delete=false" in options and "Prune=false" in options
+
+
+@pytest.mark.parametrize("root", ["base", *sorted(support.OVERLAYS)])
+def test_the_prefetch_job_is_named_by_its_spec(
+    root: str, rendered: dict[str, list[dict[str, Any]]]
+) -> None:
+    """Same spec, same name: a sync applies it unchanged and it does not run again; a
+    changed spec (immutable in a Job) is a new Job that runs once, the old one pruned."""
+    job = support.prefetch_job(rendered[root])
+    expected = f"{support.PREFETCH}-{support.spec_hash(job)}"
+    assert job["metadata"]["name"] == expected, (
+        f"the prefetch Job's spec changed: name it {expected} in {root}"
+    )
+
+
+def test_a_changed_prefetch_spec_changes_the_name(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    job = support.prefetch_job(rendered["gpu"])
+    changed = json.loads(json.dumps(job))
+    changed["spec"]["template"]["spec"]["containers"][0]["args"].append("fr")
+    assert support.spec_hash(changed) != support.spec_hash(job)
+    kind = support.prefetch_job(rendered["kind"])
+    assert kind["metadata"]["name"] != job["metadata"]["name"]  # its patch renames it
+
+
+@pytest.mark.parametrize("root", sorted(support.OVERLAYS))
+def test_the_prefetch_job_neither_reruns_nor_holds_a_sync(
+    root: str, rendered: dict[str, list[dict[str, Any]]]
+) -> None:
+    objs = rendered[root]
+    job = support.prefetch_job(objs)
+    annotations = job["metadata"].get("annotations") or {}
+    # Not a hook: hooks run on every sync, and a sync waits for them (a PVC that cannot
+    # bind held it for the Job's whole deadline).
+    assert not any(key.startswith("argocd.argoproj.io/hook") for key in annotations)
+    # Deleted after finishing, self-heal would re-create it and it would run again.
+    assert "ttlSecondsAfterFinished" not in job["spec"]
+    # In the last sync wave (with its PVC): nothing waits for it to finish, and it does
+    # not wait for a PVC that binds only once its pod is scheduled.
+    waves = {
+        int((o["metadata"].get("annotations") or {}).get("argocd.argoproj.io/sync-wave", 0))
+        for o in objs
+    }
+    claim = support.find(objs, "PersistentVolumeClaim", "whisperx-models", support.TENANT_NS)
+    for obj in (job, claim):
+        wave = int(
+            (obj["metadata"].get("annotations") or {}).get("argocd.argoproj.io/sync-wave", 0)
+        )
+        assert wave == max(waves), support.ident(obj)

@@ -128,8 +128,7 @@ def deployed() -> Iterator[str]:
         kubectl(
             "wait", "--for=condition=Established", f"crd/{crd['metadata']['name']}", "--timeout=60s"
         )
-    # The prefetch Job's template is immutable: replace it on every run.
-    kubectl("-n", TENANT_NS, "delete", "job", "whisperx-prefetch", "--ignore-not-found")
+    # The prefetch Job is named by its spec: applying the same one again changes nothing.
     _apply([o for o in objs if o["kind"] != "CustomResourceDefinition"])
     token = "wx-e2e-" + secrets.token_hex(16)
     _apply(
@@ -156,7 +155,8 @@ def deployed() -> Iterator[str]:
         "deployment/whisperx-gateway",
     ):
         kubectl("-n", CONTROL_NS, "rollout", "status", workload, "--timeout=300s", timeout=320)
-    kubectl("-n", TENANT_NS, "wait", "--for=condition=Complete", "job/whisperx-prefetch",
+    prefetch = support.prefetch_job(objs)["metadata"]["name"]
+    kubectl("-n", TENANT_NS, "wait", "--for=condition=Complete", f"job/{prefetch}",
             "--timeout=600s", timeout=620)  # fmt: skip
     yield token
 

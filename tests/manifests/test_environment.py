@@ -259,7 +259,7 @@ def test_runner_jobs_pass_the_policies(
     tenant namespace has."""
     objs = rendered[root]
     operator, _ = configs(objs, tmp_path)
-    prefetch = support.find(objs, "Job", "whisperx-prefetch", TENANT_NS)
+    prefetch = support.prefetch_job(objs)
     for hardware in operator.profiles:
         job = runner_job(objs, operator, hardware)
         kubernetes_validate.validate(job, support.K8S_VERSION, strict=True)

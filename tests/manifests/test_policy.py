@@ -361,7 +361,7 @@ def test_network_policies_allow_only_the_designed_flows(
     operator = _pod(objs, "whisperx-operator", "10.244.0.10")
     gateway = _pod(objs, "whisperx-gateway", "10.244.0.11")
     redis = _pod(objs, "whisperx-redis", "10.244.0.12")
-    prefetch = _pod(objs, "whisperx-prefetch", "10.244.0.13")
+    prefetch = _pod(objs, support.prefetch_job(objs)["metadata"]["name"], "10.244.0.13")
     # Runner pods are created by the operator; these are the labels it sets.
     runner = Endpoint("10.244.0.14", TENANT_NS, {"whisperx.io/prediction": "p1"})
     stray = Endpoint("10.244.0.15", "default", {"app": "anything"})

@@ -193,7 +193,7 @@ def test_settings_agree(root: str, rendered: dict[str, Objs]) -> None:
     assert gateway["WHISPERX_BACKEND"] == "kubernetes"
     # The prefetch Job fills the cache with the image the Jobs run and the model the
     # profiles use; the cache PVC is the one the operator mounts.
-    prefetch = support.find(objs, "Job", "whisperx-prefetch", TENANT_NS)
+    prefetch = support.prefetch_job(objs)
     (container,) = prefetch["spec"]["template"]["spec"]["containers"]
     assert container["image"] == operator["WHISPERX_RUNNER_IMAGE"]
     assert {p["model"] for p in profiles.values()} == {
