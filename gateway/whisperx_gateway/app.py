@@ -15,7 +15,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from redis.exceptions import RedisError
 
 from whisperx_api.records import to_replicate
-from whisperx_api.store import RawPredictionView, Store
+from whisperx_api.store import PredictionView, RawPredictionView, Store
 from whisperx_api.webhooks import tenant_secret
 from whisperx_gateway.auth import parse_authorization
 from whisperx_gateway.backend import Backend, BackendError, NewPrediction, PredictionReader
@@ -34,6 +34,7 @@ from whisperx_gateway.models import ModelRef, model_json, version_json
 from whisperx_gateway.openapi import gateway_openapi, model_openapi
 from whisperx_gateway.parsing import (
     Cursor,
+    list_input,
     new_prediction_id,
     parse_cancel_after,
     parse_create_body,
@@ -210,17 +211,21 @@ async def list_predictions(request: web.Request) -> web.Response:
     namespace = gw.authenticate(request)
     raw_cursor = request.query.get("cursor")
     cursor = Cursor.decode(raw_cursor) if raw_cursor else None
-    views, links = await gw.reader.page(namespace, cursor)
-    base = f"{gw.base_url(request)}/v1/predictions?cursor="
-    return _json(
-        {
-            "previous": base + links.previous.encode() if links.previous else None,
-            "next": base + links.next.encode() if links.next else None,
-            "results": [
-                to_replicate(v.record, v.output, v.logs, gw.base_url(request)) for v in views
-            ],
-        }
-    )
+    base_url = gw.base_url(request)
+
+    def render(view: PredictionView) -> dict[str, Any]:
+        item = to_replicate(view.record, view.output, view.logs, base_url)
+        return {**item, "input": list_input(item["input"])}
+
+    results, links = await gw.reader.page(namespace, cursor, render)
+    base = f"{base_url}/v1/predictions?cursor="
+    head = {
+        "previous": base + links.previous.encode() if links.previous else None,
+        "next": base + links.next.encode() if links.next else None,
+    }
+    # The results are JSON already (the reader measured them against the page budget).
+    text = json.dumps(head)[:-1] + ', "results": [' + ", ".join(results) + "]}"
+    return web.Response(text=text, content_type="application/json")
 
 
 async def cancel_prediction(request: web.Request) -> web.Response:
@@ -487,7 +492,7 @@ def create_app(config: GatewayConfig, store: Store, backend: Backend) -> web.App
         store=store,
         backend=backend,
         hub=hub,
-        reader=PredictionReader(store, backend, config.page_size),
+        reader=PredictionReader(store, backend, config.page_size, config.page_bytes),
         metrics=GatewayMetrics(lambda: hub.waiting),
         openapi=json.dumps(gateway_openapi(metrics=config.metrics)).encode(),
         files=FileStore(store.redis),

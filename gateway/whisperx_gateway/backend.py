@@ -8,6 +8,8 @@ as a local process. Both status writers keep the same Redis record, so reading i
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -60,10 +62,16 @@ class Backend(Protocol):
 class PredictionReader:
     """Reads shared by both backends: the Redis records the status writers keep."""
 
-    def __init__(self, store: Store, backend: Backend, page_size: int = 100) -> None:
+    # Records read from Redis at a time while a page is built (each may hold a 1 MB input).
+    PAGE_READ_BATCH = 10
+
+    def __init__(
+        self, store: Store, backend: Backend, page_size: int = 100, page_bytes: int = 4 << 20
+    ) -> None:
         self.store = store
         self.backend = backend
         self.page_size = page_size
+        self.page_bytes = page_bytes
 
     async def view(self, namespace: str, prediction_id: str) -> RawPredictionView | None:
         """One Redis round trip; the backend only for a prediction not in Redis yet."""
@@ -74,15 +82,42 @@ class PredictionReader:
         return None if record is None else RawPredictionView.of(record, None, "")
 
     async def page(
-        self, namespace: str, cursor: Cursor | None
-    ) -> tuple[list[PredictionView], PageLinks]:
+        self,
+        namespace: str,
+        cursor: Cursor | None,
+        render: Callable[[PredictionView], dict[str, Any]],
+    ) -> tuple[list[str], PageLinks]:
+        """A page of rendered predictions (JSON texts, newest first) and its links.
+
+        At most `page_size` predictions and about `page_bytes` of JSON: a page that
+        reaches the byte budget ends early (with at least one prediction) and its `next`
+        link goes on from there, so neither the answer nor the memory it takes grows with
+        what the predictions hold.
+        """
         rows = await self._rows(namespace, cursor, self.page_size + 1)
         has_more = len(rows) > self.page_size
-        rows = rows[: self.page_size]
+        rows = rows[: self.page_size]  # nearest to the cursor first
+        texts: dict[str, str] = {}
+        size = 0
+        kept = 0
+        while kept < len(rows) and not (texts and size >= self.page_bytes):
+            batch = rows[kept : kept + self.PAGE_READ_BATCH]
+            views = await self.store.get_views(namespace, [pid for pid, _ in batch])
+            rendered = {v.record.id: json.dumps(render(v)) for v in views}
+            for prediction_id, _ in batch:
+                if texts and size >= self.page_bytes:
+                    break
+                text = rendered.get(prediction_id)
+                if text is not None:  # a record deleted since it was listed
+                    texts[prediction_id] = text
+                    size += len(text)
+                kept += 1
+        has_more = has_more or kept < len(rows)
+        rows = rows[:kept]
         if cursor is not None and not cursor.older:
             rows.reverse()  # read oldest-first going back; a page is always newest first
-        views = await self.store.get_views(namespace, [prediction_id for prediction_id, _ in rows])
-        return views, page_links(rows, cursor, has_more=has_more)
+        page = [texts[pid] for pid, _ in rows if pid in texts]
+        return page, page_links(rows, cursor, has_more=has_more)
 
     async def _rows(
         self, namespace: str, cursor: Cursor | None, want: int

@@ -86,6 +86,8 @@ class GatewayConfig:
     body_timeout: int = 120
     max_wait_seconds: int = 60
     page_size: int = 100
+    # About the most JSON one list page carries; a page reaching it ends early.
+    page_bytes: int = 4 << 20
     metrics: bool = True
     # The master `whsec_` secret; each namespace's webhooks are signed with one derived
     # from it (whisperx_api.webhooks.tenant_secret).
@@ -125,6 +127,7 @@ class GatewayConfig:
             body_timeout=_int(env, "WHISPERX_BODY_TIMEOUT_SECONDS", cls.body_timeout),
             max_wait_seconds=_int(env, "WHISPERX_MAX_WAIT_SECONDS", cls.max_wait_seconds),
             page_size=_int(env, "WHISPERX_PAGE_SIZE", cls.page_size),
+            page_bytes=_int(env, "WHISPERX_PAGE_MAX_BYTES", cls.page_bytes),
             metrics=_bool(env, "WHISPERX_METRICS", cls.metrics),
             webhook_secret=env.get("WHISPERX_WEBHOOK_SECRET", "").strip() or None,
             webhook_allow_hosts=webhooks.allow_list(env),

@@ -62,6 +62,22 @@ def route_uploaded_files(
     return {**input_, "audio_file": f"{internal_url.rstrip('/')}/v1/files/{audio[len(prefix) :]}"}
 
 
+# Input strings longer than this (data URIs of up to 1 MB) are not repeated in lists.
+LIST_INPUT_CHARS = 1000
+
+
+def list_input(input_: dict[str, Any]) -> dict[str, Any]:
+    """A prediction's input as a list page shows it: a long value (a data URI) becomes a
+    note of its kind and size; `GET /v1/predictions/{id}` has it whole."""
+    summary: dict[str, Any] = {}
+    for name, value in input_.items():
+        if isinstance(value, str) and len(value) > LIST_INPUT_CHARS:
+            kind = value.split(",", 1)[0] if value.startswith("data:") else value[:100]
+            value = f"{kind}... ({len(value)} characters; GET the prediction for all)"
+        summary[name] = value
+    return summary
+
+
 def valid_prediction_id(value: str) -> bool:
     return bool(_PREDICTION_ID.match(value))
 
