@@ -4,6 +4,7 @@ NetworkPolicies that allow exactly the flows of the design."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -422,6 +423,87 @@ def test_network_policies_allow_only_the_designed_flows(
     if net.allowed(redis, dns, 53, "UDP"):
         wrong.append("redis may send DNS queries")
     assert wrong == []
+
+
+COMPONENTS = support.MANIFESTS / "components"
+OPERATOR_IP, GATEWAY_IP, RUNNER_IP, REDIS_IP = (
+    "10.244.0.10",
+    "10.244.0.11",
+    "10.244.0.14",
+    "10.244.0.12",
+)
+CORE_DNS = Endpoint("10.244.0.3", "kube-system", {"k8s-app": "coredns"})
+NODE_LOCAL_DNS = Endpoint("169.254.20.10")
+OPENSHIFT_DNS = Endpoint(
+    "10.128.0.5", "openshift-dns", {"dns.operator.openshift.io/daemonset-dns": "default"}
+)
+MINIKUBE_API = Endpoint("192.168.49.2")
+# component -> (destination, port, protocol) that it opens to DNS or the API server.
+COMPONENT_FLOWS = {
+    "dns-any-kube-system": (CORE_DNS, 53, "UDP"),
+    "dns-node-local": (NODE_LOCAL_DNS, 53, "UDP"),
+    "dns-openshift": (OPENSHIFT_DNS, 5353, "UDP"),
+    "apiserver-8443": (MINIKUBE_API, 8443, "TCP"),
+}
+
+
+def render_with_components(overlay: str, components: list[str], workdir: Path) -> Objs:
+    """An overlay plus components, as a user's own kustomization would combine them."""
+    relative = Path(os.path.relpath(support.OVERLAYS[overlay], workdir))
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [str(relative)],
+        "components": [str(Path(os.path.relpath(COMPONENTS / c, workdir))) for c in components],
+    }
+    (workdir / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    return [d for d in yaml.safe_load_all(support.kustomize(workdir)) if d]
+
+
+def test_every_component_is_tested() -> None:
+    assert {p.name for p in COMPONENTS.iterdir() if p.is_dir()} == set(COMPONENT_FLOWS)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("component", sorted(COMPONENT_FLOWS))
+def test_components_open_dns_or_api_server_ports(
+    overlay: str, component: str, rendered: dict[str, Objs], tmp_path: Path
+) -> None:
+    """Each component opens its flow for the operator, the gateway and (DNS) runners, not
+    for Redis; without it the flow is closed."""
+    destination, port, protocol = COMPONENT_FLOWS[component]
+    extra = {"kube-system": {}, "openshift-dns": {}}
+    operator = _pod(rendered[overlay], "whisperx-operator", OPERATOR_IP)
+    gateway = _pod(rendered[overlay], "whisperx-gateway", GATEWAY_IP)
+    redis = _pod(rendered[overlay], "whisperx-redis", REDIS_IP)
+    runner = Endpoint(RUNNER_IP, TENANT_NS, {"whisperx.io/prediction": "p1"})
+    clients = [operator, gateway] + ([runner] if component.startswith("dns-") else [])
+    before = support.NetworkModel(rendered[overlay], extra_namespaces=extra)
+    after = support.NetworkModel(
+        render_with_components(overlay, [component], tmp_path), extra_namespaces=extra
+    )
+    for pod in clients:
+        assert not before.allowed(pod, destination, port, protocol), (pod, "without")
+        assert after.allowed(pod, destination, port, protocol), (pod, "with")
+    assert not after.allowed(redis, destination, port, protocol)
+    if component == "apiserver-8443":
+        assert not after.allowed(runner, destination, port, protocol)
+
+
+def test_components_combine(tmp_path: Path) -> None:
+    objs = render_with_components(
+        "kind", ["dns-node-local", "dns-any-kube-system", "apiserver-8443"], tmp_path
+    )
+    net = support.NetworkModel(objs, extra_namespaces={"kube-system": {}})
+    operator = _pod(objs, "whisperx-operator", OPERATOR_IP)
+    for destination, port, protocol in (
+        (CORE_DNS, 53, "UDP"),
+        (NODE_LOCAL_DNS, 53, "TCP"),
+        (MINIKUBE_API, 8443, "TCP"),
+        (MINIKUBE_API, 6443, "TCP"),
+    ):
+        assert net.allowed(operator, destination, port, protocol), destination
+    assert not net.allowed(operator, CORE_DNS, 8080, "TCP")
 
 
 def test_network_model_semantics() -> None:
