@@ -56,7 +56,7 @@ import jsonpointer
 import kmock
 import pytest
 import yaml
-from kmock._internal import apps, rendering
+from kmock._internal import apps, parsing, rendering
 
 from tests.cluster.controlplane import ControlPlane
 from tests.cluster.fixtures import RealKube, node_agent_for, real_kube, service_account_kubeconfig
@@ -97,6 +97,23 @@ Key = tuple[kmock.resource, str | None, str]
 
 def now_iso() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# kmock reads /api/v1/namespaces[/{name}] as a namespace prefix without a resource (and
+# fails on the list): it is the Namespace resource itself, which kopf lists and watches
+# when it serves only some namespaces.
+_kmock_parse_path = parsing.parse_path
+
+
+def _parse_path(path: str) -> parsing.ParsedPath:
+    parts = path.strip("/").split("/")
+    if parts[:3] == ["api", "v1", "namespaces"] and len(parts) in (3, 4):
+        name = parts[3] if len(parts) == 4 else None
+        return parsing.ParsedPath("", "v1", "namespaces", None, name, None)
+    return _kmock_parse_path(path)
+
+
+parsing.parse_path = _parse_path
 
 
 # --- selectors ---

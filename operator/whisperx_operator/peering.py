@@ -5,6 +5,10 @@ operator also acts outside kopf handlers (runner reports, deadlines), so it read
 same peering object and applies the same rule, keeping a standby replica fully passive:
 its report endpoint answers 503 and its readiness probe fails, so the Service sends
 runners to the active replica.
+
+Watching only some namespaces (`WHISPERX_NAMESPACES`), kopf peers through a `KopfPeering`
+object in each of them and stays paused in a namespace without one; it never creates
+them, so the operator does at start.
 """
 
 from __future__ import annotations
@@ -57,11 +61,32 @@ class PeeringGate:
         interval: float = 2.0,
     ) -> None:
         self.kube = kube
+        self.name = name
+        self.namespaces = namespaces if name else ()
         self.paths = peering_paths(name, namespaces) if name else []
         self.identity = identity
         self.priority = priority
         self.interval = interval
         self.active = not self.paths
+
+    async def ensure(self) -> None:
+        """Creates the KopfPeering object of each watched namespace that lacks one."""
+        assert self.kube is not None
+        for namespace in self.namespaces:
+            collection = f"/apis/kopf.dev/v1/namespaces/{namespace}/kopfpeerings"
+            body = {
+                "apiVersion": "kopf.dev/v1",
+                "kind": "KopfPeering",
+                "metadata": {"name": self.name, "namespace": namespace},
+            }
+            try:
+                await self.kube.create(collection, body)
+            except ApiError as exc:
+                if exc.status == 403:
+                    # Not ours to create: it must exist already (kopf needs it).
+                    await self.kube.get(f"{collection}/{self.name}")
+                elif exc.status != 409:  # 409: it exists
+                    raise
 
     async def check(self) -> bool:
         assert self.kube is not None

@@ -88,6 +88,7 @@ class Runtime:
     # --- process lifecycle ---
 
     async def start(self) -> None:
+        await self.gate.ensure()
         app = report_app(self.writer, self.store, active=lambda: self.gate.active)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()

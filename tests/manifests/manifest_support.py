@@ -411,12 +411,19 @@ class NetworkModel:
 # Exactly what the code calls (a right granted but unused is a finding too); the rendered
 # roles must grant these sets (test_policy.py), and the operator's and gateway's calls
 # against an emulated API server must stay within them (test_api_calls.py).
+NAMESPACED_MODE_RIGHTS = {
+    *{("kopf.dev", "kopfpeerings", v) for v in ("get", "list", "watch", "patch", "create")},
+    *{("", "namespaces", v) for v in ("list", "watch")},
+}
 OPERATOR_RIGHTS = {
     # kopf: CRD discovery (list + watch), peering (watch, keepalive patches); the
     # operator's peering gate gets the object.
     ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
     ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
     *{("kopf.dev", "clusterkopfpeerings", v) for v in ("get", "list", "watch", "patch")},
+    # WHISPERX_NAMESPACES: a KopfPeering per namespace (created when missing), and kopf
+    # lists and watches the namespaces.
+    *NAMESPACED_MODE_RIGHTS,
     # kopf's and the operator's Events are core v1 (events.py, kopf's posting); kopf
     # lists and watches the Job controller's FailedCreate Events (handlers.py).
     *{("", "events", v) for v in ("create", "list", "watch")},

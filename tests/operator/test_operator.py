@@ -20,6 +20,8 @@ from aiohttp import web
 from tests.conftest import free_port
 from tests.kube_fixtures import (
     JOBS,
+    NAMESPACES,
+    PEERINGS,
     PREDICTIONS,
     SECRETS,
     SERVICE_ACCOUNTS,
@@ -584,3 +586,26 @@ async def test_a_standby_replica_does_not_act(
             assert "s1" not in standby.log_tail(400)
         finally:
             await standby.stop()
+
+
+async def test_an_operator_of_some_namespaces_peers_in_each_and_acts_only_there(
+    kube: Emulator, kubelet: Kubelet, redis_url: str, tmp_path: Path
+) -> None:
+    for namespace in ("tenant-a", "tenant-b"):
+        await kube.create_object(NAMESPACES, None, {"metadata": {"name": namespace}})
+    env = operator_environment(kube, redis_url, tmp_path, WHISPERX_NAMESPACES="tenant-a,tenant-b")
+    async with running_operator(kube, env, tmp_path / "operator.log") as operator:
+        # kopf peers through a KopfPeering in each namespace; none existed.
+        identity = env["POD_ID"]
+
+        def peered(namespace: str) -> bool:
+            peering = kube.get(PEERINGS, namespace, "whisperx") or {}
+            return identity in (peering.get("status") or {})
+
+        await wait_for(lambda: peered("tenant-a") and peered("tenant-b"), within=15)
+        await kube.create_object(PREDICTIONS, "tenant-b", prediction_body("mine", SUCCEED))
+        await kube.create_object(PREDICTIONS, NS, prediction_body("not-mine", SUCCEED))
+        done = await wait_for_phase(kube, "mine", namespace="tenant-b")
+        assert done["status"]["phase"] == "succeeded", operator.log_tail()
+        await asyncio.sleep(1)
+    assert "status" not in current(kube, "not-mine") and kube.get(JOBS, NS, "not-mine") is None
