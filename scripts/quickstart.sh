@@ -36,7 +36,8 @@ espeak-ng -w "$work/sample.wav" "the quick brown fox jumps over the lazy dog"
 port=$($PY -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 token="quickstart-$($PY -c 'import secrets; print(secrets.token_hex(8))')"
 echo "== starting local mode on http://127.0.0.1:$port"
-.venv/bin/whisperx-local --port "$port" --token "$token" --model-dir "$models" \
+# The token goes in the environment, not the command line (`ps` shows arguments).
+WHISPERX_LOCAL_TOKEN="$token" .venv/bin/whisperx-local --port "$port" --model-dir "$models" \
   --data-dir "$work/redis" >"$work/local.log" 2>&1 &
 local_pid=$!
 for _ in $(seq 1 120); do
