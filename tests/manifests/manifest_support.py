@@ -415,7 +415,9 @@ NAMESPACED_MODE_RIGHTS = {
     *{("kopf.dev", "kopfpeerings", v) for v in ("get", "list", "watch", "patch", "create")},
     *{("", "namespaces", v) for v in ("list", "watch")},
 }
-OPERATOR_RIGHTS = {
+# Cluster-wide (the ClusterRole): what kopf lists and watches, peering, Events, and the
+# operator's own Predictions.
+OPERATOR_CLUSTER_RIGHTS = {
     # kopf: CRD discovery (list + watch), peering (watch, keepalive patches); the
     # operator's peering gate gets the object.
     ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
@@ -434,10 +436,15 @@ OPERATOR_RIGHTS = {
     # The owner references it sets block owner deletion: OwnerReferencesPermissionEnforcement
     # checks this right on the owner.
     ("whisperx.io", "predictions/finalizers", "update"),
-    # Created, got back on a conflict, watched by kopf, deleted to cancel (never patched).
-    *{("batch", "jobs", v) for v in ("get", "list", "watch", "create", "delete")},
+    # Watched by kopf (created, read and deleted in tenant namespaces only).
+    *{("batch", "jobs", v) for v in ("list", "watch")},
     # Watched by kopf, listed for why a Job failed or never started; never got by name.
     *{("", "pods", v) for v in ("list", "watch")},
+}
+# In each tenant namespace only (the Role of base/tenant): what it writes there.
+OPERATOR_TENANT_RIGHTS = {
+    # Created, got back on a conflict, deleted to cancel (never patched).
+    *{("batch", "jobs", v) for v in ("get", "create", "delete")},
     # Created, got back on a conflict; the garbage collector deletes them.
     *{("", "secrets", v) for v in ("get", "create")},
 }

@@ -55,9 +55,14 @@ OPERATOR_NEVER_CALLED = {
 
 
 def rbac_triples(requests: Iterable[Any]) -> set[Triple]:
-    """(apiGroup, resource[/subresource], verb) of recorded API requests; discovery
-    requests (no resource) need no RBAC rule."""
-    triples = set()
+    """(apiGroup, resource[/subresource], verb) of recorded API requests."""
+    return {call[1:] for call in rbac_calls(requests)}
+
+
+def rbac_calls(requests: Iterable[Any]) -> set[tuple[str | None, str, str, str]]:
+    """(namespace or None for cluster-wide, apiGroup, resource[/subresource], verb) of
+    recorded API requests; discovery requests (no resource) need no RBAC rule."""
+    calls = set()
     for request in requests:
         resource = request.resource
         if resource is None or not resource.plural:
@@ -71,8 +76,8 @@ def rbac_triples(requests: Iterable[Any]) -> set[Triple]:
         else:
             verb = {"POST": "create", "PATCH": "patch", "PUT": "update"}[method]
         plural = resource.plural + (f"/{request.subresource}" if request.subresource else "")
-        triples.add((resource.group or "", plural, verb))
-    return triples
+        calls.add((request.namespace, resource.group or "", plural, verb))
+    return calls
 
 
 @dataclass
@@ -84,6 +89,7 @@ class FakeRequest:
     name: str | None = None
     subresource: str | None = None
     params: dict[str, str] = field(default_factory=dict)
+    namespace: str | None = None
 
 
 def test_triples_of_requests() -> None:
@@ -109,6 +115,11 @@ def test_triples_of_requests() -> None:
         ("batch", "jobs", "delete"),
         ("", "events", "create"),
     }
+    scoped = [
+        FakeRequest(kmock.method.GET, pods),
+        FakeRequest(kmock.method.POST, jobs, namespace="t"),
+    ]
+    assert rbac_calls(scoped) == {(None, "", "pods", "list"), ("t", "batch", "jobs", "create")}
 
 
 async def test_the_operator_calls_exactly_what_its_cluster_role_grants(
@@ -137,9 +148,16 @@ async def test_the_operator_calls_exactly_what_its_cluster_role_grants(
             assert (await wait_for_phase(kube, "slow"))["status"]["phase"] == "succeeded"
             assert (await wait_for_phase(kube, "oom"))["status"]["reason"] == "OOMKilled"
             await wait_for(lambda: kube.get(PREDICTIONS, NS, "ok") is None, within=10)
-        used = rbac_triples(kube)
-    assert used - support.OPERATOR_RIGHTS == set(), "called without a grant"
-    assert support.OPERATOR_RIGHTS - used == OPERATOR_NEVER_CALLED, "granted, never called"
+        calls = rbac_calls(kube)
+    # NS plays a tenant namespace: the Role there adds the tenant rights.
+    assert {ns for ns, *_ in calls} <= {None, NS}
+    cluster_wide = {call[1:] for call in calls if call[0] is None}
+    in_tenant = {call[1:] for call in calls if call[0] == NS}
+    cluster, tenant = support.OPERATOR_CLUSTER_RIGHTS, support.OPERATOR_TENANT_RIGHTS
+    assert cluster_wide - cluster == set(), "called cluster-wide without a cluster-wide grant"
+    assert in_tenant - (cluster | tenant) == set(), "called without a grant"
+    assert tenant - in_tenant == set(), "granted in tenant namespaces, never called"
+    assert cluster - (cluster_wide | in_tenant) == OPERATOR_NEVER_CALLED, "granted, never called"
 
 
 async def test_the_gateway_calls_exactly_what_its_role_grants(redis_url: str) -> None:

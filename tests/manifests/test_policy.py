@@ -327,7 +327,16 @@ def rights_of(objs: Objs, service_account: str) -> dict[str | None, set[tuple[st
 @pytest.mark.parametrize("root", OVERLAYS)
 def test_rbac_is_least_privilege(root: str, rendered: dict[str, Objs]) -> None:
     objs = rendered[root]
-    assert rights_of(objs, "whisperx-operator") == {None: support.OPERATOR_RIGHTS}
+    # The operator: reads cluster-wide, writes Jobs and Secrets in tenant namespaces only.
+    assert rights_of(objs, "whisperx-operator") == {
+        None: support.OPERATOR_CLUSTER_RIGHTS,
+        TENANT_NS: support.OPERATOR_TENANT_RIGHTS,
+    }
+    cluster_wide = {(group, resource) for group, resource, _ in support.OPERATOR_CLUSTER_RIGHTS}
+    assert ("", "secrets") not in cluster_wide
+    assert (
+        not {("batch", "jobs", v) for v in ("create", "delete")} & support.OPERATOR_CLUSTER_RIGHTS
+    )
     # The gateway: only in the tenant namespaces it serves, nothing cluster-wide.
     assert rights_of(objs, "whisperx-gateway") == {TENANT_NS: support.GATEWAY_RIGHTS}
     assert rights_of(objs, "whisperx-runner") == {}
