@@ -134,9 +134,9 @@ def check_literal(host: str, allow: HostAllowList, port: int | None = None) -> N
         literal = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
         name = host.lower().rstrip(".")
-        if name == "localhost" or name.endswith(".localhost"):
-            if not allow.allows(name, None, port):
-                raise AddressRefused(host, None, "loopback") from None
+        loopback = name == "localhost" or name.endswith(".localhost")
+        if loopback and not allow.allows(name, None, port):
+            raise AddressRefused(host, None, "loopback") from None
         return
     kind = address_kind(literal)
     if kind is not None and not allow.allows(host, literal, port):

@@ -25,8 +25,10 @@ import time
 from collections.abc import Iterable, Mapping
 
 import aiohttp
+from redis.exceptions import RedisError
 
 from whisperx_api.netguard import AddressRefused, GuardedResolver, HostAllowList, check_url
+from whisperx_api.outage import Outage
 from whisperx_api.store import Store, WebhookDelivery
 
 log = logging.getLogger(__name__)
@@ -139,12 +141,14 @@ class WebhookSender:
         async with aiohttp.ClientSession(
             connector=connector, timeout=self.timeout, trust_env=False
         ) as session:
+            outage = Outage(log, "webhook outbox (Redis)", base_delay=self.poll_interval)
             while True:
                 try:
                     due = await self.store.lease_due_webhooks()
-                except Exception:
-                    log.exception("webhook outbox unavailable; retrying")
-                    due = []
+                except (RedisError, OSError) as exc:
+                    await asyncio.sleep(outage.failed(exc))
+                    continue
+                outage.recovered()
                 if due:
                     results = await asyncio.gather(
                         *(self._deliver(session, d) for d in due), return_exceptions=True

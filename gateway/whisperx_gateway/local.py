@@ -9,21 +9,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
 import secrets
 import shutil
 import signal
-import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import redis.asyncio as aioredis
 import yarl
 from aiohttp import web
-from redis.exceptions import RedisError
 
 from whisperx_api import webhooks
 from whisperx_api.store import Store
@@ -32,6 +28,7 @@ from whisperx_gateway.app import create_app
 from whisperx_gateway.auth import TokenMap
 from whisperx_gateway.config import GatewayConfig, load_tokens, redis_pool_size
 from whisperx_gateway.local_backend import LocalBackend, LocalSettings, default_concurrency
+from whisperx_gateway.private_redis import DataDir, PrivateRedis
 
 log = logging.getLogger("whisperx_gateway.local")
 
@@ -48,65 +45,6 @@ def default_runner_command() -> list[str]:
     return [shutil.which("whisperx-runner") or "whisperx-runner", "run"]
 
 
-class PrivateRedis:
-    """A redis-server for this process only: loopback, AOF, stopped with us."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.data_dir = data_dir
-        self.process: asyncio.subprocess.Process | None = None
-        self.url = ""
-
-    async def start(self) -> str:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise SystemExit("redis-server is not installed: run scripts/setup.sh or set REDIS_URL")
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        # A free port is picked, then retried should another process take it first.
-        for _ in range(5):
-            port = _free_port()
-            self.process = await asyncio.create_subprocess_exec(
-                binary,
-                "--port", str(port),
-                "--bind", "127.0.0.1",
-                "--dir", str(self.data_dir),
-                "--appendonly", "yes",
-                "--save", "",
-                "--protected-mode", "yes",
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.DEVNULL,
-            )  # fmt: skip
-            self.url = f"redis://127.0.0.1:{port}/0"
-            if await self._ready():
-                return self.url
-            await self.stop()
-        raise SystemExit("could not start redis-server")
-
-    async def _ready(self, attempts: int = 200) -> bool:
-        client = aioredis.Redis.from_url(self.url)
-        try:
-            for _ in range(attempts):
-                if self.process is None or self.process.returncode is not None:
-                    return False
-                with contextlib.suppress(RedisError, OSError):
-                    if await client.ping():
-                        return True
-                await asyncio.sleep(0.05)
-            return False
-        finally:
-            await client.aclose()
-
-    async def stop(self) -> None:
-        if self.process is None or self.process.returncode is not None:
-            return
-        self.process.terminate()
-        try:
-            await asyncio.wait_for(self.process.wait(), 10)
-        except TimeoutError:
-            self.process.kill()
-            await self.process.wait()
-        self.process = None
-
-
 def gateway_endpoint(public_url: str) -> str:
     """The runner's default allow-list: uploaded files are downloaded from this gateway,
     a loopback address, and only its port may be reached (not the private Redis, the
@@ -114,12 +52,6 @@ def gateway_endpoint(public_url: str) -> str:
     url = yarl.URL(public_url)
     host = url.host or "127.0.0.1"
     return f"[{host}]:{url.port}" if ":" in host else f"{host}:{url.port}"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def _kept_secret(store: Store, env_name: str, key: str, make: Callable[[], str]) -> str:
@@ -148,13 +80,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="use this Redis instead of starting a private redis-server (env REDIS_URL)",
     )
     parser.add_argument(
-        "--data-dir", type=Path, default=state, help="the private Redis's data (AOF)"
+        "--data-dir",
+        type=Path,
+        default=state,
+        help="the private Redis's data (AOF) and the runners' inputs; one whisperx-local "
+        "at a time uses it",
     )
     parser.add_argument(
-        "--token",
-        default=env.get("WHISPERX_LOCAL_TOKEN"),
-        help="the API token (namespace `default`); default: WHISPERX_TOKENS(_FILE), else a "
-        "random one, printed at start",
+        "--token-file",
+        type=Path,
+        help="a file holding the API token (namespace `default`); also env "
+        "WHISPERX_LOCAL_TOKEN (never a command-line argument: `ps` shows those); default: "
+        "WHISPERX_TOKENS(_FILE), else a random one, printed at start",
     )
     parser.add_argument(
         "--model",
@@ -186,81 +123,98 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.concurrency < 1:
         parser.error("--concurrency must be at least 1")
+    args.token = env.get("WHISPERX_LOCAL_TOKEN", "").strip() or None
+    if args.token_file is not None:
+        try:
+            args.token = args.token_file.read_text().strip()
+        except OSError as exc:
+            parser.error(f"--token-file: {exc}")
     return args
 
 
 async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
+    data = DataDir(args.data_dir)
+    data.acquire()
     private = None
     redis_url = args.redis_url
-    if not redis_url:
-        private = PrivateRedis(args.data_dir)
-        redis_url = await private.start()
-        log.info("started a private redis-server at %s (data in %s)", redis_url, args.data_dir)
     try:
-        store = Store.from_url(redis_url, redis_pool_size(GatewayConfig.max_in_flight))
-        tokens = TokenMap.from_mapping({args.token: DEFAULT_NAMESPACE}) if args.token else None
-        tokens = tokens or load_tokens(os.environ)
-        generated = None
-        if tokens is None:
-            generated = "wxl_" + secrets.token_urlsafe(24)
-            tokens = TokenMap.from_mapping({generated: DEFAULT_NAMESPACE})
-        # Listening on every interface, it is still reached on loopback from here.
-        host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
-        public_url = os.environ.get("WHISPERX_PUBLIC_URL") or f"http://{host}:{args.port}"
-        public_url = public_url.rstrip("/")
-        webhook_secret = await _kept_secret(
-            store, "WHISPERX_WEBHOOK_SECRET", WEBHOOK_SECRET_KEY, generate_secret
-        )
-        files_key = await _kept_secret(
-            store, "WHISPERX_FILES_KEY", FILES_KEY, lambda: secrets.token_hex(32)
-        )
-        webhook_allow = webhooks.allow_list()
-        config = GatewayConfig(
-            tokens=tokens,
-            redis_url=redis_url,
-            public_url=public_url,
-            host=args.host,
-            port=args.port,
-            webhook_secret=webhook_secret,
-            webhook_allow_hosts=webhook_allow,
-            files_key=files_key.encode(),
-        )
-        command = args.runner_command.split() if args.runner_command else default_runner_command()
-        settings = LocalSettings(
-            runner_command=command,
-            model=args.model,
-            model_dir=args.model_dir,
-            device=args.device,
-            compute_type=args.compute_type,
-            concurrency=args.concurrency,
-            allow_hosts=args.allow_hosts or gateway_endpoint(public_url),
-            webhook_allow_hosts=webhook_allow,
-        )
-        report_key = os.environ.get("WHISPERX_REPORT_KEY", "").encode() or os.urandom(32)
-        backend = LocalBackend(
-            store,
-            settings,
-            report_key=report_key,
-            webhook_secret=webhook_secret,
-            public_url=public_url,
-        )
-        runner = web.AppRunner(create_app(config, store, backend), access_log=None)
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, args.host, args.port).start()
+        if not redis_url:
+            private = PrivateRedis(args.data_dir)
+            redis_url = await private.start()
             log.info(
-                "whisperx-local ready at %s (model %s, %d runner slot(s))",
-                public_url, settings.model, settings.concurrency,
+                "started a private redis-server at 127.0.0.1:%d (data in %s)",
+                private.port, args.data_dir,
             )  # fmt: skip
-            if generated:
-                log.info("API token (namespace %s): %s", DEFAULT_NAMESPACE, generated)
-            await stop.wait()
-            log.info("stopping")
-        finally:
-            await runner.cleanup()
+        await _serve(args, stop, redis_url)
     finally:
         if private is not None:
             await private.stop()
+        data.release()
+
+
+async def _serve(args: argparse.Namespace, stop: asyncio.Event, redis_url: str) -> None:
+    store = Store.from_url(redis_url, redis_pool_size(GatewayConfig.max_in_flight))
+    tokens = TokenMap.from_mapping({args.token: DEFAULT_NAMESPACE}) if args.token else None
+    tokens = tokens or load_tokens(os.environ)
+    generated = None
+    if tokens is None:
+        generated = "wxl_" + secrets.token_urlsafe(24)
+        tokens = TokenMap.from_mapping({generated: DEFAULT_NAMESPACE})
+    # Listening on every interface, it is still reached on loopback from here.
+    host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
+    public_url = os.environ.get("WHISPERX_PUBLIC_URL") or f"http://{host}:{args.port}"
+    public_url = public_url.rstrip("/")
+    webhook_secret = await _kept_secret(
+        store, "WHISPERX_WEBHOOK_SECRET", WEBHOOK_SECRET_KEY, generate_secret
+    )
+    files_key = await _kept_secret(
+        store, "WHISPERX_FILES_KEY", FILES_KEY, lambda: secrets.token_hex(32)
+    )
+    webhook_allow = webhooks.allow_list()
+    config = GatewayConfig(
+        tokens=tokens,
+        redis_url=redis_url,
+        public_url=public_url,
+        host=args.host,
+        port=args.port,
+        webhook_secret=webhook_secret,
+        webhook_allow_hosts=webhook_allow,
+        files_key=files_key.encode(),
+    )
+    command = args.runner_command.split() if args.runner_command else default_runner_command()
+    settings = LocalSettings(
+        runner_command=command,
+        model=args.model,
+        model_dir=args.model_dir,
+        device=args.device,
+        compute_type=args.compute_type,
+        concurrency=args.concurrency,
+        allow_hosts=args.allow_hosts or gateway_endpoint(public_url),
+        webhook_allow_hosts=webhook_allow,
+        input_dir=args.data_dir / "inputs",
+    )
+    report_key = os.environ.get("WHISPERX_REPORT_KEY", "").encode() or os.urandom(32)
+    backend = LocalBackend(
+        store,
+        settings,
+        report_key=report_key,
+        webhook_secret=webhook_secret,
+        public_url=public_url,
+    )
+    runner = web.AppRunner(create_app(config, store, backend), access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, args.host, args.port).start()
+        log.info(
+            "whisperx-local ready at %s (model %s, %d runner slot(s))",
+            public_url, settings.model, settings.concurrency,
+        )  # fmt: skip
+        if generated:
+            log.info("API token (namespace %s): %s", DEFAULT_NAMESPACE, generated)
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        await runner.cleanup()
 
 
 def main(argv: list[str] | None = None) -> None:

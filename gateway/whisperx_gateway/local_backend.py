@@ -46,7 +46,8 @@ log = logging.getLogger(__name__)
 ACTIVE_KEY = "wx:local:active"
 # Gateway secrets the runner must not inherit from local mode's environment.
 _PRIVATE_ENV = ("WHISPERX_TOKENS", "WHISPERX_TOKENS_FILE", "WHISPERX_WEBHOOK_SECRET",
-                "WHISPERX_REPORT_KEY", "REDIS_URL")  # fmt: skip
+                "WHISPERX_REPORT_KEY", "REDIS_URL", "WHISPERX_LOCAL_TOKEN",
+                "WHISPERX_FILES_KEY")  # fmt: skip
 _OUTPUT_TAIL_LINES = 20
 RUNNER_MEMORY_BYTES = 2 << 30  # whisperx + alignment + diarization on CPU peak near 2 GB
 
@@ -73,6 +74,10 @@ class LocalSettings:
     webhook_allow_hosts: HostAllowList = field(default_factory=HostAllowList)
     # Seconds a runner gets to exit after SIGTERM before SIGKILL.
     stop_grace: float = 10.0
+    # Where runners' input files are written (they may hold a Hugging Face token): a
+    # folder of this process alone, emptied at start of what a crash left; None: a new
+    # temporary folder.
+    input_dir: Path | None = None
 
 
 class LocalSink:
@@ -100,7 +105,7 @@ _PR_SET_PDEATHSIG = 1
 _prctl = ctypes.CDLL(None).prctl if sys.platform == "linux" else None
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the runner, before exec: SIGKILL it should local mode itself die (even by
     SIGKILL), instead of leaving it transcribing outside any concurrency limit with
     nobody to report to. Linux only; elsewhere the next start still ends the
@@ -152,12 +157,13 @@ class LocalBackend:
         self._report_site: web.AppRunner | None = None
         self._sender_task: asyncio.Task[None] | None = None
         self.report_base_url = ""
-        self._input_dir: tempfile.TemporaryDirectory[str] | None = None
+        self._input_tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._input_dir = Path()
 
     # --- Backend ---
 
     async def start(self) -> None:
-        self._input_dir = tempfile.TemporaryDirectory(prefix="whisperx-local-")
+        self._input_dir = self._prepare_input_dir()
         app = web.Application(client_max_size=MAX_REPORT_BYTES)
         app.router.add_post("/reports/{ns}/{id}", self._report)
         self._report_site = web.AppRunner(app, access_log=None)
@@ -196,8 +202,21 @@ class LocalBackend:
                 await self._sender_task
         if self._report_site is not None:
             await self._report_site.cleanup()
-        if self._input_dir is not None:
-            self._input_dir.cleanup()
+        if self._input_tmp is not None:
+            self._input_tmp.cleanup()
+
+    def _prepare_input_dir(self) -> Path:
+        folder = self.settings.input_dir
+        if folder is None:
+            self._input_tmp = tempfile.TemporaryDirectory(prefix="whisperx-local-")
+            return Path(self._input_tmp.name)
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        left = [path for path in folder.iterdir() if path.is_file()]
+        for path in left:
+            path.unlink()
+        if left:
+            log.warning("removed %d input file(s) a previous run left behind", len(left))
+        return folder
 
     async def create(self, new: NewPrediction) -> PredictionRecord:
         record = PredictionRecord(
@@ -296,7 +315,7 @@ class LocalBackend:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
                 start_new_session=True,  # SIGTERM reaches its children (ffmpeg) too
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
         except OSError as exc:
             input_file.unlink(missing_ok=True)
@@ -351,8 +370,7 @@ class LocalBackend:
 
     def _write_input(self, record: PredictionRecord, secrets: dict[str, str]) -> Path:
         """The input for WHISPERX_INPUT_FILE, readable by this user only (it may hold a token)."""
-        assert self._input_dir is not None
-        fd, path = tempfile.mkstemp(suffix=".json", dir=self._input_dir.name)
+        fd, path = tempfile.mkstemp(suffix=".json", dir=self._input_dir)
         with os.fdopen(fd, "w") as file:  # mkstemp creates it 0600
             json.dump({**record.input, **secrets}, file)
         return Path(path)

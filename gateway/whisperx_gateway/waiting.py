@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from whisperx_api.lifecycle import Phase
+from whisperx_api.outage import Outage
 from whisperx_api.store import EVENTS_CHANNEL, RawPredictionView
 
 log = logging.getLogger(__name__)
@@ -109,17 +110,20 @@ class EventHub:
                 watch.notify()
 
     async def _run(self) -> None:
+        outage = Outage(log, "event subscription (Redis)", base_delay=self.reconnect_delay)
         while True:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            delay = 0.0
             try:
                 await pubsub.subscribe(EVENTS_CHANNEL)
+                outage.recovered()
                 self.subscribed.set()
                 self._wake_all()
                 async for message in pubsub.listen():
                     if message.get("type") == "message":
                         self.dispatch(message["data"])
             except (RedisError, OSError) as exc:
-                log.warning("event subscription lost (%s); reconnecting", exc)
+                delay = outage.failed(exc)
             finally:
                 self.subscribed.clear()
                 self._wake_all()
@@ -127,7 +131,7 @@ class EventHub:
                 # can wait on that listener forever (seen as a rare hang at shutdown).
                 with contextlib.suppress(RedisError, OSError, TimeoutError):
                     await asyncio.wait_for(pubsub.aclose(), 2)  # type: ignore[no-untyped-call]
-            await asyncio.sleep(self.reconnect_delay)
+            await asyncio.sleep(delay)
 
 
 async def wait_for_end(

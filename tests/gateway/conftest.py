@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -200,12 +201,22 @@ class LocalMode:
 async def local_mode(
     log_path: Path, *args: str, env: dict[str, str] | None = None, ready_within: float = 30
 ) -> AsyncIterator[LocalMode]:
-    """`whisperx-local --port <free> --token <token> ARGS...`, stopped with SIGTERM."""
+    """`whisperx-local --port <free> ARGS...` with its token in the environment, stopped
+    with SIGTERM. Its data folder is `local-data` beside the log unless ARGS name one
+    (a second local mode of the same test is a restart on the same data)."""
     port, token = free_port(), "local-token-0123"
+    if "--data-dir" not in args:
+        args = (*args, "--data-dir", str(log_path.parent / "local-data"))
+    environment = {
+        **(os.environ if env is None else env),
+        "WHISPERX_LOCAL_TOKEN": token,
+        # The tests' webhook receivers listen on loopback.
+        "WHISPERX_WEBHOOK_ALLOW_HOSTS": "127.0.0.1",
+    }
     with log_path.open("ab") as log:
         process = await asyncio.create_subprocess_exec(
-            WHISPERX_LOCAL, "--port", str(port), "--token", token, *args,
-            stdout=log, stderr=asyncio.subprocess.STDOUT, env=env,
+            WHISPERX_LOCAL, "--port", str(port), *args,
+            stdout=log, stderr=asyncio.subprocess.STDOUT, env=environment,
         )  # fmt: skip
     mode = LocalMode(f"http://127.0.0.1:{port}", token, process, log_path)
     try:

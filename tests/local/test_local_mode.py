@@ -31,7 +31,7 @@ async def test_it_starts_a_private_redis_stops_it_and_keeps_the_data(tmp_path: P
             client.predictions.create, version="whisperx", input={"audio_file": AUDIO}, wait=30
         )
         assert prediction.status == "succeeded"
-        found = re.search(r"private redis-server at redis://127\.0\.0\.1:(\d+)", local.log())
+        found = re.search(r"private redis-server at 127\.0\.0\.1:(\d+)", local.log())
         assert found, local.log()
         redis_port = int(found[1])
         assert _port_open(redis_port)

@@ -1,0 +1,182 @@
+"""Local mode's own attack surface: its data folder, its private Redis, its secrets.
+
+One local mode per data folder (a second one refuses to start; a Redis orphaned by a
+`kill -9` is stopped), the Redis has a password and its folder is private, the token is
+not on the command line and runners inherit neither it nor the files key, Redis dying
+is recovered from with bounded logging, and a crash leaves no input file behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import stat
+from pathlib import Path
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import AuthenticationError, ResponseError
+
+from tests.conftest import free_port
+from tests.gateway.conftest import STAND_IN_RUNNER, WHISPERX_LOCAL, local_mode
+from whisperx_api import lifecycle as lc
+from whisperx_api.records import PredictionRecord
+from whisperx_api.store import Store
+from whisperx_gateway.local_backend import LocalBackend, LocalSettings
+from whisperx_gateway.private_redis import PID_FILE
+
+HANG = {"audio_file": "data:audio/wav;base64,UklGRg==", "initial_prompt": "stand-in:hang"}
+ARGS = ("--runner-command", " ".join(STAND_IN_RUNNER))
+
+
+def alive(pid: int) -> bool:
+    try:
+        return b"zombie" not in Path(f"/proc/{pid}/status").read_bytes().lower()
+    except OSError:
+        return False
+
+
+async def until(predicate: object, seconds: float = 10) -> None:
+    assert callable(predicate)
+    for _ in range(int(seconds / 0.05)):
+        if predicate():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"not within {seconds} s")
+
+
+def command_line(pid: int) -> bytes:
+    return Path(f"/proc/{pid}/cmdline").read_bytes()
+
+
+def redis_pid(data: Path) -> int:
+    return int((data / PID_FILE).read_text())
+
+
+async def test_a_second_local_mode_on_the_same_data_refuses_to_start(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    async with local_mode(tmp_path / "first.log", *ARGS, "--data-dir", str(data)):
+        second = await asyncio.create_subprocess_exec(
+            WHISPERX_LOCAL, "--port", str(free_port()), "--data-dir", str(data), *ARGS,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        output, _ = await asyncio.wait_for(second.communicate(), 30)
+        assert second.returncode != 0
+        assert b"in use by another whisperx-local" in output, output
+
+
+async def test_an_orphaned_redis_on_the_data_folder_is_stopped(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    binary = shutil.which("redis-server")
+    assert binary is not None
+    orphan = await asyncio.create_subprocess_exec(
+        binary, "--port", str(free_port()), "--bind", "127.0.0.1", "--dir", str(data),
+        "--pidfile", str(data / PID_FILE), "--appendonly", "yes",
+        stdout=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        await until(lambda: (data / PID_FILE).exists())
+        async with local_mode(tmp_path / "local.log", *ARGS, "--data-dir", str(data)) as local:
+            assert orphan.returncode is not None or not alive(orphan.pid)
+            assert "stopping an orphaned redis-server" in local.log()
+            assert redis_pid(data) != orphan.pid
+    finally:
+        if orphan.returncode is None:
+            orphan.kill()
+        await orphan.wait()
+
+
+async def test_the_private_redis_dies_with_a_killed_local_mode(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    async with local_mode(tmp_path / "local.log", *ARGS, "--data-dir", str(data)) as local:
+        pid = redis_pid(data)
+        local.process.kill()  # no cleanup at all
+        await local.process.wait()
+        await until(lambda: not alive(pid))
+
+
+async def test_the_private_redis_has_a_password_and_private_files(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir(mode=0o755)
+    async with local_mode(tmp_path / "local.log", *ARGS, "--data-dir", str(data)) as local:
+        assert stat.S_IMODE(data.stat().st_mode) == 0o700
+        assert stat.S_IMODE((data / "redis.conf").stat().st_mode) == 0o600
+        port = re.search(r"redis-server at 127\.0\.0\.1:(\d+)", local.log())
+        assert port, local.log()
+        client = aioredis.Redis(port=int(port[1]))
+        try:
+            with pytest.raises((AuthenticationError, ResponseError), match=r"(?i)auth"):
+                await client.get("wx:local:files-key")
+        finally:
+            await client.aclose()
+        for pid in (local.process.pid, redis_pid(data)):  # what `ps` shows
+            cmdline = command_line(pid)
+            assert local.token.encode() not in cmdline and b"requirepass" not in cmdline
+
+
+async def test_local_mode_recovers_when_its_redis_dies(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    async with (
+        local_mode(tmp_path / "local.log", *ARGS, "--data-dir", str(data)) as local,
+        aiohttp.ClientSession() as http,
+    ):
+        first = redis_pid(data)
+        os.kill(first, 9)
+        await until(lambda: not alive(first))
+        statuses = []
+        for _ in range(300):
+            async with http.get(local.url + "/v1/predictions", headers=local.auth()) as resp:
+                statuses.append(resp.status)
+            if resp.status == 200 and redis_pid(data) != first:
+                break
+            await asyncio.sleep(0.05)
+        assert statuses[-1] == 200, statuses
+        for _ in range(200):  # the event subscription reconnects with a backoff
+            async with http.get(local.url + "/ready") as resp:
+                if resp.status == 200:
+                    break
+            await asyncio.sleep(0.05)
+        assert resp.status == 200
+        log = local.log()
+        assert "Traceback" not in log
+        assert log.count("unavailable") < 20, log
+
+
+async def test_a_crash_leaves_no_input_file_behind(tmp_path: Path, redis_url: str) -> None:
+    args = ("--redis-url", redis_url, *ARGS)
+    inputs = tmp_path / "local-data" / "inputs"
+    async with local_mode(tmp_path / "first.log", *args) as local, aiohttp.ClientSession() as http:
+        body = {"version": "whisperx", "input": {**HANG, "huggingface_access_token": "hf_x"}}
+        async with http.post(local.url + "/v1/predictions", json=body, headers=local.auth()):
+            pass
+        await until(lambda: any(inputs.iterdir()))
+        assert stat.S_IMODE(inputs.stat().st_mode) == 0o700
+        local.process.kill()
+        await local.process.wait()
+    assert any(inputs.iterdir())  # what the crash left
+    async with local_mode(tmp_path / "second.log", *args) as again:
+        assert not any(inputs.iterdir())
+        assert "removed 1 input file(s)" in again.log()
+
+
+async def test_runners_inherit_neither_the_token_nor_the_files_key(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    for name in ("WHISPERX_LOCAL_TOKEN", "WHISPERX_FILES_KEY", "WHISPERX_WEBHOOK_SECRET"):
+        monkeypatch.setenv(name, "secret-value")
+    store = Store.from_url(redis_url)
+    backend = LocalBackend(
+        store,
+        LocalSettings(runner_command=["true"], model="tiny.en"),
+        report_key=b"k",
+        webhook_secret="whsec_AAAA",
+        public_url="http://127.0.0.1:1",
+    )
+    record = PredictionRecord(id="p", namespace="ns", input={}, state=lc.PredictionState(), uid="u")
+    env = backend._runner_env(record, tmp_path / "input.json")
+    assert "secret-value" not in env.values()
+    await store.close()
