@@ -425,7 +425,9 @@ async def ready(request: web.Request) -> web.Response:
     try:
         await gw.store.redis.ping()
     except (RedisError, OSError) as exc:
-        raise unavailable(f"Redis unavailable: {exc}") from None
+        # Unauthenticated: the answer does not say where Redis is; the log does.
+        log.warning("not ready: Redis unavailable: %s", exc)
+        raise unavailable("Redis is unavailable") from None
     if not gw.hub.subscribed.is_set():
         raise unavailable("not yet subscribed to prediction events")
     return _json({"status": "ready"})

@@ -114,8 +114,9 @@ def die_with_parent() -> None:
         _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def exit_message(code: int, output_tail: Sequence[str]) -> str:
-    """Why a runner that did not report its end stopped."""
+def exit_message(code: int) -> str:
+    """Why a runner that did not report its end stopped, as the caller sees it: its
+    output (internal paths, tracebacks) goes to local mode's log only."""
     if code == 0:
         text = "the runner exited without reporting a result"
     elif code < 0:
@@ -125,9 +126,7 @@ def exit_message(code: int, output_tail: Sequence[str]) -> str:
             text += " (out of memory?)"
     else:
         text = f"the runner exited with code {code}"
-    if output_tail:
-        text += ": " + " | ".join(output_tail[-3:])
-    return text[:8000]
+    return text
 
 
 class LocalBackend:
@@ -347,7 +346,9 @@ class LocalBackend:
         code = process.returncode if process.returncode is not None else -1
         log.info("prediction %s/%s: runner exited with code %d", ns, pid, code)
         # A no-op when the runner reported its end (the status writer logged it).
-        await self._fail(ns, pid, "RunnerExited", exit_message(code, list(tail)))
+        await self._fail(ns, pid, "RunnerExited", exit_message(code))
+        if code != 0 and tail:
+            log.warning("prediction %s/%s: the runner's last output: %s", ns, pid, " | ".join(tail))
 
     async def _fail(
         self, namespace: str, prediction_id: str, reason: str, message: str
