@@ -35,6 +35,10 @@ ARGOCD_TRACKING_LABEL = "app.kubernetes.io/instance"
 Key = tuple[str, str]
 FireFn = Callable[[Kind, str, str], Awaitable[None]]
 RETRY_SECONDS = 5.0
+# A run deadline already past when the operator first sees a prediction (it was away):
+# the runner may have finished meanwhile and be retrying its terminal report, at most
+# 15 s apart (whisperx_runner.report), so its result lands before the deadline is acted on.
+RESUME_GRACE_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -120,7 +124,10 @@ class Deadlines:
     def track(self, namespace: str, name: str, limits: Limits, state: lc.PredictionState) -> None:
         key = (namespace, name)
         self._limits[key] = limits
-        self._set(key, next_deadline(state, limits))
+        plan = next_deadline(state, limits)
+        if plan is not None and plan[0] == "run":
+            plan = ("run", max(plan[1], self.clock() + RESUME_GRACE_SECONDS))
+        self._set(key, plan)
 
     def update(self, namespace: str, name: str, state: lc.PredictionState) -> None:
         """A new state of a tracked prediction (untracked ones are left to `track`)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -84,7 +85,10 @@ class RunnerConfig:
     connect_timeout: float = 30.0
     max_redirects: int = 5
     decode: DecodeLimits = field(default_factory=DecodeLimits)
-    report_retry_seconds: float = 120.0
+    # How long the terminal report is retried; by default until the status writer has it:
+    # the runner alone holds the result, and an operator outage must not lose it (the
+    # Job's activeDeadlineSeconds bounds the wait).
+    report_retry_seconds: float = math.inf
     # The runner attempt (the pod's uid, from the downward API) its reports carry.
     report_attempt: str = ""
     work_dir: Path | None = None

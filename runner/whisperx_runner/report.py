@@ -6,7 +6,11 @@ event would be lost. Log text from any thread is buffered and sent at most every
 `interval` seconds with the latest progress; an event that fails stays at the head and
 is retried (same `seq`, so a retry the server already applied is a no-op). The terminal
 event carries whatever log text is still unsent and is retried with exponential backoff
-within a time budget. Nothing here raises into the transcription: failures are logged.
+(at most 15 s apart) until the status writer accepts or refuses it, however long the
+operator is away: the runner alone holds the result (no other store is reachable from
+its pod, and the transcript must not go to its logs), and its Job's activeDeadlineSeconds
+bounds the wait. A `budget` bounds it where time is short (after SIGTERM). Nothing here
+raises into the transcription: failures are logged.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import threading
 import time
 from types import TracebackType
@@ -96,7 +101,7 @@ class HttpReporter:
         token: str,
         *,
         attempt: str = "",
-        retry_seconds: float = 120.0,
+        retry_seconds: float = math.inf,
         interval: float = 0.5,
         request_timeout: float = 10.0,
     ) -> None:

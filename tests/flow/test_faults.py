@@ -11,13 +11,17 @@ fault to land inside a run of known length, and the runner is not what they exer
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
+import types
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
+from aiohttp import web
 
-from tests.conftest import RedisServer
+from tests.conftest import RedisServer, free_port
 from tests.flow.conftest import (
     NS,
     AudioSource,
@@ -30,6 +34,7 @@ from tests.flow.conftest import (
     stored_record,
 )
 from tests.kube_fixtures import JOBS, PREDICTIONS, PodRun, wait_for, wait_for_phase
+from whisperx_runner import report
 
 
 async def running_pod(cluster: Cluster, prediction_id: str) -> PodRun:
@@ -90,6 +95,68 @@ async def test_an_operator_killed_mid_prediction_loses_nothing(
     await hooks.terminal_once(prediction.id, "succeeded", settle=0)
     again = await call(real_cluster.client().predictions.get, prediction.id)
     assert again.status == "succeeded" and again.output == prediction.output
+
+
+@pytest.mark.whisperx
+async def test_an_operator_down_while_the_runner_finishes_loses_nothing(
+    real_cluster: Cluster, fox_url: AudioSource, hooks: HookReceiver
+) -> None:
+    kube, operator = real_cluster.kube, real_cluster.operator
+    prediction = await create(real_cluster, fox_url.url, hooks, align_output=True)
+    await wait_for_phase(kube, prediction.id, ["processing"], within=60)
+    run = await running_pod(real_cluster, prediction.id)
+    await operator.kill()
+    # The runner finishes with nowhere to deliver its result: it keeps it, and retries.
+    await wait_for(
+        lambda: "report completed" in real_cluster.kubelet.logs(prediction.id), within=90
+    )
+    await asyncio.sleep(20)  # the operator stays away past the runner's slowest backoff
+    assert still_running(run)
+    await operator.restart(kube)
+
+    obj = await wait_for_phase(kube, prediction.id, within=60)
+    assert obj["status"]["phase"] == "succeeded", obj["status"]
+    await call(prediction.wait)
+    assert_fox_transcript(prediction.output, fox_url.duration)
+    assert len(real_cluster.kubelet.runs(prediction.id)) == 1
+    await hooks.terminal_once(prediction.id, "succeeded")
+
+
+@pytest.fixture
+async def flaky_report_server() -> AsyncIterator[tuple[str, list[int]]]:
+    """A report endpoint that answers 503 to the first three posts (the operator away)."""
+    answered: list[int] = []
+
+    async def endpoint(request: web.Request) -> web.Response:
+        await request.read()
+        answered.append(503 if len(answered) < 3 else 200)
+        return web.json_response({}, status=answered[-1])
+
+    app = web.Application()
+    app.router.add_post("/reports/ns/p", endpoint)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    yield f"http://127.0.0.1:{port}/reports/ns/p", answered
+    await runner.cleanup()
+
+
+async def test_the_runner_holds_its_result_however_long_the_operator_is_away(
+    flaky_report_server: tuple[str, list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, answered = flaky_report_server
+    # The report client's clock runs ten minutes per reading: the outage lasts far beyond
+    # the 120 s after which it used to give up (and the Job completed without a result).
+    ticks = itertools.count()
+    clock = types.SimpleNamespace(monotonic=lambda: time.monotonic() + 600 * next(ticks))
+    monkeypatch.setattr(report, "time", clock)
+    reporter = report.HttpReporter(url, "token")
+    try:
+        delivered = await reporter.completed("succeeded", output={"segments": []})
+    finally:
+        await reporter.aclose()
+    assert delivered and answered == [503, 503, 503, 200]
 
 
 async def test_redis_restarts_mid_prediction_and_after_it_lose_nothing(

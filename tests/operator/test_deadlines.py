@@ -7,7 +7,14 @@ import dataclasses
 from datetime import UTC, datetime, timedelta
 
 from whisperx_api import lifecycle as lc
-from whisperx_operator.deadlines import Deadlines, Kind, Limits, kept_after_ttl, next_deadline
+from whisperx_operator.deadlines import (
+    RESUME_GRACE_SECONDS,
+    Deadlines,
+    Kind,
+    Limits,
+    kept_after_ttl,
+    next_deadline,
+)
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 LIMITS = Limits(start=60, run=600, ttl=3600, waiting=30)
@@ -118,3 +125,18 @@ def test_predictions_declared_elsewhere_are_kept_after_their_ttl() -> None:
     tracked = {"annotations": {"argocd.argoproj.io/tracking-id": "app:whisperx.io/Prediction:ns/p"}}
     assert "Argo CD" in str(kept_after_ttl(tracked))
     assert "instance" in str(kept_after_ttl({"labels": {"app.kubernetes.io/instance": "app"}}))
+
+
+def test_a_run_deadline_past_at_resume_waits_for_a_finished_runners_report() -> None:
+    async def fire(kind: Kind, namespace: str, name: str) -> None:
+        raise AssertionError("not run here")
+
+    now = 1_000_000.0
+    deadlines = Deadlines(fire, clock=lambda: now)
+    started = datetime.fromtimestamp(now - 700, UTC)  # the run deadline (600 s) is past
+    running = lc.PredictionState(phase=lc.Phase.PROCESSING, created_at=started, started_at=started)
+    deadlines.track("ns", "a", LIMITS, running)
+    assert deadlines.planned("ns", "a") == ("run", now + RESUME_GRACE_SECONDS)
+    # Only at resume: a save while the operator runs plans the deadline as it is.
+    deadlines.update("ns", "a", running)
+    assert deadlines.planned("ns", "a") == ("run", now - 100)
