@@ -30,6 +30,7 @@ from tests.kube_fixtures import (  # noqa: F401
     Emulator,
     emulator_url,
     kube,
+    kube_plane,
     kubelet,
     operator,
     operator_environment,
