@@ -45,6 +45,7 @@ from tests.kube_fixtures import (  # noqa: F401  (kube: a fixture)
     OperatorProcess,
     emulator_url,
     kube,
+    kube_plane,
     operator_environment,
     running_operator,
     wait_for,
