@@ -27,7 +27,7 @@ from whisperx_gateway.errors import (
     problem_response,
     unavailable,
 )
-from whisperx_gateway.files import FileStore, valid_download
+from whisperx_gateway.files import FileStore, QuotaExceeded, download_headers, valid_download
 from whisperx_gateway.limits import InFlight
 from whisperx_gateway.metrics import GatewayMetrics
 from whisperx_gateway.models import ModelRef, model_json, version_json
@@ -35,6 +35,7 @@ from whisperx_gateway.openapi import gateway_openapi, model_openapi
 from whisperx_gateway.parsing import (
     Cursor,
     list_input,
+    load_json,
     new_prediction_id,
     parse_cancel_after,
     parse_create_body,
@@ -295,12 +296,16 @@ def _files_key(gw: Gateway) -> bytes:
     return gw.config.files_key
 
 
-async def _read_part(part: BodyPartReader, limit: int) -> bytes:
+# A file's metadata is a small JSON object (Replicate's clients send names and tags).
+MAX_METADATA_BYTES = 64 * 1024
+
+
+async def _read_part(part: BodyPartReader, limit: int, name: str = "content") -> bytes:
     chunks, size = [], 0
     while chunk := await part.read_chunk():
         size += len(chunk)
         if size > limit:
-            raise ApiError(413, f"content: the file is larger than {limit} bytes")
+            raise ApiError(413, f"{name}: larger than {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -334,10 +339,11 @@ async def _upload(gw: Gateway, request: web.Request, namespace: str, key: bytes)
             content_type = part.headers.get("Content-Type", content_type)
             content = await _read_part(part, gw.config.max_file_bytes)
         elif part.name == "metadata":
+            raw = await _read_part(part, MAX_METADATA_BYTES, "metadata")
             try:
-                metadata = json.loads(await part.text())
-            except ValueError:
-                metadata = None
+                metadata = load_json(raw)
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise ApiError(422, f"metadata: not valid JSON: {exc}") from None
             if not isinstance(metadata, dict):
                 raise ApiError(422, "metadata: must be a JSON object")
         else:
@@ -345,14 +351,22 @@ async def _upload(gw: Gateway, request: web.Request, namespace: str, key: bytes)
             raise ApiError(422, f"{field_name}: unknown form field; send `content`, `metadata`")
     if content is None:
         raise ApiError(422, "content: Field required (the file)")
-    stored = await gw.files.put(
-        namespace,
-        new_prediction_id(),
-        name=name[:255],
-        content_type=content_type[:255],
-        content=content,
-        metadata=metadata,
-    )
+    try:
+        stored = await gw.files.put(
+            namespace,
+            new_prediction_id(),
+            name=name[:255],
+            content_type=content_type[:255],
+            content=content,
+            metadata=metadata,
+        )
+    except QuotaExceeded as exc:
+        raise ApiError(
+            413,
+            f"content: this token's files take {exc.used} bytes and this one {len(content)}; "
+            f"the quota is {exc.quota} (WHISPERX_FILES_QUOTA_BYTES): delete files or wait "
+            "for them to expire",
+        ) from None
     return _json(stored.to_replicate(gw.base_url(request), key), status=201)
 
 
@@ -410,7 +424,7 @@ async def download_file(request: web.Request) -> web.Response:
     if found is None:
         raise ApiError(404, f"file {file_id!r} not found (expired or deleted)")
     stored, content = found
-    return web.Response(body=content, content_type=stored.content_type)
+    return web.Response(body=content, headers=download_headers(stored))
 
 
 # --- operations ---
@@ -497,7 +511,7 @@ def create_app(config: GatewayConfig, store: Store, backend: Backend) -> web.App
         reader=PredictionReader(store, backend, config.page_size, config.page_bytes),
         metrics=GatewayMetrics(lambda: hub.waiting),
         openapi=json.dumps(gateway_openapi(metrics=config.metrics)).encode(),
-        files=FileStore(store.redis),
+        files=FileStore(store.redis, quota_bytes=config.files_quota_bytes),
         in_flight=InFlight(config.max_in_flight, config.tenant_in_flight),
     )
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=[middleware])

@@ -11,6 +11,7 @@ from whisperx_api import webhooks
 from whisperx_api.hostport import ALL_INTERFACES
 from whisperx_api.netguard import HostAllowList
 from whisperx_gateway.auth import TokenMap
+from whisperx_gateway.files import DEFAULT_QUOTA_BYTES
 from whisperx_gateway.models import DEFAULT_MODELS, ModelCatalog
 
 # A data-URI audio file may be up to 1,000,000 characters (whisperx_api.schema); leave
@@ -97,6 +98,8 @@ class GatewayConfig:
     # Signs the download URLs of uploaded files (shared by all replicas); None: no uploads.
     files_key: bytes | None = None
     max_file_bytes: int = 100 * 1024 * 1024
+    # What one namespace's live uploads may take in all.
+    files_quota_bytes: int = DEFAULT_QUOTA_BYTES
 
     @property
     def tenant_in_flight(self) -> int:
@@ -133,4 +136,5 @@ class GatewayConfig:
             webhook_allow_hosts=webhooks.allow_list(env),
             files_key=env.get("WHISPERX_FILES_KEY", "").strip().encode() or None,
             max_file_bytes=_int(env, "WHISPERX_MAX_FILE_BYTES", cls.max_file_bytes),
+            files_quota_bytes=_int(env, "WHISPERX_FILES_QUOTA_BYTES", cls.files_quota_bytes),
         )

@@ -12,16 +12,20 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import redis.asyncio as aioredis
+from aiohttp.helpers import content_disposition_header
 
 from whisperx_api.lifecycle import format_time
 
 DEFAULT_TTL_SECONDS = 24 * 3600
+# What one namespace's live uploads may take (their bytes, before Redis's base64).
+DEFAULT_QUOTA_BYTES = 1 << 30
 
 
 def _file_key(namespace: str, file_id: str) -> str:
@@ -30,6 +34,44 @@ def _file_key(namespace: str, file_id: str) -> str:
 
 def _index_key(namespace: str) -> str:
     return f"wx:files:{namespace}"
+
+
+def _sizes_key(namespace: str) -> str:
+    return f"wx:files:{namespace}:sizes"
+
+
+# Stores a file unless the namespace's live files and it would exceed the quota; first
+# forgets the files that have expired. Returns -1 when stored, else the bytes in use.
+_PUT_WITHIN_QUOTA = """
+local index, sizes, file = KEYS[1], KEYS[2], KEYS[3]
+local now, ttl, quota, size = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]),
+                              tonumber(ARGV[4])
+local expired = redis.call('ZRANGEBYSCORE', index, '-inf', now - ttl)
+for _, id in ipairs(expired) do
+  redis.call('HDEL', sizes, id)
+end
+redis.call('ZREMRANGEBYSCORE', index, '-inf', now - ttl)
+local used = 0
+for _, bytes in ipairs(redis.call('HVALS', sizes)) do
+  used = used + tonumber(bytes)
+end
+if used + size > quota then
+  return used
+end
+redis.call('HSET', file, 'info', ARGV[6], 'content', ARGV[7])
+redis.call('EXPIRE', file, ttl)
+redis.call('ZADD', index, now, ARGV[5])
+redis.call('HSET', sizes, ARGV[5], size)
+redis.call('EXPIRE', sizes, ttl)
+redis.call('EXPIRE', index, ttl)
+return -1
+"""
+
+
+class QuotaExceeded(Exception):
+    def __init__(self, used: int, quota: int) -> None:
+        super().__init__(f"{used} of {quota} bytes in use")
+        self.used, self.quota = used, quota
 
 
 def download_signature(key: bytes, namespace: str, file_id: str, expires: int) -> str:
@@ -45,10 +87,32 @@ def download_path(key: bytes, namespace: str, file_id: str, expires: int) -> str
 def valid_download(
     key: bytes, namespace: str, file_id: str, expires: str, signature: str, now: float
 ) -> bool:
-    if not expires.isdigit() or int(expires) < now:
+    # ASCII digits only (str.isdigit admits '²'), and no more than a timestamp has.
+    if not (expires.isascii() and expires.isdigit() and len(expires) <= 12):
+        return False
+    if int(expires) < now:
         return False
     expected = download_signature(key, namespace, file_id, int(expires))
     return hmac.compare_digest(expected, signature)
+
+
+# What a download may be served as; anything else (text/html from a hostile upload, on
+# this gateway's own origin) is served as opaque bytes.
+_SERVED_TYPE = re.compile(r"^(audio|video)/[a-z0-9][a-z0-9.+-]{0,100}$")
+
+
+def download_headers(stored: StoredFile) -> dict[str, str]:
+    """Headers of a download: an audio or video type without parameters, else
+    application/octet-stream; never sniffed, never rendered (an attachment, sandboxed)."""
+    media_type = stored.content_type.split(";", 1)[0].strip().lower()
+    if not _SERVED_TYPE.match(media_type):
+        media_type = "application/octet-stream"
+    return {
+        "Content-Type": media_type,
+        "X-Content-Type-Options": "nosniff",
+        "Content-Disposition": content_disposition_header("attachment", filename=stored.name),
+        "Content-Security-Policy": "default-src 'none'; sandbox",
+    }
 
 
 @dataclass(frozen=True)
@@ -82,9 +146,16 @@ class StoredFile:
 
 
 class FileStore:
-    def __init__(self, client: aioredis.Redis, ttl_seconds: int = DEFAULT_TTL_SECONDS) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        ttl_seconds: int = DEFAULT_TTL_SECONDS,
+        quota_bytes: int = DEFAULT_QUOTA_BYTES,
+    ) -> None:
         self.redis = client
         self.ttl_seconds = ttl_seconds
+        self.quota_bytes = quota_bytes
+        self._put = client.register_script(_PUT_WITHIN_QUOTA)
 
     async def put(
         self,
@@ -110,20 +181,17 @@ class FileStore:
             expires_at=now + self.ttl_seconds,
         )
         info = {k: v for k, v in stored.__dict__.items() if k != "metadata"}
-        key = _file_key(namespace, file_id)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            # The connection decodes replies as text, so the bytes travel as base64.
-            pipe.hset(
-                key,
-                mapping={
-                    "info": json.dumps({**info, "metadata": metadata}),
-                    "content": base64.b64encode(content).decode(),
-                },
-            )
-            pipe.expire(key, self.ttl_seconds)
-            pipe.zadd(_index_key(namespace), {file_id: now})
-            pipe.zremrangebyscore(_index_key(namespace), "-inf", now - self.ttl_seconds)
-            await pipe.execute()
+        used = await self._put(
+            keys=[_index_key(namespace), _sizes_key(namespace), _file_key(namespace, file_id)],
+            args=[
+                now, self.ttl_seconds, self.quota_bytes, len(content), file_id,
+                json.dumps({**info, "metadata": metadata}),
+                # The connection decodes replies as text, so the bytes travel as base64.
+                base64.b64encode(content).decode(),
+            ],
+        )  # fmt: skip
+        if int(used) >= 0:
+            raise QuotaExceeded(int(used), self.quota_bytes)
         return stored
 
     async def get(self, namespace: str, file_id: str) -> StoredFile | None:
@@ -147,5 +215,6 @@ class FileStore:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(_file_key(namespace, file_id))
             pipe.zrem(_index_key(namespace), file_id)
-            deleted, _ = await pipe.execute()
+            pipe.hdel(_sizes_key(namespace), file_id)
+            deleted, _, _ = await pipe.execute()
         return bool(deleted)

@@ -143,11 +143,36 @@ class CreateRequest:
     webhook_events_filter: tuple[str, ...]
 
 
+# Deeper JSON is refused: nothing this API takes nests beyond a few levels, and Python's
+# parser (and everything after it) recurses once per level.
+MAX_JSON_DEPTH = 64
+
+
+def load_json(raw: bytes | str) -> Any:
+    """json.loads, with nesting beyond MAX_JSON_DEPTH a ValueError (not a RecursionError)."""
+    too_deep = ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        data = json.loads(raw)
+    except RecursionError:
+        raise too_deep from None
+    level: list[Any] = [data]
+    for _ in range(MAX_JSON_DEPTH + 1):
+        level = [
+            child
+            for item in level
+            if isinstance(item, dict | list)
+            for child in (item.values() if isinstance(item, dict) else item)
+        ]
+        if not level:
+            return data
+    raise too_deep
+
+
 def parse_json_body(raw: bytes) -> Any:
     if not raw.strip():
         raise ApiError(400, "the request body is empty; send a JSON object")
     try:
-        return json.loads(raw)
+        return load_json(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
 
@@ -272,7 +297,7 @@ class Cursor:
     def decode(cls, text: str) -> Cursor:
         try:
             padded = text + "=" * (-len(text) % 4)
-            data = json.loads(base64.urlsafe_b64decode(padded.encode()))
+            data = load_json(base64.urlsafe_b64decode(padded.encode()))
             cursor = cls(older=data["d"] == "o", score=float(data["s"]), id=str(data["i"]))
         except (ValueError, KeyError, TypeError) as exc:
             raise ApiError(400, "cursor: not a cursor this API returned") from exc

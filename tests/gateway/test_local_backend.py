@@ -102,6 +102,10 @@ async def test_a_crash_without_a_report_fails_with_the_exit_code_its_output_in_t
     assert record.state.phase is lc.Phase.FAILED and record.state.reason == "RunnerExited"
     # The runner's output (internal paths, tracebacks) is for the operator, not the caller.
     assert record.state.error == "the runner exited with code 3"
+    for _ in range(100):  # logged right after the prediction ends
+        if "the runner's last output: stand-in: simulated crash" in caplog.text:
+            break
+        await asyncio.sleep(0.05)
     assert "the runner's last output: stand-in: simulated crash" in caplog.text
     async with http.get(body["urls"]["get"], headers=gateway.auth()) as resp:
         shown = await resp.json()
