@@ -1,9 +1,9 @@
 """Kubeconfigs whose user is an exec credential plugin, as EKS (`aws eks get-token`) and
 GKE (`gke-gcloud-auth-plugin`) write them.
 
-`write_exec_kubeconfig(path, server, token_file, ...)` writes a kubeconfig and a small
+`write_exec_kubeconfig(path, server, token, ca_file=...)` writes a kubeconfig and a small
 plugin beside it. The plugin prints an `ExecCredential` carrying the token currently in
-`token_file` (so a test can rotate it) and appends a line to `<path>.calls` per run (so a
+its token file (so a test can rotate it) and appends a line to `<path>.calls` per run (so a
 test can count the runs). The same helper works against the emulator (http, no CA) and a
 real API server (https, its CA file, a ServiceAccount token from TokenRequest).
 """
@@ -35,15 +35,22 @@ print(json.dumps({"apiVersion": API_VERSION, "kind": "ExecCredential", "status":
 def write_exec_kubeconfig(
     path: Path,
     server: str,
-    token_file: Path,
+    token: str | Path,
     *,
     ca_file: Path | None = None,
     lifetime: float = 0,
 ) -> Path:
     """A kubeconfig at `path` for `server` whose user runs the exec plugin.
 
+    `token`: the token itself (kept in `<path>.token`), or a file the plugin reads at each
+    run (write another token there to rotate it). `ca_file`: the API server's CA (https).
     `lifetime` > 0: the plugin's credential carries an expirationTimestamp that far ahead.
     """
+    if isinstance(token, str):
+        token_file = path.with_name(path.name + ".token")
+        token_file.write_text(token)
+    else:
+        token_file = token
     plugin = path.with_name(path.name + ".plugin.py")
     plugin.write_text(f"API_VERSION = {EXEC_API_VERSION!r}\n" + PLUGIN)
     cluster: dict[str, object] = {"server": server}

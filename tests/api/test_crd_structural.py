@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from tests.api.structural import admit, structural_errors
+from tests.conftest import REPO_ROOT
 from whisperx_api import crd
 from whisperx_api.schema import SECRET_INPUT_FIELDS, PredictionInput
 
@@ -34,6 +35,15 @@ def input_schema(document: Crd) -> dict[str, Any]:
 def test_the_crd_is_a_structural_schema() -> None:
     assert structural_errors(stored_crd()) == []
     assert structural_errors(crd.build_crd()) == []
+
+
+def test_kopfs_peering_crds_are_structural_schemas() -> None:
+    """Applied beside ours (manifests/base/kopf), so held to the same rules."""
+    path = REPO_ROOT / "manifests" / "base" / "kopf" / "peering-crds.yaml"
+    documents = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    assert {d["kind"] for d in documents} == {"CustomResourceDefinition"}
+    for document in documents:
+        assert structural_errors(document) == [], document["metadata"]["name"]
 
 
 def _set(path: str, value: Any) -> Callable[[Crd], None]:

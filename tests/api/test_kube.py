@@ -186,3 +186,17 @@ def test_kopf_has_no_other_login() -> None:
     registry = kopf.get_default_registry()
     handlers = registry._activities.get_handlers(activity=Activity.AUTHENTICATION)
     assert [handler.fn for handler in handlers] == [login]
+
+
+async def test_the_helper_takes_the_token_itself(
+    server: TokenServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kubeconfig = write_exec_kubeconfig(tmp_path / "config", server.url, "token-1")
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    client = KubeClient()
+    try:
+        await client.get(PATH)
+    finally:
+        await client.close()
+    assert server.seen == ["Bearer token-1"]
