@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -11,6 +12,7 @@ import kopf
 import pytest
 from aiohttp import web
 from kopf._core.intents.causes import Activity
+from kubernetes_asyncio.client.exceptions import ApiException
 from kubernetes_asyncio.config import incluster_config
 
 from tests.conftest import free_port
@@ -200,3 +202,17 @@ async def test_the_helper_takes_the_token_itself(
     finally:
         await client.close()
     assert server.seen == ["Bearer token-1"]
+
+
+def test_an_error_without_a_status_body_keeps_the_text() -> None:
+    exc = ApiException(status=502, reason="Bad Gateway")
+    exc.body = "upstream connect error"
+    error = ApiError.from_exception(exc)
+    assert (error.status, error.reason, error.message) == (502, "", "upstream connect error")
+
+
+def test_response_bodies_are_never_logged() -> None:
+    """The official client logs bodies (Secrets' values) at DEBUG; the operator's tests
+    and its debug level must not."""
+    rest = logging.getLogger("kubernetes_asyncio.client.rest")
+    assert not rest.isEnabledFor(logging.DEBUG)
