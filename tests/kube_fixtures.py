@@ -633,6 +633,8 @@ class PodPlan:
     oom_kill_after: float | None = None
     # The pod is evicted this many seconds after it started (DisruptionTarget).
     evict_after: float | None = None
+    # The pod is evicted once this event is set (a test's own moment).
+    evict_when: asyncio.Event | None = None
     # The pod stays Pending (scheduled) until this event is set.
     hold: asyncio.Event | None = None
 
@@ -1055,6 +1057,14 @@ class Kubelet:
                         run.process.kill()
                     else:
                         await self._terminate(run)
+        if plan.evict_when is not None:
+            exited = asyncio.ensure_future(run.process.wait())
+            evicted = asyncio.ensure_future(plan.evict_when.wait())
+            await asyncio.wait({exited, evicted}, return_when=asyncio.FIRST_COMPLETED)
+            evicted.cancel()
+            if run.process.returncode is None:
+                reason = "Evicted"
+                await self._terminate(run)
         await run.process.wait()
         return await self._finish_pod(run, reason, container=container, started=started)
 

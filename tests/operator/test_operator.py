@@ -279,10 +279,13 @@ async def test_pods_that_die_or_never_start_end_the_prediction_with_the_reason(
 async def test_a_replacement_pod_after_an_eviction_delivers_the_transcript(
     kube: Emulator, kubelet: Kubelet, operator: OperatorProcess, redis_client: aioredis.Redis
 ) -> None:
-    # The first pod is evicted mid-run (after its start and logs reports, and its
-    # `canceled` report on SIGTERM); the Job's replacement pod numbers its reports from 1.
-    kubelet.plan("ev", PodPlan(evict_after=0.5))
+    # The first pod is evicted mid-run, once its start and logs reports are in (it also
+    # reports `canceled` on SIGTERM); the Job's replacement pod numbers its reports from 1.
+    evict = asyncio.Event()
+    kubelet.plan("ev", PodPlan(evict_when=evict))
     await create(kube, "ev", "https://fake.test/succeed?seconds=1.5")
+    await wait_for(lambda: redis_client.exists("wx:p:default:ev:logs"))
+    evict.set()
     obj = await wait_for_phase(kube, "ev", within=30)
     assert obj["status"]["phase"] == "succeeded", obj["status"]
     assert obj["status"]["detectedLanguage"] == "en"
@@ -296,7 +299,7 @@ async def test_a_replacement_pod_after_an_eviction_delivers_the_transcript(
 async def test_a_kubelet_retry_is_waited_on_for_a_grace_then_fails_with_its_reason(
     kube: Emulator, kubelet: Kubelet, redis_url: str, tmp_path: Path
 ) -> None:
-    env = operator_environment(kube, redis_url, tmp_path, WHISPERX_WAITING_GRACE_SECONDS="2")
+    env = operator_environment(kube, redis_url, tmp_path, WHISPERX_WAITING_GRACE_SECONDS="3")
     rate_limited = "toomanyrequests: You have reached your pull rate limit"
     kubelet.plan(
         "gives-up", PodPlan(waiting_reason="ImagePullBackOff", waiting_message=rate_limited)
@@ -324,7 +327,7 @@ async def test_a_kubelet_retry_is_waited_on_for_a_grace_then_fails_with_its_reas
         recovered = await wait_for_phase(kube, "recovers")
     assert (failed["phase"], failed["reason"]) == ("failed", "ImagePullFailed")
     assert "cannot pull image whisperx/runner:test" in failed["error"]
-    assert "still ImagePullBackOff after 2 s" in failed["error"]
+    assert "still ImagePullBackOff after 3 s" in failed["error"]
     await wait_for(gone(kube, JOBS, "gives-up"))
     assert recovered["status"]["phase"] == "succeeded"
     assert conditions(recovered)["Waiting"] == "False"
@@ -339,6 +342,7 @@ async def test_a_namespace_without_the_runner_account_or_model_cache_fails_at_on
     )  # fmt: skip
     # "default" has the runner's ServiceAccount but no model cache claim; "bare" neither.
     await kube.create_object(SERVICE_ACCOUNTS, NS, {"metadata": {"name": "whisperx-runner"}})
+    await kube.create_object(NAMESPACES, None, {"metadata": {"name": "bare"}})
     async with running_operator(kube, env, tmp_path / "operator.log"):
         await create(kube, "no-cache")
         bare = prediction_body("no-account", SUCCEED)
@@ -382,7 +386,7 @@ async def test_a_job_held_by_kueue_reads_as_queued(
 async def test_a_run_suspended_by_kueue_is_queued_again_and_its_deadline_paused(
     kube: Emulator, kubelet: Kubelet, operator: OperatorProcess
 ) -> None:
-    await create(kube, "pre", "https://fake.test/succeed?seconds=1.5", activeDeadlineSeconds=4)
+    await create(kube, "pre", "https://fake.test/succeed?seconds=1.5", activeDeadlineSeconds=6)
     await wait_for_phase(kube, "pre", ["processing"])
     # Kueue preempts a running workload by suspending its Job; the Job controller stops
     # the pod (the stand-in does as it would).
@@ -395,13 +399,13 @@ async def test_a_run_suspended_by_kueue_is_queued_again_and_its_deadline_paused(
     obj = await wait_for(requeued)
     assert obj["status"]["phase"] == "processing" and conditions(obj)["Running"] == "False"
     await wait_for(exited(kubelet, "pre", 143))
-    await asyncio.sleep(4.5)  # past the run deadline, had it kept running
+    await asyncio.sleep(6.5)  # past the run deadline, had it kept running
     assert conditions(current(kube, "pre")) == {"Queued": "True", "Running": "False"}
     await kube.patch_object(JOBS, NS, "pre", {"spec": {"suspend": False}})
     done = await wait_for_phase(kube, "pre", within=20)
     assert done["status"]["phase"] == "succeeded", done["status"]
     assert conditions(done)["Queued"] == "False"
-    assert done["status"]["suspendedSeconds"] >= 4.5
+    assert done["status"]["suspendedSeconds"] >= 6.5
     await wait_for(lambda: [run.exit_code for run in kubelet.runs("pre")] == [143, 0])
 
 
