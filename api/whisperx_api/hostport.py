@@ -30,3 +30,10 @@ def wildcard_for(ip: str) -> str:
     except ValueError:
         version = 4
     return "::" if version == 6 else "0.0.0.0"
+
+
+def loopback_url(listen_host: str, port: int) -> str:
+    """The URL a process reaches its own server at: a wildcard listen host through the
+    loopback of its family (a server bound to "::" alone does not answer 127.0.0.1)."""
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(listen_host, listen_host)
+    return f"http://{join_host_port(host, port)}"

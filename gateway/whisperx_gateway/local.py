@@ -22,6 +22,7 @@ import yarl
 from aiohttp import web
 
 from whisperx_api import webhooks
+from whisperx_api.hostport import join_host_port, loopback_url
 from whisperx_api.store import Store
 from whisperx_api.webhooks import generate_secret
 from whisperx_gateway.app import create_app
@@ -50,8 +51,7 @@ def gateway_endpoint(public_url: str) -> str:
     a loopback address, and only its port may be reached (not the private Redis, the
     report endpoint or anything else listening on loopback)."""
     url = yarl.URL(public_url)
-    host = url.host or "127.0.0.1"
-    return f"[{host}]:{url.port}" if ":" in host else f"{host}:{url.port}"
+    return join_host_port(url.host or "127.0.0.1", url.port or 80)
 
 
 async def _kept_secret(store: Store, env_name: str, key: str, make: Callable[[], str]) -> str:
@@ -161,8 +161,7 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event, redis_url: str) 
         generated = "wxl_" + secrets.token_urlsafe(24)
         tokens = TokenMap.from_mapping({generated: DEFAULT_NAMESPACE})
     # Listening on every interface, it is still reached on loopback from here.
-    host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
-    public_url = os.environ.get("WHISPERX_PUBLIC_URL") or f"http://{host}:{args.port}"
+    public_url = os.environ.get("WHISPERX_PUBLIC_URL") or loopback_url(args.host, args.port)
     public_url = public_url.rstrip("/")
     webhook_secret = await _kept_secret(
         store, "WHISPERX_WEBHOOK_SECRET", WEBHOOK_SECRET_KEY, generate_secret

@@ -9,8 +9,9 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import free_port
-from whisperx_api.hostport import bind_host, join_host_port, wildcard_for
+from whisperx_api.hostport import bind_host, join_host_port, loopback_url, wildcard_for
 from whisperx_gateway.config import GatewayConfig
+from whisperx_gateway.local import gateway_endpoint
 
 
 @pytest.mark.parametrize(
@@ -69,3 +70,22 @@ async def test_every_interface_answers_on_ipv4_and_ipv6() -> None:
                     assert await resp.text() == "ok", host
     finally:
         await runner.cleanup()
+
+
+@pytest.mark.parametrize(
+    ("listen_host", "url"),
+    [
+        ("", "http://127.0.0.1:8000"),
+        ("0.0.0.0", "http://127.0.0.1:8000"),
+        ("::", "http://[::1]:8000"),  # bound to IPv6 alone: 127.0.0.1 would not answer
+        ("::1", "http://[::1]:8000"),
+        ("192.168.1.5", "http://192.168.1.5:8000"),
+    ],
+)
+def test_a_server_reaches_itself_on_its_own_family(listen_host: str, url: str) -> None:
+    assert loopback_url(listen_host, 8000) == url
+
+
+def test_local_mode_allows_runners_its_own_endpoint_ipv6_included() -> None:
+    assert gateway_endpoint("http://[::1]:8000") == "[::1]:8000"
+    assert gateway_endpoint("http://127.0.0.1:8000") == "127.0.0.1:8000"
