@@ -89,9 +89,7 @@ def _status_error(url: str, status: int, phrase: str | None) -> RunnerError:
 def _redact(url: str) -> str:
     # Presigned URLs carry credentials in the query string: keep them out of errors.
     parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
+    host = parts.netloc.rpartition("@")[2]  # no user:password; IPv6 keeps its brackets
     return f"{parts.scheme}://{host}{parts.path}"
 
 

@@ -12,6 +12,7 @@ from tests.conftest import free_port
 from whisperx_api.hostport import bind_host, join_host_port, loopback_url, wildcard_for
 from whisperx_gateway.config import GatewayConfig
 from whisperx_gateway.local import gateway_endpoint
+from whisperx_runner.fetch import _redact
 
 
 @pytest.mark.parametrize(
@@ -89,3 +90,16 @@ def test_a_server_reaches_itself_on_its_own_family(listen_host: str, url: str) -
 def test_local_mode_allows_runners_its_own_endpoint_ipv6_included() -> None:
     assert gateway_endpoint("http://[::1]:8000") == "[::1]:8000"
     assert gateway_endpoint("http://127.0.0.1:8000") == "127.0.0.1:8000"
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("http://[fd00::5]:8080/a.wav?X-Amz-Signature=s", "http://[fd00::5]:8080/a.wav"),
+        ("https://[2001:db8::1]/a.wav?sig=s", "https://[2001:db8::1]/a.wav"),
+        ("https://example.com:8443/a.wav?sig=s", "https://example.com:8443/a.wav"),
+        ("https://user:secret@example.com/a.wav", "https://example.com/a.wav"),
+    ],
+)
+def test_the_runner_names_ipv6_audio_hosts_in_brackets(url: str, shown: str) -> None:
+    assert _redact(url) == shown
