@@ -3,15 +3,24 @@
 # kube-scheduler) and Kueue's controller from the Go module proxy, at pinned versions,
 # into a cache keyed by version. A second run on the same machine returns at once.
 # Prints the folder holding the binaries on its last line.
+# Usage: build-control-plane.sh [all|k8s|kueue]   (default: all)
 set -euo pipefail
+PART=${1:-all}
 
 K8S_VERSION=${K8S_VERSION:-v1.37.2}
 KUEUE_VERSION=${KUEUE_VERSION:-v0.17.0}
 CACHE=${WHISPERX_CONTROL_PLANE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/whisperx-operator/control-plane}
 BIN="$CACHE/k8s-$K8S_VERSION-kueue-$KUEUE_VERSION/bin"
-want=(etcd kube-apiserver kube-controller-manager kube-scheduler kueue)
+case "$PART" in
+  k8s) want=(etcd kube-apiserver kube-controller-manager kube-scheduler) ;;
+  kueue) want=(kueue) ;;
+  all) want=(etcd kube-apiserver kube-controller-manager kube-scheduler kueue) ;;
+  *) echo "build-control-plane: unknown part $PART (all, k8s or kueue)" >&2; exit 2 ;;
+esac
 
 have_all() { for b in "${want[@]}"; do [ -x "$BIN/$b" ] || return 1; done; }
+# Kueue's CRDs are copied beside its binary once it is built.
+[ "$PART" = k8s ] || want+=(../kueue-crds)
 if have_all; then echo "$BIN"; exit 0; fi
 command -v go >/dev/null || { echo "build-control-plane: Go is needed (go 1.26)" >&2; exit 1; }
 
@@ -75,8 +84,8 @@ build_kueue() {
 }
 
 start=$(date +%s)
-( build_k8s )
-( build_kueue )
+[ "$PART" = kueue ] || ( build_k8s )
+[ "$PART" = k8s ] || ( build_kueue )
 echo "build-control-plane: built in $(( $(date +%s) - start )) s" >&2
 have_all
 echo "$BIN"

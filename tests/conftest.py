@@ -109,3 +109,10 @@ def speech_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def fox_wav(speech_dir: Path) -> Path:
     return speak("the quick brown fox jumps over the lazy dog", speech_dir / "fox.wav")
+
+
+# The real control plane (one per session) and the stack deployed on it, for every test
+# area: the operator's and the flow suites run on it. Imported last: those modules use
+# the helpers above.
+from tests.cluster.fixtures import aligner, cluster_models, control_plane, stack  # noqa: E402, F401
+from tests.runner.conftest import model_dir  # noqa: E402, F401

@@ -1307,7 +1307,7 @@ class OperatorProcess(ChildProcess):
             return False
         log = self.log_path.read_text(errors="replace").rsplit("===== start ", 1)[-1]
         return all(
-            re.search(rf"Starting the watch-stream for {plural}\.", log)
+            f"Starting the watch-stream for {plural} " in log
             for plural in (f"{PLURAL}.{VERSION}.{GROUP}", "jobs.v1.batch", "pods.v1")
         )
 

@@ -65,8 +65,10 @@ def path_of(
     name: str | None = None,
     subresource: str | None = None,
 ) -> str:
-    base = f"/api/{resource.version}" if not resource.group else (
-        f"/apis/{resource.group}/{resource.version}"
+    base = (
+        f"/api/{resource.version}"
+        if not resource.group
+        else (f"/apis/{resource.group}/{resource.version}")
     )
     if namespace and resource.plural not in CLUSTER_SCOPED:
         base += f"/namespaces/{namespace}"
@@ -97,16 +99,14 @@ class Cluster:
             headers={"Authorization": f"Bearer {token}", "Accept": "application/json"},
             connector=aiohttp.TCPConnector(ssl=ssl_context, limit=50),
         )
-        self._cache: defaultdict[Any, dict[tuple[str | None, str], dict[str, Any]]] = (
-            defaultdict(dict)
+        self._cache: defaultdict[Any, dict[tuple[str | None, str], dict[str, Any]]] = defaultdict(
+            dict
         )
         self._uids: defaultdict[Key, set[str]] = defaultdict(set)
         # How often each object was created: distinct uids seen under one name.
         self.creations: Counter[Key] = Counter()
         self._synced: dict[Any, asyncio.Event] = {}
-        self._listeners: defaultdict[Any, list[asyncio.Queue[dict[str, Any]]]] = (
-            defaultdict(list)
-        )
+        self._listeners: defaultdict[Any, list[asyncio.Queue[dict[str, Any]]]] = defaultdict(list)
         self._tasks: list[asyncio.Task[None]] = []
 
     async def close(self) -> None:
@@ -212,9 +212,7 @@ class Cluster:
             self._tasks.append(asyncio.create_task(self._inform(resource)))
         await asyncio.gather(*(self._synced[r].wait() for r in resources))
 
-    def get(
-        self, resource: Resource, namespace: str | None, name: str
-    ) -> dict[str, Any] | None:
+    def get(self, resource: Resource, namespace: str | None, name: str) -> dict[str, Any] | None:
         assert resource in self._synced, f"{resource} is not tracked"
         obj = self._cache[resource].get((namespace, name))
         return json.loads(json.dumps(obj)) if obj is not None else None

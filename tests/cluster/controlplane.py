@@ -22,7 +22,6 @@ import contextlib
 import datetime as dt
 import ipaddress
 import json
-import os
 import secrets
 import shutil
 import signal
@@ -63,10 +62,11 @@ def free_port() -> int:
         return port
 
 
-def build_binaries() -> Path:
-    """The folder with the control plane's binaries, building them on the first call."""
+def build_binaries(part: str = "k8s") -> Path:
+    """The folder with the control plane's binaries (`part`: k8s, kueue or all), built
+    on the first call and cached by version."""
     done = subprocess.run(
-        ["bash", str(BUILD_SCRIPT)], capture_output=True, text=True, timeout=3600
+        ["bash", str(BUILD_SCRIPT), part], capture_output=True, text=True, timeout=3600
     )
     if done.returncode != 0:
         raise RuntimeError(f"building the control plane failed:\n{done.stderr[-4000:]}")
@@ -309,6 +309,8 @@ class ControlPlane:
             f"--service-account-signing-key-file={pki / 'sa.key'}",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             "--authorization-mode=Node,RBAC",
+            # As kubeadm and managed clusters run it: Pod Security decides, not this flag.
+            "--allow-privileged=true",
             # Beside the defaults (PodSecurity, ServiceAccount, NamespaceLifecycle...):
             # what keeps a kubelet's identity to its own node and pods.
             "--enable-admission-plugins=NodeRestriction",
@@ -444,9 +446,7 @@ class ControlPlane:
 
     def service_account_token(self, namespace: str, name: str, seconds: int = 7200) -> str:
         """A bound token for a ServiceAccount, through the TokenRequest API."""
-        result = self.kubectl(
-            "create", "token", name, "-n", namespace, f"--duration={seconds}s"
-        )
+        result = self.kubectl("create", "token", name, "-n", namespace, f"--duration={seconds}s")
         return result.stdout.strip()
 
     def apply(self, *args: str, kubeconfig: Path | None = None) -> str:

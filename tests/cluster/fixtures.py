@@ -8,6 +8,7 @@ In another test area's conftest.py: `from tests.cluster.fixtures import *  # noq
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -20,9 +21,8 @@ import pytest
 import yaml
 
 from tests.cluster.client import Cluster, ResourceRef
-from tests.cluster.controlplane import ControlPlane, build_binaries
+from tests.cluster.controlplane import REPO_ROOT, ControlPlane, build_binaries, free_port
 from tests.cluster.kubelet import Kubelet
-from tests.conftest import REPO_ROOT, free_port
 from whisperx_api.crd import GROUP, PLURAL, VERSION
 
 PREDICTIONS = ResourceRef(GROUP, VERSION, PLURAL)
@@ -44,20 +44,22 @@ def deploy_stack(plane: ControlPlane, models: Path) -> None:
     )  # fmt: skip
     plane.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
     plane.apply("-k", str(STACK))
-    # The model cache: a PersistentVolume on this machine for the tenant's claim.
-    pv = {
-        "apiVersion": "v1",
-        "kind": "PersistentVolume",
-        "metadata": {"name": "whisperx-models-local"},
-        "spec": {
-            "capacity": {"storage": "2Gi"},
-            "accessModes": ["ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany"],
-            "persistentVolumeReclaimPolicy": "Retain",
-            "hostPath": {"path": str(models)},
-            "claimRef": {"namespace": TENANT, "name": "whisperx-models"},
-        },
-    }
-    plane.kubectl("apply", "--server-side", "-f", "-", stdin=json.dumps(pv))
+    # The model cache: one folder of this machine, a PersistentVolume for each tenant's
+    # claim (as an NFS export would be).
+    for namespace in (TENANT, "default"):
+        pv = {
+            "apiVersion": "v1",
+            "kind": "PersistentVolume",
+            "metadata": {"name": f"whisperx-models-{namespace}"},
+            "spec": {
+                "capacity": {"storage": "2Gi"},
+                "accessModes": ["ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany"],
+                "persistentVolumeReclaimPolicy": "Retain",
+                "hostPath": {"path": str(models)},
+                "claimRef": {"namespace": namespace, "name": "whisperx-models"},
+            },
+        }
+        plane.kubectl("apply", "--server-side", "-f", "-", stdin=json.dumps(pv))
 
 
 def component_environment(plane: ControlPlane, configmaps: list[str]) -> dict[str, str]:
@@ -109,10 +111,20 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlP
 
 @pytest.fixture(scope="session")
 def cluster_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The model cache's folder (tiny.en itself comes from its package)."""
-    path = tmp_path_factory.mktemp("models")
+    """The model cache's folder (the PersistentVolumes' hostPath); empty until a test
+    asks for `aligner` (tiny.en itself comes from its package)."""
+    path = tmp_path_factory.mktemp("cluster-models")
     path.chmod(0o755)
     return path
+
+
+@pytest.fixture(scope="session")
+def aligner(cluster_models: Path, model_dir: Path) -> Path:
+    """The runner tests' English aligner, placed in the cluster's model cache."""
+    target = cluster_models / "align"
+    if not target.exists():
+        target.symlink_to(model_dir / "align")
+    return cluster_models
 
 
 @pytest.fixture(scope="session")
@@ -121,21 +133,44 @@ def stack(control_plane: ControlPlane, cluster_models: Path) -> ControlPlane:
     return control_plane
 
 
-@pytest.fixture
-async def cluster(stack: ControlPlane) -> AsyncIterator[Cluster]:
-    """The admin's view of the cluster, with caches of the prediction's objects."""
-    async with Cluster(stack.url, stack.admin.token, stack.ssl_context()) as client:
+class RealKube(Cluster):
+    """The admin's view of a control plane, which it can also mint tokens from."""
+
+    def __init__(self, plane: ControlPlane) -> None:
+        super().__init__(plane.url, plane.admin.token, plane.ssl_context())
+        self.plane = plane
+
+
+@contextlib.asynccontextmanager
+async def real_kube(plane: ControlPlane) -> AsyncIterator[RealKube]:
+    """An admin client with caches of a prediction's objects; on the way out, what the
+    test left in the tenant namespaces is removed."""
+    async with RealKube(plane) as client:
         await client.track(PREDICTIONS, JOBS, PODS, SECRETS, EVENTS)
-        yield client
-    await asyncio.to_thread(reset_namespace, stack, TENANT)
-    await asyncio.to_thread(reset_namespace, stack, "default")
+        try:
+            yield client
+        finally:
+            await asyncio.to_thread(reset_namespace, plane, TENANT)
+            await asyncio.to_thread(reset_namespace, plane, "default")
 
 
-@pytest.fixture
-async def node_agent(stack: ControlPlane, tmp_path: Path) -> AsyncIterator[Kubelet]:
+@contextlib.asynccontextmanager
+async def node_agent_for(kube: RealKube, workdir: Path) -> AsyncIterator[Kubelet]:
     """The kubelet stand-in; runner processes find the project's programs on PATH."""
     env = {"PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}", "PYTHONUNBUFFERED": "1"}
-    async with Kubelet(stack, tmp_path / "kubelet", extra_env=env) as kubelet:
+    async with Kubelet(kube.plane, workdir, extra_env=env) as kubelet:
+        yield kubelet
+
+
+@pytest.fixture
+async def cluster(stack: ControlPlane) -> AsyncIterator[RealKube]:
+    async with real_kube(stack) as client:
+        yield client
+
+
+@pytest.fixture
+async def node_agent(cluster: RealKube, tmp_path: Path) -> AsyncIterator[Kubelet]:
+    async with node_agent_for(cluster, tmp_path / "kubelet") as kubelet:
         yield kubelet
 
 
@@ -146,9 +181,9 @@ def operator_settings(
     kubeconfig holding its ServiceAccount's token."""
     report_port = free_port()
     env = component_environment(plane, ["whisperx-operator-settings", "whisperx-shared-settings"])
-    profiles = json.loads(
-        plane.kubectl("get", "configmap", "-n", SYSTEM, "-o", "json").stdout
-    )["items"]
+    profiles = json.loads(plane.kubectl("get", "configmap", "-n", SYSTEM, "-o", "json").stdout)[
+        "items"
+    ]
     profile_data = next(
         i["data"]["profiles.yaml"]
         for i in profiles
@@ -185,6 +220,7 @@ def yaml_dump(obj: Any) -> str:
 
 
 __all__ = [
+    "aligner",
     "cluster",
     "cluster_models",
     "control_plane",

@@ -89,9 +89,9 @@ class _ConfigError(Exception):
     """The container cannot be created (the kubelet's CreateContainerConfigError)."""
 
 
-def _condition(type_: str, status: str = "True", reason: str = "", message: str = "") -> dict[
-    str, Any
-]:
+def _condition(
+    type_: str, status: str = "True", reason: str = "", message: str = ""
+) -> dict[str, Any]:
     cond = {"type": type_, "status": status, "lastProbeTime": None, "lastTransitionTime": now()}
     if reason:
         cond["reason"] = reason
@@ -334,8 +334,10 @@ class Kubelet:
                 await self._until_deleted(run, plan.hold.wait())
             if plan.waiting_reason is not None:
                 await self._status(client, run, waiting(plan.waiting_reason, plan.waiting_message))
-                wait = asyncio.sleep(plan.waiting_for) if plan.waiting_for is not None else (
-                    asyncio.Event().wait()
+                wait = (
+                    asyncio.sleep(plan.waiting_for)
+                    if plan.waiting_for is not None
+                    else (asyncio.Event().wait())
                 )
                 await self._until_deleted(run, wait)
             while True:
@@ -344,9 +346,7 @@ class Kubelet:
                     break
                 except _ConfigError as exc:
                     # A kubelet retries until the Secret or key appears, or the pod goes.
-                    await self._status(
-                        client, run, waiting("CreateContainerConfigError", str(exc))
-                    )
+                    await self._status(client, run, waiting("CreateContainerConfigError", str(exc)))
                     await self._until_deleted(run, asyncio.sleep(1))
         except _Deleted:
             await self._finish(client, run, container, None, reason=None)
@@ -414,7 +414,9 @@ class Kubelet:
                     "DisruptionTarget", "True", "TerminationByKubelet",
                     "The node was low on resource: memory.",
                 )]})  # fmt: skip
-                await self._terminate(run, int(pod["spec"].get("terminationGracePeriodSeconds", 30)))
+                await self._terminate(
+                    run, int(pod["spec"].get("terminationGracePeriodSeconds", 30))
+                )
             await process.wait()
             return reason
         finally:
@@ -467,9 +469,9 @@ class Kubelet:
         if code is not None:
             terminated: dict[str, Any] = {
                 "exitCode": code,
-                "reason": reason if reason == "OOMKilled" else (
-                    "Completed" if code == 0 else "Error"
-                ),
+                "reason": reason
+                if reason == "OOMKilled"
+                else ("Completed" if code == 0 else "Error"),
                 "startedAt": started or now(),
                 "finishedAt": now(),
                 "containerID": f"process://{process.pid if process else 0}",
@@ -541,9 +543,13 @@ class Kubelet:
                 return data[ref["key"]].decode()
             if ref.get("optional"):
                 return None
-            where = f'{kind} "{ref["name"]}" not found' if data is None else (
-                f'couldn\'t find key {ref["key"]} in {kind.capitalize()} '
-                f'{run.namespace}/{ref["name"]}'
+            where = (
+                f'{kind} "{ref["name"]}" not found'
+                if data is None
+                else (
+                    f"couldn't find key {ref['key']} in {kind.capitalize()} "
+                    f"{run.namespace}/{ref['name']}"
+                )
             )
             raise _ConfigError(where)
         raise _ConfigError(f"unsupported env source {sorted(source)}")
@@ -552,7 +558,12 @@ class Kubelet:
         self, client: Cluster, namespace: str, kind: str, name: str
     ) -> dict[str, bytes] | None:
         resource = SECRETS if kind == "secret" else CONFIGMAPS
-        obj = await client.read(resource, namespace, name)
+        try:
+            obj = await client.read(resource, namespace, name)
+        except ApiError as exc:
+            # E.g. the Node authorizer has not yet linked this pod's node to the Secret:
+            # a kubelet retries.
+            raise _ConfigError(f"{kind} {namespace}/{name}: {exc}") from exc
         if obj is None:
             return None
         if kind == "secret":
@@ -580,7 +591,9 @@ class Kubelet:
                 (local / item["path"]).write_bytes(data[item["key"]])
             return local
         if "persistentVolumeClaim" in volume:
-            claim = await client.read(PVCS, run.namespace, volume["persistentVolumeClaim"]["claimName"])
+            claim = await client.read(
+                PVCS, run.namespace, volume["persistentVolumeClaim"]["claimName"]
+            )
             bound = ((claim or {}).get("spec") or {}).get("volumeName")
             pv = await self.plane_client().read(PVS, None, bound) if bound else None
             host = ((pv or {}).get("spec") or {}).get("hostPath", {}).get("path")

@@ -1,0 +1,2 @@
+from tests.cluster.fixtures import cluster, node_agent  # noqa: F401
+from tests.cluster.stack_fixtures import *  # noqa: F403
