@@ -16,7 +16,7 @@ import ssl
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 import aiohttp
 
@@ -115,7 +115,7 @@ class Cluster:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._session.close()
 
-    async def __aenter__(self) -> Cluster:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -483,9 +483,13 @@ class Kubelet:
                     terminated["message"] = "\n".join(tail.splitlines()[-80:])
         else:
             # Deleted before it started: the kubelet reports the container as never run.
-            terminated = {"exitCode": 137, "reason": "ContainerStatusUnknown",
-                          "message": "The container could not be located when the pod was "
-                                     "terminated", "startedAt": None, "finishedAt": now()}  # fmt: skip
+            terminated = {
+                "exitCode": 137,
+                "reason": "ContainerStatusUnknown",
+                "message": "The container could not be located when the pod was terminated",
+                "startedAt": None,
+                "finishedAt": now(),
+            }
             status["phase"] = "Failed"
         status["containerStatuses"] = [{
             "name": container["name"], "image": container.get("image", ""), "imageID": "",
@@ -583,7 +587,7 @@ class Kubelet:
                     data = {}
                 else:
                     raise _ConfigError(f'{kind.lower()} "{source[name_key]}" not found')
-            local.mkdir(parents=True, exist_ok=True)
+            _folder(local)
             items = source.get("items") or [{"key": k, "path": k} for k in data]
             for item in items:
                 if item["key"] not in data:
@@ -600,12 +604,16 @@ class Kubelet:
             if host is None:
                 raise _ConfigError(f"volume {volume['name']} has no bound hostPath volume")
             return Path(host)
-        local.mkdir(parents=True, exist_ok=True)  # emptyDir and anything else: a folder
-        return local
+        return _folder(local)  # emptyDir and anything else: a folder
 
     def plane_client(self) -> Cluster:
         # A node may read the PersistentVolumes of its pods' claims; any node's client will do.
         return next(iter(self._clients.values()))
+
+
+def _folder(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 class _Deleted(Exception):

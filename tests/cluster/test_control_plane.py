@@ -138,8 +138,9 @@ async def test_gpu_pods_go_to_the_gpu_node_and_wait_when_none_is_free(
     await wait_until(lambda: condition(cluster.get(JOBS, NS, "one-gpu"), "Complete"))
     assert node_agent.runs("one-gpu")[0].node == GPU_NODE
     pending = await wait_until(lambda: [p for p in pods_of(cluster, "many-gpus")
-                                        if (c := _false(p, "PodScheduled"))])  # fmt: skip
-    assert "Insufficient nvidia.com/gpu" in _false(pending[0], "PodScheduled")["message"]
+                                        if _false(p, "PodScheduled")])  # fmt: skip
+    unscheduled = _false(pending[0], "PodScheduled")
+    assert unscheduled and "Insufficient nvidia.com/gpu" in unscheduled["message"]
 
 
 def _false(pod: dict[str, Any], type_: str) -> dict[str, Any] | None:
@@ -260,7 +261,7 @@ async def test_a_lost_node_turns_not_ready_and_its_pods_are_evicted(
     def not_ready() -> bool:
         node = cluster.get(NODES, None, CPU_NODE) or {}
         ready = next(c for c in node["status"]["conditions"] if c["type"] == "Ready")
-        return ready["status"] != "True"
+        return bool(ready["status"] != "True")
 
     await wait_until(not_ready, within=60)
     # The taint eviction controller marks the pod disrupted and deletes it.
@@ -269,4 +270,5 @@ async def test_a_lost_node_turns_not_ready_and_its_pods_are_evicted(
                  if p["metadata"].get("deletionTimestamp") and condition(p, "DisruptionTarget")],
         within=60,
     )  # fmt: skip
-    assert condition(evicted[0], "DisruptionTarget")["reason"] == "DeletionByTaintManager"
+    disrupted = condition(evicted[0], "DisruptionTarget")
+    assert disrupted and disrupted["reason"] == "DeletionByTaintManager"

@@ -34,6 +34,10 @@ def prediction(name: str, **spec: Any) -> str:
     })  # fmt: skip
 
 
+async def read_bytes(path: Path) -> bytes:
+    return await asyncio.to_thread(path.read_bytes)
+
+
 def kubectl(plane: ControlPlane, *args: str, stdin: str | None = None, check: bool = True) -> Any:
     return plane.kubectl("-n", TENANT, *args, stdin=stdin, check=check, timeout=300)
 
@@ -68,7 +72,7 @@ async def test_create_get_wait_describe_delete(
     cluster_operator: OperatorProcess,
     fox_wav: Path,
 ) -> None:
-    audio = "data:audio/wav;base64," + base64.b64encode(fox_wav.read_bytes()).decode()
+    audio = "data:audio/wav;base64," + base64.b64encode(await read_bytes(fox_wav)).decode()
     spec = {"input": {"audio_file": audio, "language": "en", "align_output": True}}
     created = kubectl(stack, "create", "-f", "-", stdin=prediction("fox", **spec))
     assert created.stdout.strip() == "prediction.whisperx.io/fox created"

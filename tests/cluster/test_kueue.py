@@ -208,7 +208,8 @@ async def test_one_gpu_of_quota_runs_one_prediction_while_the_other_is_queued(
         )
         assert done
         status = (cluster.get(PREDICTIONS, TENANT, name) or {})["status"]
-        assert status["phase"] == "succeeded" and status["output"]["segments"] >= 1
+        # The runner transcribed the clip (about 2.5 s of speech).
+        assert status["phase"] == "succeeded" and 1.5 < status["audioDuration"] < 4, status
     ran = cluster.get(PREDICTIONS, TENANT, second)
     assert ran is not None and not condition(ran, "Queued")
     assert node_agent.runs(job_name(second))[0].node == GPU_NODE
