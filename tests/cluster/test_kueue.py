@@ -217,7 +217,7 @@ async def test_one_gpu_of_quota_runs_one_prediction_while_the_other_is_queued(
 
 # Issue 10, item o: Kueue preempts a prediction while it runs; the run deadline must not
 # count the time its Job spends suspended.
-RUN_DEADLINE = 45
+RUN_DEADLINE = 75
 PRIORITY_CLASS = "whisperx-test-high"
 
 
