@@ -1,1 +1,1 @@
-from tests.kube_fixtures import kube, kubelet, operator, operator_env  # noqa: F401
+from tests.kube_fixtures import kube, kube_plane, kubelet, operator, operator_env  # noqa: F401
