@@ -82,11 +82,32 @@ class PeeringGate:
             try:
                 await self.kube.create(collection, body)
             except ApiError as exc:
-                if exc.status == 403:
-                    # Not ours to create: it must exist already (kopf needs it).
-                    await self.kube.get(f"{collection}/{self.name}")
-                elif exc.status != 409:  # 409: it exists
-                    raise
+                if exc.status == 409:
+                    continue  # it exists
+                if exc.status == 404:
+                    log.warning(
+                        "namespace %s does not exist: kopf pauses until it has a KopfPeering "
+                        "%s; create the namespace and restart the operator",
+                        namespace,
+                        self.name,
+                    )
+                    continue
+                if exc.status == 403 and await self._exists(f"{collection}/{self.name}"):
+                    continue  # not ours to create, and there already
+                raise RuntimeError(
+                    f"cannot create KopfPeering {namespace}/{self.name} ({exc}): kopf needs "
+                    "one in each namespace of WHISPERX_NAMESPACES"
+                ) from exc
+
+    async def _exists(self, path: str) -> bool:
+        assert self.kube is not None
+        try:
+            await self.kube.get(path)
+        except ApiError as exc:
+            if exc.status in (403, 404):
+                return False
+            raise
+        return True
 
     async def check(self) -> bool:
         assert self.kube is not None
