@@ -158,6 +158,13 @@ def pod_event(pod: dict[str, Any], at: datetime) -> lc.Event | None:
     return None
 
 
+def has_had_pods(job: dict[str, Any]) -> bool:
+    """Whether the Job controller has created a pod of `job` (one runs, or has ended):
+    an earlier FailedCreate is then history (a replayed Event after a restart)."""
+    status = job.get("status") or {}
+    return any(status.get(count) for count in ("active", "succeeded", "failed"))
+
+
 def pod_creation_failed(message: str, at: datetime) -> lc.Event:
     """The event for the Job controller's `FailedCreate` (it could not create the pod):
     no pod will come of it (a missing ServiceAccount, a Pod Security violation, an

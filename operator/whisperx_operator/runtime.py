@@ -29,7 +29,13 @@ from whisperx_operator.config import OperatorConfig
 from whisperx_operator.deadlines import Deadlines, Kind, Limits, kept_after_ttl
 from whisperx_operator.events import EventPoster, involved_object
 from whisperx_operator.peering import PeeringGate
-from whisperx_operator.pods import RETRIED_WAITING, job_event, pod_creation_failed, pod_event
+from whisperx_operator.pods import (
+    RETRIED_WAITING,
+    has_had_pods,
+    job_event,
+    pod_creation_failed,
+    pod_event,
+)
 from whisperx_operator.server import report_app
 from whisperx_operator.sink import KubeStatusSink
 from whisperx_operator.validation import profile_for, validate_spec
@@ -335,7 +341,7 @@ class Runtime:
         name = prediction_of(found)
         if name is None or found["metadata"].get("uid") != involved.get("uid"):
             return  # not ours, or about an earlier Job of the same name
-        if (found.get("status") or {}).get("active"):
+        if has_had_pods(found):
             return  # a pod was created since (say, the ServiceAccount came)
         outcome = pod_creation_failed(str(event.get("message") or ""), lc.now_utc())
         if isinstance(outcome, lc.Failed):

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from whisperx_api import lifecycle as lc
-from whisperx_operator.pods import job_event, pod_creation_failed, pod_event
+from whisperx_operator.pods import has_had_pods, job_event, pod_creation_failed, pod_event
 
 AT = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -181,3 +181,9 @@ def test_a_pod_the_job_controller_could_not_create() -> None:
         'pods "p-x" is forbidden: exceeded quota: gpu, requested: nvidia.com/gpu=1', AT
     )
     assert isinstance(quota, lc.Queued) and quota.reason == "QuotaExceeded"
+
+
+def test_a_job_that_has_had_pods_is_past_its_failed_creates() -> None:
+    assert not has_had_pods({}) and not has_had_pods({"status": {"active": 0}})
+    for count in ("active", "succeeded", "failed"):
+        assert has_had_pods({"status": {count: 1}})
