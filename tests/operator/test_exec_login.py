@@ -8,11 +8,11 @@ from pathlib import Path
 from tests.kube_auth import plugin_runs, write_exec_kubeconfig
 from tests.kube_fixtures import (
     PREDICTIONS,
-    Emulator,
     Kubelet,
     emulator_url,
     operator_environment,
     prediction_body,
+    running_emulator,
     running_operator,
     wait_for_phase,
 )
@@ -20,20 +20,20 @@ from tests.kube_fixtures import (
 NS = "default"
 
 
-async def test_operator_logs_in_with_an_exec_plugin(
-    kube: Emulator, kubelet: Kubelet, redis_url: str, tmp_path: Path
-) -> None:
-    token_file = tmp_path / "token"
-    token_file.write_text("plugin-token")
-    kubeconfig = write_exec_kubeconfig(tmp_path / "exec-config", emulator_url(kube), token_file)
-    env = operator_environment(kube, redis_url, tmp_path, KUBECONFIG=str(kubeconfig))
-    kube.keep_requests = True
-    async with running_operator(kube, env, tmp_path / "operator.log"):
-        body = prediction_body("x1", "https://fake.test/succeed")
-        await kube.create_object(PREDICTIONS, NS, body)
-        assert (await wait_for_phase(kube, "x1"))["status"]["phase"] == "succeeded"
+async def test_operator_logs_in_with_an_exec_plugin(redis_url: str, tmp_path: Path) -> None:
+    # On the emulator whatever the suite's backend: it records each request's headers.
+    # (Over plain http kubectl would send no credentials at all; the operator's client
+    # does, so the emulator sees them; tests/kube_auth.py writes the same for https.)
+    async with running_emulator() as kube, Kubelet(kube, tmp_path / "kubelet"):
+        kubeconfig = write_exec_kubeconfig(tmp_path / "exec-config", emulator_url(kube), "t-1")
+        env = operator_environment(kube, redis_url, tmp_path, KUBECONFIG=str(kubeconfig))
+        kube.keep_requests = True
+        async with running_operator(kube, env, tmp_path / "operator.log"):
+            body = prediction_body("x1", "https://fake.test/succeed")
+            await kube.create_object(PREDICTIONS, NS, body)
+            assert (await wait_for_phase(kube, "x1"))["status"]["phase"] == "succeeded"
     operator_calls = list(kube)  # over HTTP: the operator's (the kubelet acts in process)
-    assert {r.headers.get("Authorization") for r in operator_calls} == {"Bearer plugin-token"}
+    assert {r.headers.get("Authorization") for r in operator_calls} == {"Bearer t-1"}
     kinds = {(str(r.method.value).upper(), r.params.get("watch")) for r in operator_calls}
     assert ("GET", "true") in kinds  # kopf's watches
     assert any(r.url.path.endswith("/status") for r in operator_calls)  # the status writer
