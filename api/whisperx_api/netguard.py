@@ -3,19 +3,16 @@
 A client names the runner's audio URL and the control plane's webhook target. Either
 could point at loopback, the cluster's private services or the cloud metadata endpoint
 (169.254.169.254). The check runs on the resolved address at connection time (in the
-resolver, so a DNS answer cannot slip past it) and again for IP literals, which aiohttp
-connects to without resolving.
+resolver, `whisperx_api.resolver`, so a DNS answer cannot slip past it) and again for IP
+literals, which aiohttp connects to without resolving. No aiohttp here: the runner's
+CLI imports this without loading its network stack.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import socket
 from dataclasses import dataclass
-
-from aiohttp.abc import AbstractResolver, ResolveResult
-from aiohttp.resolver import ThreadedResolver
-from yarl import URL
+from urllib.parse import urlsplit
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -143,37 +140,12 @@ def check_literal(host: str, allow: HostAllowList, port: int | None = None) -> N
         raise AddressRefused(host, None, kind)
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
 def check_url(url: str, allow: HostAllowList) -> None:
-    """Refuses a URL whose host is visibly internal, before any connection."""
-    parsed = URL(url)
-    if parsed.host:
-        check_literal(parsed.host, allow, parsed.port)
-
-
-class GuardedResolver(AbstractResolver):
-    """Resolves names, then keeps only addresses the allow policy permits."""
-
-    def __init__(self, allow: HostAllowList) -> None:
-        self._inner = ThreadedResolver()
-        self._allow = allow
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        results = await self._inner.resolve(host, port, family)
-        kept: list[ResolveResult] = []
-        refusal: AddressRefused | None = None
-        for result in results:
-            try:
-                address = ipaddress.ip_address(result["host"])
-                check_address(host, address, self._allow, result["port"])
-            except AddressRefused as exc:
-                refusal = exc
-            else:
-                kept.append(result)
-        if not kept and refusal is not None:
-            raise refusal
-        return kept
-
-    async def close(self) -> None:
-        await self._inner.close()
+    """Refuses a URL whose host is visibly internal, before any connection (a malformed
+    port is a ValueError)."""
+    parts = urlsplit(url)
+    if parts.hostname:
+        check_literal(parts.hostname, allow, parts.port or _DEFAULT_PORTS.get(parts.scheme))

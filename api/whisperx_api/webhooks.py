@@ -27,8 +27,9 @@ from collections.abc import Iterable, Mapping
 import aiohttp
 from redis.exceptions import RedisError
 
-from whisperx_api.netguard import AddressRefused, GuardedResolver, HostAllowList, check_url
+from whisperx_api.netguard import AddressRefused, HostAllowList, check_url
 from whisperx_api.outage import Outage
+from whisperx_api.resolver import GuardedResolver
 from whisperx_api.store import Store, WebhookDelivery
 
 log = logging.getLogger(__name__)

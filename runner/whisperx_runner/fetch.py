@@ -18,7 +18,8 @@ from urllib.parse import unquote_to_bytes, urljoin, urlsplit
 import aiohttp
 
 from whisperx_api import netguard
-from whisperx_api.netguard import AddressRefused, GuardedResolver, HostAllowList, IPAddress
+from whisperx_api.netguard import AddressRefused, HostAllowList, IPAddress
+from whisperx_api.resolver import GuardedResolver
 from whisperx_runner.config import RunnerConfig
 from whisperx_runner.errors import InputError, RunnerError
 

@@ -19,7 +19,8 @@ from aiohttp import web
 
 from tests.conftest import free_port
 from tests.gateway.conftest import LOOPBACK, OTHER_TOKEN, Gateway, Receiver, completed
-from whisperx_api.netguard import AddressRefused, GuardedResolver, HostAllowList
+from whisperx_api.netguard import AddressRefused, HostAllowList
+from whisperx_api.resolver import GuardedResolver
 from whisperx_api.store import Store
 from whisperx_api.webhooks import WebhookSender, generate_secret, signature, tenant_secret
 
