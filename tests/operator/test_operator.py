@@ -409,6 +409,18 @@ async def test_a_run_suspended_by_kueue_is_queued_again_and_its_deadline_paused(
     await wait_for(lambda: [run.exit_code for run in kubelet.runs("pre")] == [143, 0])
 
 
+async def test_a_suspended_run_not_admitted_again_ends_at_its_start_deadline(
+    kube: Emulator, kubelet: Kubelet, operator: OperatorProcess
+) -> None:
+    await create(kube, "stuck", HANG, startDeadlineSeconds=2)
+    await wait_for_phase(kube, "stuck", ["processing"])
+    await kube.patch_object(JOBS, NS, "stuck", {"spec": {"suspend": True}})
+    status = (await wait_for_phase(kube, "stuck"))["status"]
+    assert (status["phase"], status["reason"]) == ("failed", "StartDeadlineExceeded")
+    assert "suspended run was not admitted again within 2 s" in status["error"]
+    await wait_for(gone(kube, JOBS, "stuck"))
+
+
 async def test_cancel_by_field_or_annotation_and_no_revival(
     kube: Emulator, kubelet: Kubelet, operator: OperatorProcess, redis_client: aioredis.Redis
 ) -> None:
