@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import re
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -64,7 +65,14 @@ async def kill(local: LocalMode) -> None:
 async def test_a_killed_runner_fails_the_prediction_with_the_reason(
     tmp_path: Path, redis_url: str, model_dir: Path, fox_url: AudioSource, hooks: HookReceiver
 ) -> None:
-    args = ("--redis-url", redis_url, "--model-dir", str(model_dir))
+    args = (
+        "--redis-url",
+        redis_url,
+        "--model-dir",
+        str(model_dir),
+        "--allow-hosts",
+        urlsplit(fox_url.url).netloc,
+    )
     async with local_mode(tmp_path / "local.log", *args) as local:
         client = client_of(local)
         prediction = await call(

@@ -7,6 +7,7 @@ runner's process, and the client webhooks of that run are signed as Replicate si
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
@@ -28,9 +29,17 @@ from tests.kube_fixtures import wait_for
 async def test_cancel_stops_the_real_runner_and_its_webhooks_are_signed(
     tmp_path: Path, redis_url: str, model_dir: Path, fox_url: AudioSource, hooks: HookReceiver
 ) -> None:
-    async with local_mode(
-        tmp_path / "local.log", "--redis-url", redis_url, "--model-dir", str(model_dir)
-    ) as local:
+    # fox_url is another loopback server: allowed explicitly (by default runners reach
+    # only the gateway's own port).
+    args = (
+        "--redis-url",
+        redis_url,
+        "--model-dir",
+        str(model_dir),
+        "--allow-hosts",
+        urlsplit(fox_url.url).netloc,
+    )
+    async with local_mode(tmp_path / "local.log", *args) as local:
         client = Client(api_token=local.token, base_url=local.url)
         prediction = await call(
             client.predictions.create,
