@@ -348,6 +348,13 @@ class Kubelet:
                     # A kubelet retries until the Secret or key appears, or the pod goes.
                     await self._status(client, run, waiting("CreateContainerConfigError", str(exc)))
                     await self._until_deleted(run, asyncio.sleep(1))
+                except ApiError as exc:
+                    if exc.status != 403:
+                        raise
+                    # The Node authorizer learns of a newly bound pod's Secrets and claims
+                    # a moment after the node sees the pod: until then it refuses the node
+                    # (a kubelet's volume manager retries the mount).
+                    await self._until_deleted(run, asyncio.sleep(0.2))
         except _Deleted:
             await self._finish(client, run, container, None, reason=None)
             return
