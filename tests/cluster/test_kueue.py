@@ -315,8 +315,8 @@ async def test_preempted_while_processing_the_run_deadline_waits_for_readmission
 
     eviction = await wait_until(evicted, within=30)
     assert eviction["reason"] == "Preempted", eviction
-    suspended = cluster.get(JOBS, TENANT, job)
-    assert suspended is not None and suspended["spec"]["suspend"] is True
+    # Kueue records the eviction on the Workload, then suspends the Job.
+    await wait_until(lambda: (cluster.get(JOBS, TENANT, job) or {})["spec"].get("suspend"))
     queued = await wait_until(lambda: condition(cluster.get(PREDICTIONS, TENANT, name), "Queued"))
     assert queued["reason"] == "Suspended"
     await wait_until(lambda: node_agent.runs("preemptor"), within=30)
