@@ -28,8 +28,9 @@ class InFlight:
         if tenant is not None and self.by_tenant[tenant] >= self.tenant_limit:
             raise ApiError(
                 429,
-                f"this token has {self.tenant_limit} requests in flight, its limit; "
-                "retry when some have finished",
+                f"this token's namespace has {self.tenant_limit} requests in flight, its "
+                "share of the gateway (WHISPERX_MAX_IN_FLIGHT_PER_TOKEN); retry when some "
+                "have finished",
                 headers={"Retry-After": "1"},
             )
         self.total += 1

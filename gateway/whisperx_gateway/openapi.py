@@ -238,7 +238,10 @@ def _json(description: str, schema: str, headers: dict[str, Any] | None = None) 
 
 _ERRORS = {
     "401": _problem("Missing or invalid token"),
-    "429": _problem("Too many requests; retry after Retry-After seconds"),
+    "429": _problem(
+        "This token's namespace holds its share of the requests in flight; retry after "
+        "Retry-After seconds"
+    ),
     "503": _problem("Overloaded or a dependency is unavailable; retry after Retry-After"),
 }
 _PREDICTION_ID = {
@@ -295,8 +298,9 @@ def _create_operation(operation_id: str, body: str, extra_params: list[Any]) -> 
                 "Prediction",
                 {"Location": {"schema": _URL, "description": "The prediction's URL"}},
             ),
-            "400": _problem("Malformed JSON or header"),
+            "400": _problem("Malformed JSON (or nested deeper than 64 levels) or header"),
             "404": _problem("No such model or version"),
+            "408": _problem("The body did not arrive within WHISPERX_BODY_TIMEOUT_SECONDS"),
             "413": _problem("Body too large"),
             "422": _problem("Invalid input; the detail names the field"),
             **_ERRORS,
@@ -443,7 +447,8 @@ def gateway_openapi(*, metrics: bool) -> dict[str, Any]:
                     "201": _json("The file", "File"),
                     "400": _problem("Malformed multipart body"),
                     "404": _problem("Uploads are not configured"),
-                    "413": _problem("File too large"),
+                    "408": _problem("The body did not arrive within WHISPERX_BODY_TIMEOUT_SECONDS"),
+                    "413": _problem("File or metadata too large, or the namespace's quota"),
                     "415": _problem("Not multipart/form-data"),
                     "422": _problem("Missing `content` or bad metadata"),
                     **_ERRORS,
@@ -487,7 +492,8 @@ def gateway_openapi(*, metrics: bool) -> dict[str, Any]:
                 ],
                 "responses": {
                     "200": {
-                        "description": "The content",
+                        "description": "The content, as an attachment: audio/* or "
+                        "video/* as uploaded, anything else application/octet-stream",
                         "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}},
                     },
                     "403": _problem("Invalid or expired link"),
