@@ -25,14 +25,15 @@ RETRIED_WAITING = {
     "ImagePullBackOff": "ImagePullFailed",
     "CreateContainerConfigError": "ContainerConfigError",
     "CreateContainerError": "ContainerCreateError",
+    # The scheduler's: a claim that exists but is not bound yet (a provisioner at work).
+    "VolumeUnbound": "VolumeUnbound",
 }
 _MAX_MESSAGE = 1024
 # The scheduler's words for a pod whose PersistentVolumeClaim (the model cache) does not
-# exist or cannot bind (k8s.io/kubernetes pkg/scheduler/framework/plugins/volumebinding).
-_UNBOUND_VOLUME = (
-    "persistentvolumeclaim",  # `persistentvolumeclaim "whisperx-models" not found`
-    "unbound immediate PersistentVolumeClaims",
-)
+# exist, or is not bound yet (k8s.io/kubernetes pkg/scheduler/framework/plugins/
+# volumebinding).
+_MISSING_VOLUME = "persistentvolumeclaim"  # `persistentvolumeclaim "x" not found`
+_UNBOUND_VOLUME = "unbound immediate PersistentVolumeClaims"
 # A Job controller's FailedCreate for want of quota heals when quota frees up.
 _QUOTA = "exceeded quota"
 
@@ -149,8 +150,12 @@ def pod_event(pod: dict[str, Any], at: datetime) -> lc.Event | None:
     scheduled = _conditions(pod).get("PodScheduled") or {}
     if scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable":
         message = _short(scheduled.get("message") or "no node fits the pod")
-        if any(sign in message for sign in _UNBOUND_VOLUME):
-            # No node will ever do until someone creates or binds the claim.
+        if _UNBOUND_VOLUME in message:
+            # A claim being bound or provisioned: waited on for the grace, like a kubelet's
+            # retries; one that never binds fails then with this reason.
+            return lc.Waiting("VolumeUnbound", message, at)
+        if _MISSING_VOLUME in message:
+            # No node will ever do until someone creates the claim.
             return lc.Failed("VolumeUnbound", message, at)
         return lc.Queued("Unschedulable", message, at)
     if scheduled.get("status") == "True":

@@ -51,6 +51,25 @@ CLUSTER_SCOPED = {"nodes", "namespaces", "customresourcedefinitions", "clusterko
                   "persistentvolumes", "clusterqueues", "resourceflavors"}  # fmt: skip
 
 
+ResourceId = tuple[str, str, str]
+
+
+def resource_id(resource: Resource) -> ResourceId:
+    """What tells resources apart, whichever object names them (kmock's or ours)."""
+    return (resource.group or "", resource.version or "", resource.plural or "")
+
+
+class Creations(Counter[Key]):
+    """How often each object was created, keyed by (resource, namespace, name), with the
+    resource named by any object that has a group, a version and a plural."""
+
+    def __getitem__(self, key: Key) -> int:
+        resource, *rest = key
+        if not isinstance(resource, tuple):
+            resource = resource_id(resource)
+        return super().__getitem__((resource, *rest))
+
+
 class ApiError(Exception):
     def __init__(self, status: int, body: dict[str, Any]) -> None:
         self.status = status
@@ -104,7 +123,7 @@ class Cluster:
         )
         self._uids: defaultdict[Key, set[str]] = defaultdict(set)
         # How often each object was created: distinct uids seen under one name.
-        self.creations: Counter[Key] = Counter()
+        self.creations = Creations()
         self._synced: dict[Any, asyncio.Event] = {}
         self._listeners: defaultdict[Any, list[asyncio.Queue[dict[str, Any]]]] = defaultdict(list)
         self._tasks: list[asyncio.Task[None]] = []
@@ -206,15 +225,15 @@ class Cluster:
     async def track(self, *resources: Resource) -> None:
         """Keeps a cache of each resource, and waits until each is listed once."""
         for resource in resources:
-            if resource in self._synced:
+            if resource_id(resource) in self._synced:
                 continue
-            self._synced[resource] = asyncio.Event()
+            self._synced[resource_id(resource)] = asyncio.Event()
             self._tasks.append(asyncio.create_task(self._inform(resource)))
-        await asyncio.gather(*(self._synced[r].wait() for r in resources))
+        await asyncio.gather(*(self._synced[resource_id(r)].wait() for r in resources))
 
     def get(self, resource: Resource, namespace: str | None, name: str) -> dict[str, Any] | None:
-        assert resource in self._synced, f"{resource} is not tracked"
-        obj = self._cache[resource].get((namespace, name))
+        assert resource_id(resource) in self._synced, f"{resource} is not tracked"
+        obj = self._cache[resource_id(resource)].get((namespace, name))
         return json.loads(json.dumps(obj)) if obj is not None else None
 
     def list(
@@ -224,10 +243,10 @@ class Cluster:
         *,
         labels: dict[str, str] | None = None,
     ) -> list[dict[str, Any]]:
-        assert resource in self._synced, f"{resource} is not tracked"
+        assert resource_id(resource) in self._synced, f"{resource} is not tracked"
         return [
             obj
-            for (ns, _), obj in self._cache[resource].items()
+            for (ns, _), obj in self._cache[resource_id(resource)].items()
             if (namespace is None or ns == namespace)
             and all((obj["metadata"].get("labels") or {}).get(k) == v
                     for k, v in (labels or {}).items())
@@ -236,33 +255,34 @@ class Cluster:
     async def subscribe(self, resource: Resource) -> AsyncIterator[dict[str, Any]]:
         """Every change to a tracked resource from now on, as watch events."""
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self._listeners[resource].append(queue)
+        self._listeners[resource_id(resource)].append(queue)
         try:
             while True:
                 yield await queue.get()
         finally:
-            self._listeners[resource].remove(queue)
+            self._listeners[resource_id(resource)].remove(queue)
 
     def _remember(self, resource: Resource, obj: dict[str, Any]) -> None:
-        if resource not in self._synced or "metadata" not in obj:
+        if resource_id(resource) not in self._synced or "metadata" not in obj:
             return
         key = _key(resource, obj)
-        known = self._cache[resource].get(key)
+        known = self._cache[resource_id(resource)].get(key)
         if known is None or _rv(obj) > _rv(known):
             self._apply(resource, "MODIFIED" if known else "ADDED", obj)
 
     def _apply(self, resource: Resource, kind: str, obj: dict[str, Any]) -> None:
         key = _key(resource, obj)
+        rid = resource_id(resource)
         uid = obj["metadata"].get("uid")
         if kind == "DELETED":
-            self._cache[resource].pop(key, None)
+            self._cache[rid].pop(key, None)
         else:
-            self._cache[resource][key] = obj
-            seen = self._uids[(resource, *key)]
+            self._cache[rid][key] = obj
+            seen = self._uids[(rid, *key)]
             if uid and uid not in seen:
                 seen.add(uid)
-                self.creations[(resource, *key)] += 1
-        for queue in self._listeners[resource]:
+                self.creations[(rid, *key)] += 1
+        for queue in self._listeners[rid]:
             queue.put_nowait({"type": kind, "object": obj})
 
     async def _inform(self, resource: Resource) -> None:
@@ -272,12 +292,13 @@ class Cluster:
                 listed = await self.request("GET", path)
                 version = listed["metadata"]["resourceVersion"]
                 fresh = {_key(resource, o): o for o in listed.get("items") or ()}
-                for key in set(self._cache[resource]) - set(fresh):
-                    self._apply(resource, "DELETED", self._cache[resource][key])
+                cached = self._cache[resource_id(resource)]
+                for key in set(cached) - set(fresh):
+                    self._apply(resource, "DELETED", cached[key])
                 for obj in fresh.values():
                     obj.setdefault("metadata", {})
                     self._remember(resource, obj)
-                self._synced[resource].set()
+                self._synced[resource_id(resource)].set()
                 await self._watch(resource, path, version)
             except asyncio.CancelledError:
                 raise

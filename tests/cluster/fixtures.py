@@ -31,22 +31,18 @@ PODS = ResourceRef("", "v1", "pods")
 SECRETS = ResourceRef("", "v1", "secrets")
 EVENTS = ResourceRef("", "v1", "events")
 TENANT = "whisperx-demo"
+# The kind overlay's tenant, and `default`, made a tenant too (tests/cluster/stack).
+TENANTS = (TENANT, "default")
 SYSTEM = "whisperx-system"
 STACK = REPO_ROOT / "tests" / "cluster" / "stack"
 VENV_BIN = str(Path(sys.executable).parent)
 
 
 def deploy_stack(plane: ControlPlane, models: Path) -> None:
-    """What a user runs (README): the CRDs, then the kustomize tree, server-side."""
-    plane.apply(
-        "-f", str(REPO_ROOT / "crds" / "prediction.yaml"),
-        "-f", str(REPO_ROOT / "manifests" / "base" / "kopf" / "peering-crds.yaml"),
-    )  # fmt: skip
-    plane.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
-    plane.apply("-k", str(STACK))
-    # The model cache: one folder of this machine, a PersistentVolume for each tenant's
-    # claim (as an NFS export would be).
-    for namespace in (TENANT, "default"):
+    """What a user runs (README): the CRDs, then the kustomize tree, server-side. The
+    model cache first: one folder of this machine, a PersistentVolume for each tenant's
+    claim (as an NFS export would be), so the claims bind as they are created."""
+    for namespace in TENANTS:
         pv = {
             "apiVersion": "v1",
             "kind": "PersistentVolume",
@@ -60,6 +56,15 @@ def deploy_stack(plane: ControlPlane, models: Path) -> None:
             },
         }
         plane.kubectl("apply", "--server-side", "-f", "-", stdin=json.dumps(pv))
+    plane.apply(
+        "-f", str(REPO_ROOT / "crds" / "prediction.yaml"),
+        "-f", str(REPO_ROOT / "manifests" / "base" / "kopf" / "peering-crds.yaml"),
+    )  # fmt: skip
+    plane.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
+    plane.apply("-k", str(STACK))
+    for namespace in TENANTS:
+        plane.kubectl("wait", "-n", namespace, "--for=jsonpath={.status.phase}=Bound",
+                      "pvc/whisperx-models", "--timeout=60s")  # fmt: skip
 
 
 def component_environment(plane: ControlPlane, configmaps: list[str]) -> dict[str, str]:

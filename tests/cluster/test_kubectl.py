@@ -108,7 +108,7 @@ async def test_create_get_wait_describe_delete(
     assert secrets  # fmt: skip
 
     deleted = kubectl(stack, "delete", "pred", "fox")
-    assert deleted.stdout.strip() == 'prediction.whisperx.io "fox" deleted'
+    assert deleted.stdout.strip() == f'prediction.whisperx.io "fox" deleted from {TENANT} namespace'
     # The garbage collector takes the Job, its pods and the prediction's Secrets with it.
     await wait_until(lambda: cluster.get(JOBS, TENANT, job) is None, within=60)
     await wait_until(

@@ -8,7 +8,13 @@ from typing import Any
 import pytest
 
 from whisperx_api import lifecycle as lc
-from whisperx_operator.pods import has_had_pods, job_event, pod_creation_failed, pod_event
+from whisperx_operator.pods import (
+    RETRIED_WAITING,
+    has_had_pods,
+    job_event,
+    pod_creation_failed,
+    pod_event,
+)
 
 AT = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -150,23 +156,24 @@ def test_transient_waits_and_scheduling() -> None:
     assert pod_event({"status": {"phase": "Pending"}}, AT) is None
 
 
-@pytest.mark.parametrize(
-    "message",
-    [
-        '0/3 nodes are available: persistentvolumeclaim "whisperx-models" not found.',
-        "0/3 nodes are available: pod has unbound immediate PersistentVolumeClaims.",
-    ],
-)
-def test_a_claim_that_cannot_bind_fails_the_prediction(message: str) -> None:
-    pod = {
-        "status": {
-            "phase": "Pending",
-            "conditions": [condition("PodScheduled", "Unschedulable", message, "False")],
+def test_a_missing_claim_fails_the_prediction_and_an_unbound_one_is_waited_on() -> None:
+    def pending(message: str) -> dict[str, Any]:
+        return {
+            "status": {
+                "phase": "Pending",
+                "conditions": [condition("PodScheduled", "Unschedulable", message, "False")],
+            }
         }
-    }
-    event = pod_event(pod, AT)
+
+    missing = '0/3 nodes are available: persistentvolumeclaim "whisperx-models" not found.'
+    event = pod_event(pending(missing), AT)
     assert isinstance(event, lc.Failed) and event.reason == "VolumeUnbound"
-    assert event.message == message
+    assert event.message == missing
+    # A claim a provisioner is still binding: the waiting grace, then VolumeUnbound.
+    unbound = "0/3 nodes are available: pod has unbound immediate PersistentVolumeClaims."
+    waiting = pod_event(pending(unbound), AT)
+    assert isinstance(waiting, lc.Waiting) and waiting.reason == "VolumeUnbound"
+    assert RETRIED_WAITING[waiting.reason] == "VolumeUnbound"
 
 
 def test_a_pod_the_job_controller_could_not_create() -> None:
