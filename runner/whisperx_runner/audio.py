@@ -66,7 +66,7 @@ class DecodeLimits:
 class DecodedAudio:
     """16-bit little-endian mono PCM at SAMPLE_RATE."""
 
-    pcm: bytes
+    pcm: bytes | bytearray
 
     @property
     def duration(self) -> float:
@@ -152,7 +152,7 @@ def _input_options(path: Path) -> list[str]:
     ]  # fmt: skip
 
 
-async def _run(cmd: list[str], limits: DecodeLimits, max_stdout: int, what: str) -> bytes:
+async def _run(cmd: list[str], limits: DecodeLimits, max_stdout: int, what: str) -> bytearray:
     """Runs a tool to its end within the time limit; its stdout (up to `max_stdout`
     bytes, then it is killed) on success, an input error with its last stderr line on
     failure. Cancelling kills it."""
@@ -199,7 +199,7 @@ async def _run(cmd: list[str], limits: DecodeLimits, max_stdout: int, what: str)
         # The temporary path means nothing to a client.
         last = last.split(": ", 1)[-1] if last.startswith(("file:", "/")) else last
         raise InputError(f"audio_file is not decodable audio: {last}", reason="InvalidAudio")
-    return bytes(out)
+    return out  # not copied: decoded audio may be hundreds of megabytes
 
 
 async def probe_audio(path: Path, limits: DecodeLimits) -> Probe:
@@ -232,7 +232,7 @@ async def decode_audio(path: Path, limits: DecodeLimits | None = None) -> Decode
         # Audio decoders hardly use threads; one thread keeps the address space small.
         "-threads", "1", "-filter_threads", "1",
         *_input_options(path),
-        "-vn", "-sn", "-dn", "-t", f"{cap:g}",
+        "-vn", "-sn", "-dn", "-t", f"{cap:.3f}",
         "-f", "s16le", "-ac", "1", "-acodec", "pcm_s16le", "-ar", str(SAMPLE_RATE), "-",
     ]  # fmt: skip
     pcm = await _run(cmd, limits, int(cap * _BYTES_PER_SECOND) + _BYTES_PER_SECOND, "decode")
