@@ -149,6 +149,11 @@ class WebhookSender:
                 except (RedisError, OSError) as exc:
                     await asyncio.sleep(outage.failed(exc))
                     continue
+                except Exception as exc:
+                    # Not an outage but a bug: its traceback, then the loop goes on.
+                    log.exception("leasing due webhooks failed")
+                    await asyncio.sleep(outage.failed(exc))
+                    continue
                 outage.recovered()
                 if due:
                     results = await asyncio.gather(
