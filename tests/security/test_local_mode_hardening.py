@@ -180,3 +180,14 @@ async def test_runners_inherit_neither_the_token_nor_the_files_key(
     env = backend._runner_env(record, tmp_path / "input.json")
     assert "secret-value" not in env.values()
     await store.close()
+
+
+async def test_the_token_can_come_from_a_file(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("file-token-4567\n")
+    args = (*ARGS, "--token-file", str(token_file))
+    async with local_mode(tmp_path / "local.log", *args) as local, aiohttp.ClientSession() as http:
+        for token, status in (("file-token-4567", 200), (local.token, 401)):
+            headers = {"Authorization": f"Bearer {token}"}
+            async with http.get(local.url + "/v1/predictions", headers=headers) as resp:
+                assert resp.status == status
