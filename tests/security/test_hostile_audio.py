@@ -197,3 +197,17 @@ async def test_a_playlist_data_uri_fails_the_prediction_as_invalid_input(
     assert (code, done["status"], done["reason"]) == (2, "failed", "InvalidAudio")
     assert "HLS playlist" in done["error"] and "output" not in done
     assert json.dumps(done).count(str(secret)) == 0
+
+
+def video_only(path: Path) -> Path:
+    subprocess.run(
+        ["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-f", "lavfi",
+         "-i", "testsrc=duration=1:size=32x32:rate=5", str(path)],
+        check=True,
+    )  # fmt: skip
+    return path
+
+
+async def test_a_container_without_audio_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="contains no audio stream"):
+        await decode_audio(video_only(tmp_path / "video.mkv"))

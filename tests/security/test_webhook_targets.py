@@ -22,7 +22,14 @@ from tests.gateway.conftest import LOOPBACK, OTHER_TOKEN, Gateway, Receiver, com
 from whisperx_api.netguard import AddressRefused, HostAllowList
 from whisperx_api.resolver import GuardedResolver
 from whisperx_api.store import Store
-from whisperx_api.webhooks import WebhookSender, generate_secret, signature, tenant_secret
+from whisperx_api.webhooks import (
+    WebhookSender,
+    allow_list,
+    generate_secret,
+    signature,
+    tenant_secret,
+)
+from whisperx_gateway.config import GatewayConfig
 
 REBOUND = "hooks.rebound.test"  # a public-looking name whose DNS answer is loopback
 
@@ -159,3 +166,12 @@ async def test_each_tenant_has_its_own_signing_secret(
     assert headers["webhook-signature"] != signature(secrets[OTHER_TOKEN], *signed)
     assert gateway.config.webhook_secret is not None
     assert secrets[gateway.token] == tenant_secret(gateway.config.webhook_secret, "alpha")
+
+
+def test_the_allow_list_setting_reaches_the_gateway() -> None:
+    env = {
+        "WHISPERX_TOKENS": "token-alpha-0001=alpha",
+        "WHISPERX_WEBHOOK_ALLOW_HOSTS": "10.0.0.0/8",
+    }
+    config = GatewayConfig.from_env(env)
+    assert config.webhook_allow_hosts == allow_list(env) == HostAllowList.parse("10.0.0.0/8")
