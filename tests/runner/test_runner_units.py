@@ -74,6 +74,8 @@ def test_config_defaults_are_the_gpu_profile_and_safe() -> None:
         ("WHISPERX_ALLOW_DOWNLOADS", "maybe"),
         ("WHISPERX_FETCH_TIMEOUT", "x"),
         ("WHISPERX_BATCH_SIZE", "0"),
+        ("WHISPERX_MAX_AUDIO_SECONDS", "0"),
+        ("WHISPERX_DECODE_MEMORY_BYTES", "1000"),  # not even ffmpeg's libraries fit
     ],
 )
 def test_config_refuses_malformed_values(name: str, value: str) -> None:
