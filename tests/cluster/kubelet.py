@@ -606,16 +606,13 @@ class Kubelet:
                 PVCS, run.namespace, volume["persistentVolumeClaim"]["claimName"]
             )
             bound = ((claim or {}).get("spec") or {}).get("volumeName")
-            pv = await self.plane_client().read(PVS, None, bound) if bound else None
+            # The Node authorizer lets a node read the volumes of its own pods' claims.
+            pv = await client.read(PVS, None, bound) if bound else None
             host = ((pv or {}).get("spec") or {}).get("hostPath", {}).get("path")
             if host is None:
                 raise _ConfigError(f"volume {volume['name']} has no bound hostPath volume")
             return Path(host)
         return _folder(local)  # emptyDir and anything else: a folder
-
-    def plane_client(self) -> Cluster:
-        # A node may read the PersistentVolumes of its pods' claims; any node's client will do.
-        return next(iter(self._clients.values()))
 
 
 def _folder(path: Path) -> Path:
