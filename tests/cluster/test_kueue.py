@@ -35,6 +35,8 @@ WORKLOADS = ResourceRef("kueue.x-k8s.io", "v1beta2", "workloads")
 GPU = "nvidia.com/gpu"
 # The flavor the profile's nodeSelector (Tesla-T4) lands on.
 T4_FLAVOR = "gpu-t4"
+# The profile of a Prediction without spec.hardware (the CRD's default).
+DEFAULT_PROFILE = "whisperx"
 
 
 def shipped_kueue_objects(gpu_quota: int) -> list[dict[str, Any]]:
@@ -52,13 +54,18 @@ def shipped_kueue_objects(gpu_quota: int) -> list[dict[str, Any]]:
     return docs
 
 
+CLUSTER_QUEUE = next(
+    d["metadata"]["name"] for d in shipped_kueue_objects(gpu_quota=1) if d["kind"] == "ClusterQueue"
+)
+
+
 def gpu_profile() -> dict[str, Any]:
     """The gpu overlay's default profile (GPU request, T4 nodeSelector, GPU toleration),
     running tiny.en on the CPU: the kubelet stand-in has no GPU to give."""
     profiles = yaml.safe_load((GPU_OVERLAY / "profiles.yaml").read_text())
-    profile = dict(profiles["whisperx"])
+    profile = dict(profiles[DEFAULT_PROFILE])
     profile.update({"model": "tiny.en", "device": "cpu", "computeType": "int8", "batchSize": 4})
-    return {"whisperx": profile}
+    return {DEFAULT_PROFILE: profile}
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +75,7 @@ def kueue(
     with KueueController(stack, tmp_path_factory.mktemp("kueue")) as controller:
         print(f"kueue ready in {controller.started_in:.1f} s")
         yield controller
-        print(f"--- kueue log (tail) ---\n{controller.log_tail(80)}")
+        print(f"--- kueue log (tail) ---\n{controller.log_tail(40)}")
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +84,9 @@ def local_queue(stack: ControlPlane, kueue: KueueController) -> str:
     docs = shipped_kueue_objects(gpu_quota=1)
     stack.kubectl("apply", "--server-side", "-f", "-",
                   stdin="\n---\n".join(json.dumps(d) for d in docs))  # fmt: skip
-    queue = next(d for d in docs if d["kind"] == "ClusterQueue")["metadata"]["name"]
-    stack.kubectl("wait", "--for=condition=Active", f"clusterqueue/{queue}", "--timeout=60s")
+    stack.kubectl(
+        "wait", "--for=condition=Active", f"clusterqueue/{CLUSTER_QUEUE}", "--timeout=60s"
+    )
     local = next(d for d in docs if d["kind"] == "LocalQueue")
     assert local["metadata"]["namespace"] == TENANT
     return str(local["metadata"]["name"])
@@ -103,7 +111,7 @@ def test_the_project_kueue_objects_pass_kueue_webhooks_and_conversion(
     mutating webhook added Kueue's finalizer, the validating one checks the shape."""
     stored = json.loads(
         stack.kubectl(
-            "get", "clusterqueues.v1beta2.kueue.x-k8s.io", "whisperx", "-o", "json"
+            "get", "clusterqueues.v1beta2.kueue.x-k8s.io", CLUSTER_QUEUE, "-o", "json"
         ).stdout
     )
     assert "kueue.x-k8s.io/resource-in-use" in stored["metadata"]["finalizers"]
@@ -223,7 +231,7 @@ PRIORITY_CLASS = "whisperx-test-high"
 
 def preemptor_job(queue: str, priority_class: str) -> dict[str, Any]:
     """A plain Job of the same queue and GPU class, at a higher Kueue priority."""
-    profile = gpu_profile()["whisperx"]
+    profile = gpu_profile()[DEFAULT_PROFILE]
     restricted = {
         "allowPrivilegeEscalation": False,
         "capabilities": {"drop": ["ALL"]},
@@ -272,12 +280,12 @@ def preemption(stack: ControlPlane, local_queue: str) -> Iterator[str]:
     stack.kubectl("apply", "--server-side", "-f", "-", stdin=json.dumps(high))
     patch = '{"spec": {"preemption": {"withinClusterQueue": "%s"}}}'
     stack.kubectl(
-        "patch", "clusterqueue", "whisperx", "--type=merge", "-p", patch % "LowerPriority"
+        "patch", "clusterqueue", CLUSTER_QUEUE, "--type=merge", "-p", patch % "LowerPriority"
     )
     try:
         yield PRIORITY_CLASS
     finally:
-        stack.kubectl("patch", "clusterqueue", "whisperx", "--type=merge", "-p", patch % "Never")
+        stack.kubectl("patch", "clusterqueue", CLUSTER_QUEUE, "--type=merge", "-p", patch % "Never")
         stack.kubectl("delete", "workloadpriorityclass", PRIORITY_CLASS, check=False)
 
 
