@@ -61,6 +61,7 @@ from kmock._internal import apps, parsing, rendering
 from tests.cluster.controlplane import ControlPlane
 from tests.cluster.fixtures import RealKube, node_agent_for, real_kube, service_account_kubeconfig
 from tests.cluster.kubelet import Kubelet as NodeAgent
+from tests.cluster.kubelet import PodPlan
 from tests.conftest import REPO_ROOT, free_port
 from whisperx_api.crd import GROUP, PLURAL, VERSION
 
@@ -614,29 +615,6 @@ async def wait_for(
 
 
 # --- the kubelet (and Job controller, and scheduler) ---
-
-
-@dataclass
-class PodPlan:
-    """What happens to one pod of a Job; the default runs the container command."""
-
-    # The container never starts, waiting with this reason (e.g. "ImagePullBackOff").
-    waiting_reason: str | None = None
-    waiting_message: str = ""
-    # The pod is never scheduled (PodScheduled=False, Unschedulable) with this message.
-    unschedulable: str | None = None
-    # With `waiting_reason`: the wait lasts this many seconds, then the container starts
-    # (a kubelet's retry that succeeds); without, it lasts forever.
-    waiting_seconds: float | None = None
-    # The process is killed this many seconds after it started, as the kernel's OOM
-    # killer would (exit 137, reason OOMKilled).
-    oom_kill_after: float | None = None
-    # The pod is evicted this many seconds after it started (DisruptionTarget).
-    evict_after: float | None = None
-    # The pod is evicted once this event is set (a test's own moment).
-    evict_when: asyncio.Event | None = None
-    # The pod stays Pending (scheduled) until this event is set.
-    hold: asyncio.Event | None = None
 
 
 @dataclass
@@ -1311,7 +1289,7 @@ class OperatorProcess(ChildProcess):
             for plural in (f"{PLURAL}.{VERSION}.{GROUP}", "jobs.v1.batch", "pods.v1")
         )
 
-    async def wait_ready(self, emulator: Emulator | None = None, within: float = 30.0) -> None:
+    async def wait_ready(self, emulator: Kube | None = None, within: float = 30.0) -> None:
         """Until it watches Predictions, Jobs and pods and its report endpoint is ready."""
 
         async def ready() -> bool:
@@ -1319,7 +1297,7 @@ class OperatorProcess(ChildProcess):
                 raise RuntimeError(f"the operator exited:\n{self.log_tail()}")
             watching = (
                 all(emulator.watches.open[r] > 0 for r in (PREDICTIONS, JOBS, PODS))
-                if emulator is not None
+                if isinstance(emulator, Emulator)
                 else self.watching()
             )
             if not watching:
@@ -1338,7 +1316,7 @@ class OperatorProcess(ChildProcess):
         except TimeoutError:
             raise TimeoutError(f"operator not ready in {within} s:\n{self.log_tail()}") from None
 
-    async def restart(self, emulator: Emulator | None = None) -> None:
+    async def restart(self, emulator: Kube | None = None) -> None:
         await self.kill()
         self.start()
         await self.wait_ready(emulator)
@@ -1385,13 +1363,25 @@ def operator_environment(
     }
     if isinstance(emulator, RealKube):
         # The hardware profiles the deployed (kind) overlay ships: CPU pods, which the
-        # real scheduler places on the CPU node (the defaults ask for GPUs).
-        env["WHISPERX_PROFILES_FILE"] = str(
-            REPO_ROOT / "manifests" / "overlays" / "kind" / "profiles.yaml"
-        )
+        # real scheduler places on the CPU node (the defaults ask for GPUs); and one that
+        # asks for more GPUs than any node has.
+        profiles = workdir / "deployed-profiles.yaml"
+        kind = REPO_ROOT / "manifests" / "overlays" / "kind" / "profiles.yaml"
+        profiles.write_text(kind.read_text() + GPU_HUNGRY_PROFILE)
+        env["WHISPERX_PROFILES_FILE"] = str(profiles)
     env.update(overrides)
     return env
 
+
+GPU_HUNGRY = "gpu-x8"
+GPU_HUNGRY_PROFILE = f"""
+{GPU_HUNGRY}:
+  model: tiny.en
+  device: cpu
+  computeType: int8
+  resources: {{limits: {{nvidia.com/gpu: "8"}}}}
+  tolerations: [{{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}}]
+"""
 
 FAKE_RUNNER = REPO_ROOT / "tests" / "operator" / "fake_runner.py"
 
@@ -1498,9 +1488,11 @@ async def wait_for_phase(
 
 
 def iter_events(emulator: Kube, name: str) -> Iterator[dict[str, Any]]:
-    """Kubernetes Events about the object `name`."""
+    """Kubernetes Events about the Prediction `name`."""
     for event in emulator.list(EVENTS):
-        if (event.get("involvedObject") or {}).get("name") == name:
+        involved = event.get("involvedObject") or {}
+        # Not the Job's (of the same name): the real Job controller posts its own.
+        if involved.get("name") == name and involved.get("kind") == "Prediction":
             yield event
 
 

@@ -161,7 +161,21 @@ class Runtime:
             # holds under its name was left by an earlier namesake, and that one's report
             # sequence number would make this one's reports look like replays.
             await self.store.delete_prediction(ref.namespace, ref.name)
-        await self._ensure_runner_objects(ref, record)
+        try:
+            await self._ensure_runner_objects(ref, record)
+        except ApiError as exc:
+            if exc.status != 403:
+                raise
+            # The operator's Role is bound in tenant namespaces only: no retry will help
+            # until someone makes this namespace a tenant.
+            message = (
+                f"namespace {ref.namespace} is not served (not a whisperx tenant: apply "
+                f"manifests/base/tenant there): {exc.message}"
+            )
+            await self.writer.apply(
+                ref.namespace, ref.name, lc.Failed("NamespaceNotServed", message, lc.now_utc())
+            )
+            return
         async with self.writer.lock(ref.namespace, ref.name):
             # A report may have moved the prediction on since `body` was read.
             current = await self.sink.load(ref.namespace, ref.name)

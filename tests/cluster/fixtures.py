@@ -33,6 +33,8 @@ EVENTS = ResourceRef("", "v1", "events")
 TENANT = "whisperx-demo"
 # The kind overlay's tenant, and `default`, made a tenant too (tests/cluster/stack).
 TENANTS = (TENANT, "default")
+# The namespace manifests/base/tenant names its objects in (its kustomization's).
+TENANT_BASE_NAMESPACE = "whisperx-demo"
 SYSTEM = "whisperx-system"
 STACK = REPO_ROOT / "tests" / "cluster" / "stack"
 VENV_BIN = str(Path(sys.executable).parent)
@@ -65,6 +67,27 @@ def deploy_stack(plane: ControlPlane, models: Path) -> None:
     for namespace in TENANTS:
         plane.kubectl("wait", "-n", namespace, "--for=jsonpath={.status.phase}=Bound",
                       "pvc/whisperx-models", "--timeout=60s")  # fmt: skip
+
+
+def make_tenant(plane: ControlPlane, namespace: str, *, without: set[str] = frozenset()) -> None:
+    """Serves another namespace the way manifests/base/tenant tells users to (a copy with
+    another `namespace:`), less the kinds in `without`, and its prefetch Job. Removed
+    with the namespace at the session's end or by `remove_tenant`."""
+    rendered = plane.kubectl("kustomize", str(REPO_ROOT / "manifests" / "base" / "tenant")).stdout
+    docs = []
+    for doc in yaml.safe_load_all(rendered):
+        if doc["kind"] in without or doc["kind"] == "Job":
+            continue
+        if doc["kind"] == "Namespace":
+            doc["metadata"]["name"] = namespace
+        elif doc["metadata"].get("namespace") == TENANT_BASE_NAMESPACE:
+            doc["metadata"]["namespace"] = namespace
+        docs.append(doc)
+    plane.kubectl("apply", "--server-side", "-f", "-", stdin=yaml.safe_dump_all(docs))
+
+
+def remove_tenant(plane: ControlPlane, namespace: str) -> None:
+    plane.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
 
 
 def component_environment(plane: ControlPlane, configmaps: list[str]) -> dict[str, str]:

@@ -55,19 +55,27 @@ def now() -> str:
 
 @dataclass
 class PodPlan:
-    """What happens to one pod of a Job; the default runs the container."""
+    """What happens to one pod of a Job; the default runs the container command. Shared
+    by this kubelet stand-in and the emulator's (tests/kube_fixtures.py)."""
 
     # The container never starts, waiting with this reason (e.g. "ImagePullBackOff").
     waiting_reason: str | None = None
     waiting_message: str = ""
-    # Waiting ends after this many seconds and the container starts (a registry that
-    # recovers); None: it waits until the pod is deleted.
-    waiting_for: float | None = None
-    # Killed this many seconds after it started, as the OOM killer would (137, OOMKilled).
+    # The pod is never scheduled (PodScheduled=False, Unschedulable) with this message.
+    # The emulator's only: on the real control plane the scheduler decides (ask for more
+    # GPUs than a node has).
+    unschedulable: str | None = None
+    # With `waiting_reason`: the wait lasts this many seconds, then the container starts
+    # (a kubelet's retry that succeeds); without, it lasts forever.
+    waiting_seconds: float | None = None
+    # The process is killed this many seconds after it started, as the kernel's OOM
+    # killer would (exit 137, reason OOMKilled).
     oom_kill_after: float | None = None
-    # Evicted by the kubelet this many seconds after it started (DisruptionTarget).
+    # The pod is evicted this many seconds after it started (DisruptionTarget).
     evict_after: float | None = None
-    # The container does not start until this event is set.
+    # The pod is evicted once this event is set (a test's own moment).
+    evict_when: asyncio.Event | None = None
+    # The pod stays Pending (scheduled) until this event is set.
     hold: asyncio.Event | None = None
 
 
@@ -307,6 +315,7 @@ class Kubelet:
 
     async def _run(self, client: Cluster, run: PodRun, pod: dict[str, Any]) -> None:
         plan = self.plans[run.job].pop(0) if self.plans.get(run.job) else PodPlan()
+        assert plan.unschedulable is None, "the real scheduler decides what is unschedulable"
         container = pod["spec"]["containers"][0]
         run.log_path.parent.mkdir(parents=True, exist_ok=True)
         base = {"hostIP": "127.0.0.1", "podIP": "127.0.0.1", "startTime": now(),
@@ -335,8 +344,8 @@ class Kubelet:
             if plan.waiting_reason is not None:
                 await self._status(client, run, waiting(plan.waiting_reason, plan.waiting_message))
                 wait = (
-                    asyncio.sleep(plan.waiting_for)
-                    if plan.waiting_for is not None
+                    asyncio.sleep(plan.waiting_seconds)
+                    if plan.waiting_seconds is not None
                     else (asyncio.Event().wait())
                 )
                 await self._until_deleted(run, wait)
@@ -400,6 +409,8 @@ class Kubelet:
         for after, why in ((plan.oom_kill_after, "OOMKilled"), (plan.evict_after, "Evicted")):
             if after is not None:
                 timers[asyncio.ensure_future(asyncio.sleep(after))] = why
+        if plan.evict_when is not None:
+            timers[asyncio.ensure_future(plan.evict_when.wait())] = "Evicted"
         reason: str | None = None
         try:
             done, _ = await asyncio.wait(

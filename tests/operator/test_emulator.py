@@ -19,10 +19,18 @@ from tests.kube_fixtures import (
     Emulator,
     emulator_url,
     label_selector_matches,
+    running_emulator,
 )
 from whisperx_api.kube import ApiError, KubeClient, resource_path
 
 PRED = resource_path("default")
+
+
+@pytest.fixture
+async def kube() -> AsyncIterator[Emulator]:
+    """The emulator itself, whichever backend the operator's suites run on."""
+    async with running_emulator() as emulator:
+        yield emulator
 
 
 @pytest.fixture

@@ -17,8 +17,11 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 
+from tests.cluster.client import ApiError
+from tests.cluster.fixtures import RealKube, make_tenant, remove_tenant
 from tests.conftest import free_port
 from tests.kube_fixtures import (
+    GPU_HUNGRY,
     JOBS,
     NAMESPACES,
     PEERINGS,
@@ -38,6 +41,7 @@ from tests.kube_fixtures import (
     wait_for_phase,
 )
 from whisperx_api.reports import SIGNATURE_HEADER, prediction_token, sign
+from whisperx_api.schema import input_json_schema
 from whisperx_api.webhooks import signature, tenant_secret
 
 NS = "default"
@@ -218,7 +222,8 @@ async def test_profile_and_secrets_reach_the_runner(
         await create(kube, "unknown", "https://fake.test/env")  # "whisperx" is not configured
         runs = {}
         for name in ("given", "default"):
-            assert (await wait_for_phase(kube, name))["status"]["phase"] == "succeeded"
+            status = (await wait_for_phase(kube, name))["status"]
+            assert status["phase"] == "succeeded", status
             client = aioredis.Redis.from_url(redis_url, decode_responses=True)
             runs[name] = (await redis_json(client, f"wx:p:default:{name}:out"))["env"]
             await client.aclose()
@@ -226,7 +231,12 @@ async def test_profile_and_secrets_reach_the_runner(
     assert runs["given"]["hf_token"] == "hf_user" and runs["default"]["hf_token"] == "hf_op"
     assert runs["given"]["model"] == "tiny.en" and runs["given"]["device"] == "cpu"
     assert runs["given"]["compute_type"] == "int8"
-    assert runs["given"]["input"] == {"audio_file": "https://fake.test/env"}
+    given = {"audio_file": "https://fake.test/env"}
+    if isinstance(kube, RealKube):
+        # The real API server fills in the CRD schema's defaults.
+        properties = input_json_schema(include_secrets=False)["properties"]
+        given |= {k: p["default"] for k, p in properties.items() if p.get("default") is not None}
+    assert runs["given"]["input"] == given
     assert unknown["status"]["reason"] == "UnknownHardware"
     assert "configured: cpu" in unknown["status"]["error"]
 
@@ -237,15 +247,20 @@ async def test_pods_that_die_or_never_start_end_the_prediction_with_the_reason(
     kubelet.plan("oom", PodPlan(oom_kill_after=0.3))
     kubelet.plan("evicted", PodPlan(evict_after=0.3))
     kubelet.plan("pull", PodPlan(waiting_reason="InvalidImageName", waiting_message="bad name"))
-    kubelet.plan(
-        "nogpu", PodPlan(unschedulable="0/3 nodes are available: 3 Insufficient nvidia.com/gpu.")
-    )
+    if isinstance(kube, Emulator):
+        kubelet.plan(
+            "nogpu",
+            PodPlan(unschedulable="0/3 nodes are available: 3 Insufficient nvidia.com/gpu."),
+        )
+        nogpu: dict[str, Any] = {}
+    else:  # the real scheduler finds no node with that many GPUs
+        nogpu = {"hardware": GPU_HUNGRY}
     await create(kube, "oom", HANG)
     # Preemption does not use up retries: with backoffLimit 0 the second pod still runs.
     await create(kube, "evicted", "https://fake.test/succeed?seconds=1", backoffLimit=0)
     await create(kube, "crash", "https://fake.test/crash")
     await create(kube, "pull", SUCCEED)
-    await create(kube, "nogpu", SUCCEED, startDeadlineSeconds=1)
+    await create(kube, "nogpu", SUCCEED, startDeadlineSeconds=1 if not nogpu else 5, **nogpu)
     await create(kube, "slow", HANG, activeDeadlineSeconds=1)
     await create(kube, "invalid", "https://fake.test/invalid", backoffLimit=3)
     await create(kube, "silent", "https://fake.test/noreport")
@@ -340,15 +355,24 @@ async def test_a_namespace_without_the_runner_account_or_model_cache_fails_at_on
         kube, redis_url, tmp_path,
         WHISPERX_RUNNER_SERVICE_ACCOUNT="whisperx-runner", WHISPERX_MODEL_CACHE_PVC="models",
     )  # fmt: skip
-    # "default" has the runner's ServiceAccount but no model cache claim; "bare" neither.
-    await kube.create_object(SERVICE_ACCOUNTS, NS, {"metadata": {"name": "whisperx-runner"}})
-    await kube.create_object(NAMESPACES, None, {"metadata": {"name": "bare"}})
-    async with running_operator(kube, env, tmp_path / "operator.log"):
-        await create(kube, "no-cache")
-        bare = prediction_body("no-account", SUCCEED)
-        await kube.create_object(PREDICTIONS, "bare", bare)
-        no_cache = (await wait_for_phase(kube, "no-cache"))["status"]
-        no_account = (await wait_for_phase(kube, "no-account", namespace="bare"))["status"]
+    # "default" has the runner's ServiceAccount but no model cache claim "models"; "bare"
+    # neither.
+    if isinstance(kube, Emulator):
+        await kube.create_object(SERVICE_ACCOUNTS, NS, {"metadata": {"name": "whisperx-runner"}})
+        await kube.create_object(NAMESPACES, None, {"metadata": {"name": "bare"}})
+    else:
+        # A tenant as manifests/base/tenant makes one, less its runner ServiceAccount.
+        await asyncio.to_thread(make_tenant, kube.plane, "bare", without={"ServiceAccount"})
+    try:
+        async with running_operator(kube, env, tmp_path / "operator.log"):
+            await create(kube, "no-cache")
+            bare = prediction_body("no-account", SUCCEED)
+            await kube.create_object(PREDICTIONS, "bare", bare)
+            no_cache = (await wait_for_phase(kube, "no-cache"))["status"]
+            no_account = (await wait_for_phase(kube, "no-account", namespace="bare"))["status"]
+    finally:
+        if isinstance(kube, RealKube):
+            await asyncio.to_thread(remove_tenant, kube.plane, "bare")
     # Not at the start deadline (an hour by default): now, with the server's words.
     assert (no_cache["phase"], no_cache["reason"]) == ("failed", "VolumeUnbound")
     assert 'persistentvolumeclaim "models" not found' in no_cache["error"]
@@ -405,7 +429,8 @@ async def test_a_run_suspended_by_kueue_is_queued_again_and_its_deadline_paused(
     done = await wait_for_phase(kube, "pre", within=20)
     assert done["status"]["phase"] == "succeeded", done["status"]
     assert conditions(done)["Queued"] == "False"
-    assert done["status"]["suspendedSeconds"] >= 6.5
+    # The Job controller's condition times have whole seconds.
+    assert done["status"]["suspendedSeconds"] >= 5.5
     await wait_for(lambda: [run.exit_code for run in kubelet.runs("pre")] == [143, 0])
 
 
@@ -482,10 +507,15 @@ async def test_reports_need_this_predictions_fresh_signature(
 async def test_bad_input_fails_with_a_condition_and_a_warning(
     kube: Emulator, operator: OperatorProcess, spec: dict[str, Any], reason: str, field: str
 ) -> None:
-    # The emulator, unlike a real API server, does not apply the CRD schema: this is the
-    # operator's own check (the schema's refusals are tested in tests/api).
     body = prediction_body("bad", SUCCEED)
     body["spec"].update(spec)
+    if isinstance(kube, RealKube) and reason == "InvalidInput":
+        # The real API server applies the CRD schema: it refuses, naming the field.
+        with pytest.raises(ApiError) as refused:
+            await kube.create_object(PREDICTIONS, NS, body)
+        assert refused.value.status == 422 and field in refused.value.message
+        return
+    # The emulator does not apply the CRD schema: this is the operator's own check.
     await kube.create_object(PREDICTIONS, NS, body)
     obj = await wait_for_phase(kube, "bad")
     assert obj["status"]["phase"] == "failed" and obj["status"]["reason"] == reason
@@ -608,8 +638,22 @@ async def test_an_operator_of_some_namespaces_peers_in_each_and_acts_only_there(
     kube: Emulator, kubelet: Kubelet, redis_url: str, tmp_path: Path
 ) -> None:
     for namespace in ("tenant-a", "tenant-b"):
-        await kube.create_object(NAMESPACES, None, {"metadata": {"name": namespace}})
+        if isinstance(kube, RealKube):
+            await asyncio.to_thread(make_tenant, kube.plane, namespace)
+        else:
+            await kube.create_object(NAMESPACES, None, {"metadata": {"name": namespace}})
+    if isinstance(kube, RealKube):
+        await kube.track(PEERINGS)
     env = operator_environment(kube, redis_url, tmp_path, WHISPERX_NAMESPACES="tenant-a,tenant-b")
+    try:
+        await _acts_only_in_its_namespaces(kube, env, tmp_path)
+    finally:
+        if isinstance(kube, RealKube):
+            for namespace in ("tenant-a", "tenant-b"):
+                await asyncio.to_thread(remove_tenant, kube.plane, namespace)
+
+
+async def _acts_only_in_its_namespaces(kube: Emulator, env: dict[str, str], tmp_path: Path) -> None:
     async with running_operator(kube, env, tmp_path / "operator.log") as operator:
         # kopf peers through a KopfPeering in each namespace; none existed.
         identity = env["POD_ID"]
