@@ -669,3 +669,20 @@ async def _acts_only_in_its_namespaces(kube: Emulator, env: dict[str, str], tmp_
         assert done["status"]["phase"] == "succeeded", operator.log_tail()
         await asyncio.sleep(1)
     assert "status" not in current(kube, "not-mine") and kube.get(JOBS, NS, "not-mine") is None
+
+
+async def test_a_prediction_where_the_operator_has_no_rights_fails_at_once(
+    kube: Emulator, kubelet: Kubelet, operator: OperatorProcess
+) -> None:
+    if not isinstance(kube, RealKube):
+        pytest.skip("RBAC is the real API server's: the emulator grants everything")
+    # A namespace that is not a tenant: the operator's Role is not bound there.
+    await kube.request("POST", "/api/v1/namespaces", {"metadata": {"name": "not-a-tenant"}})
+    try:
+        await kube.create_object(PREDICTIONS, "not-a-tenant", prediction_body("lost", SUCCEED))
+        status = (await wait_for_phase(kube, "lost", namespace="not-a-tenant"))["status"]
+        assert (status["phase"], status["reason"]) == ("failed", "NamespaceNotServed")
+        assert "namespace not-a-tenant is not served" in status["error"]
+        assert "forbidden" in status["error"]
+    finally:
+        await asyncio.to_thread(remove_tenant, kube.plane, "not-a-tenant")
