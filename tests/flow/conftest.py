@@ -37,8 +37,10 @@ from aiohttp import web
 from replicate.client import Client
 from replicate.webhook import Webhooks
 
+from tests.cluster.fixtures import RealKube, node_agent_for, service_account_kubeconfig
 from tests.conftest import REPO_ROOT, free_port
 from tests.kube_fixtures import (  # noqa: F401  (kube: a fixture)
+    AnyKubelet,
     ChildProcess,
     Emulator,
     Kubelet,
@@ -319,13 +321,21 @@ async def cluster(
         host_volumes[MODEL_PVC] = models
     # else: operator_environment's default command, tests/operator/fake_runner.py.
     env = operator_environment(kube, redis_url, workdir, **overrides)
+    if isinstance(kube, RealKube):
+        # Its own ServiceAccount's token: the manifests' Role authorizes its calls.
+        kubeconfig = service_account_kubeconfig(
+            kube.plane, "whisperx-gateway", workdir / "gateway.kubeconfig"
+        )
+        api = {"KUBECONFIG": str(kubeconfig)}
+    else:
+        api = {"WHISPERX_KUBE_SERVER": emulator_url(kube)}
     gateway = GatewayProcess(
         env={
             "PATH": os.environ.get("PATH", ""),
             "HOME": str(workdir),
             "REDIS_URL": redis_url,
             "WHISPERX_TOKENS": f"{TOKEN}={NS}",
-            "WHISPERX_KUBE_SERVER": emulator_url(kube),
+            **api,
             "WHISPERX_GATEWAY_HOST": "127.0.0.1",
             "WHISPERX_GATEWAY_PORT": gateway_url.rsplit(":", 1)[1],
             "WHISPERX_PUBLIC_URL": gateway_url,
@@ -336,10 +346,14 @@ async def cluster(
         },
         log_path=workdir / "gateway.log",
     )
-    async with (
-        Kubelet(kube, workdir / "kubelet", host_volumes=host_volumes) as kubelet,
-        running_operator(kube, env, workdir / "operator.log") as operator,
-    ):
+    if isinstance(kube, RealKube):
+        # The claim is bound to the cluster's model folder (the `aligner` fixture's).
+        node: contextlib.AbstractAsyncContextManager[AnyKubelet] = node_agent_for(
+            kube, workdir / "kubelet"
+        )
+    else:
+        node = Kubelet(kube, workdir / "kubelet", host_volumes=host_volumes)
+    async with node as kubelet, running_operator(kube, env, workdir / "operator.log") as operator:
         await gateway.start()
         try:
             yield Cluster(kube, kubelet, operator, gateway, redis_url)
@@ -355,7 +369,10 @@ async def real_cluster(
     redis_url: str,
     tmp_path: Path,
     model_dir: Path,  # noqa: F811
+    request: pytest.FixtureRequest,
 ) -> AsyncIterator[Cluster]:
+    if isinstance(kube, RealKube):
+        request.getfixturevalue("aligner")  # the aligner in the cluster's model cache
     async with cluster(kube, redis_url, tmp_path, runner="real", models=model_dir) as c:
         yield c
 
