@@ -24,6 +24,7 @@ from tests.cluster.client import Cluster, ResourceRef
 from tests.cluster.controlplane import REPO_ROOT, ControlPlane, build_binaries, free_port
 from tests.cluster.kubelet import Kubelet
 from whisperx_api.crd import GROUP, PLURAL, VERSION
+from whisperx_api.schema import input_json_schema
 
 PREDICTIONS = ResourceRef(GROUP, VERSION, PLURAL)
 JOBS = ResourceRef("batch", "v1", "jobs")
@@ -88,6 +89,14 @@ def make_tenant(plane: ControlPlane, namespace: str, *, without: set[str] = froz
 
 def remove_tenant(plane: ControlPlane, namespace: str) -> None:
     plane.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+
+
+def with_server_defaults(given: dict[str, Any]) -> dict[str, Any]:
+    """`spec.input` as the real API server stores it: the CRD schema's defaults filled in
+    (the emulator stores what it is given)."""
+    properties = input_json_schema(include_secrets=False)["properties"]
+    defaults = {k: p["default"] for k, p in properties.items() if p.get("default") is not None}
+    return {**defaults, **given}
 
 
 def component_environment(plane: ControlPlane, configmaps: list[str]) -> dict[str, str]:

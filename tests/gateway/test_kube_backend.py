@@ -22,6 +22,13 @@ import yaml
 from replicate.webhook import Webhooks
 
 from tests.api.structural import admit
+from tests.cluster.fixtures import (
+    RealKube,
+    make_tenant,
+    reset_namespace,
+    service_account_kubeconfig,
+    with_server_defaults,
+)
 from tests.conftest import free_port
 from tests.gateway.conftest import TOKEN, Gateway, Receiver, call, completed, serve
 from tests.kube_fixtures import (  # noqa: F401
@@ -50,9 +57,32 @@ def kube_gateway(
     redis_url: str, emulator: Emulator, **config: Any
 ) -> contextlib.AbstractAsyncContextManager[Gateway]:
     def make_backend(store: Store, url: str, secret: str) -> KubeBackend:
-        return KubeBackend(KubeClient(emulator_url(emulator)))
+        # On the real API server: the gateway's ServiceAccount (the `alpha_tenant`
+        # fixture points KUBECONFIG at its token).
+        server = None if isinstance(emulator, RealKube) else emulator_url(emulator)
+        return KubeBackend(KubeClient(server))
 
     return serve(redis_url, make_backend, **config)
+
+
+@pytest.fixture(autouse=True)
+async def alpha_tenant(
+    kube: Emulator,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> AsyncIterator[dict[str, str]]:
+    """How the gateway reaches the API server; on the real one, NAMESPACE is made a
+    tenant the way manifests/base/tenant tells users to."""
+    if not isinstance(kube, RealKube):
+        yield {"WHISPERX_KUBE_SERVER": emulator_url(kube)}
+        return
+    await asyncio.to_thread(make_tenant, kube.plane, NAMESPACE)
+    kubeconfig = service_account_kubeconfig(kube.plane, "whisperx-gateway", tmp_path / "gw.conf")
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    try:
+        yield {"KUBECONFIG": str(kubeconfig)}
+    finally:
+        await asyncio.to_thread(reset_namespace, kube.plane, NAMESPACE)
 
 
 @pytest.fixture
@@ -100,13 +130,16 @@ async def test_create_makes_a_prediction_resource_and_a_secret(
             created = await resp.json()
         prediction_id = created["id"]
         assert created["status"] == "starting" and created["model"] == "whisperx/whisperx-a40-large"
-        assert created["input"] == {"audio_file": "https://example.com/a.wav"}
+        sent = {"audio_file": "https://example.com/a.wav"}
+        # The input as the API server stored it (with the schema's defaults filled in).
+        stored = with_server_defaults(sent) if isinstance(kube, RealKube) else sent
+        assert created["input"] == stored
 
         obj = kube.get(PREDICTIONS, NAMESPACE, prediction_id)
         assert obj is not None
         assert obj["metadata"]["labels"]["whisperx.io/source"] == "api"
         spec = obj["spec"]
-        assert spec["input"] == {"audio_file": "https://example.com/a.wav"}
+        assert spec["input"] == stored
         assert spec["hardware"] == "whisperx-a40-large"
         assert spec["activeDeadlineSeconds"] == 600
         assert spec["webhook"] == "https://example.com/hook"
@@ -185,6 +218,7 @@ async def test_the_official_client_through_the_operator(
 
 
 async def test_replicas_share_everything_and_a_restart_loses_nothing(
+    alpha_tenant: dict[str, str],
     redis_url: str,
     kube: Emulator,  # noqa: F811
     kubelet: Any,  # noqa: F811
@@ -198,7 +232,7 @@ async def test_replicas_share_everything_and_a_restart_loses_nothing(
         "PATH": os.environ.get("PATH", ""),
         "REDIS_URL": redis_url,
         "WHISPERX_TOKENS": f"{TOKEN}={NAMESPACE}",
-        "WHISPERX_KUBE_SERVER": emulator_url(kube),
+        **alpha_tenant,
         "WHISPERX_GATEWAY_HOST": "127.0.0.1",
         "WHISPERX_GATEWAY_PORT": str(port),
         "WHISPERX_PUBLIC_URL": f"http://127.0.0.1:{port}",

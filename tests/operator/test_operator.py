@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from tests.cluster.client import ApiError
-from tests.cluster.fixtures import RealKube, make_tenant, remove_tenant
+from tests.cluster.fixtures import RealKube, make_tenant, remove_tenant, with_server_defaults
 from tests.conftest import free_port
 from tests.kube_fixtures import (
     GPU_HUNGRY,
@@ -41,7 +41,6 @@ from tests.kube_fixtures import (
     wait_for_phase,
 )
 from whisperx_api.reports import SIGNATURE_HEADER, prediction_token, sign
-from whisperx_api.schema import input_json_schema
 from whisperx_api.webhooks import signature, tenant_secret
 
 NS = "default"
@@ -233,9 +232,7 @@ async def test_profile_and_secrets_reach_the_runner(
     assert runs["given"]["compute_type"] == "int8"
     given = {"audio_file": "https://fake.test/env"}
     if isinstance(kube, RealKube):
-        # The real API server fills in the CRD schema's defaults.
-        properties = input_json_schema(include_secrets=False)["properties"]
-        given |= {k: p["default"] for k, p in properties.items() if p.get("default") is not None}
+        given = with_server_defaults(given)
     assert runs["given"]["input"] == given
     assert unknown["status"]["reason"] == "UnknownHardware"
     assert "configured: cpu" in unknown["status"]["error"]
