@@ -85,7 +85,7 @@ $PY -m pip download -q --no-deps --no-binary senko "senko==$SENKO" -d "$work"
 tar -xzf "$work/senko-$SENKO.tar.gz" -C "$work" "senko-$SENKO/senko/fbank_extractor"
 fb="$work/senko-$SENKO/senko/fbank_extractor"
 senko_dir=$($PY -c 'import importlib.util, os; print(os.path.dirname(importlib.util.find_spec("senko").origin))')
-"$CXX" -std=c++20 -O3 -funroll-loops -fPIC -shared \
+"$CXX" -std=c++20 -O3 -funroll-loops -fPIC -pthread -shared \
   -I"$fb/include" -I"$fb/cpp" -I"$fb/cpp/feature" $(find "$fb/cpp" -name '*.cpp') \
   -o "$senko_dir/.libfbank_extractor.so.new"
 # A rename, not an overwrite: a process that has the old library mapped keeps it intact.
