@@ -5,8 +5,9 @@
 # (PIP_FIND_LINKS) carries a CPU build of torch 2.13.0 pip takes it; the registry only
 # serves CUDA builds (torch 2.13.0+cu130 with ~15 nvidia-* wheels, about 4 GB), whose CPU
 # kernels run fine without a GPU. GPU images use the plain install (runner/Dockerfile).
-# Idempotent and quick when done: the versions are checked first, and pip keeps its
-# download cache (~/.cache/pip, or PIP_CACHE_DIR) for a later run on the same machine.
+# Idempotent and quick when done: the versions are checked first. A fresh install takes
+# about 9 minutes on 2 busy cores; pip's download cache stays empty here (the registry's
+# answers are not cacheable), so a repair downloads again.
 set -euo pipefail
 PY=${PYTHON:-python}
 CXX=${CXX:-c++}
