@@ -17,6 +17,17 @@ if ((${#need_apt[@]})); then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
+# The real Kubernetes control plane and Kueue the tests run on, built from the Go module
+# proxy at pinned versions and cached by version (at once once built). A cold build is
+# CPU-bound and the Python installs below mostly download: run it alongside them.
+if ! command -v go >/dev/null 2>&1; then
+  echo "setup: Go (1.26) is needed to build the control plane for the tests" >&2
+  exit 1
+fi
+build_log=$(mktemp)
+bash scripts/build-control-plane.sh all >"$build_log" 2>&1 &
+build_pid=$!
+
 [ -x .venv/bin/python ] || python3 -m venv .venv
 PY=.venv/bin/python
 # pip warns about every missing mirror folder of this machine's index; keep its real
@@ -33,12 +44,12 @@ fi
 PYTHON=$PY bash scripts/install-runner-cpu.sh 2>&1 | quiet
 # The official JavaScript client, for the tests that prove it works against the gateway.
 npm ci --prefix tests/js --no-audit --no-fund --loglevel=error >/dev/null
-# The real Kubernetes control plane and Kueue the tests run on, built from the Go module
-# proxy at pinned versions; cached by version, so this returns at once once built.
-if ! command -v go >/dev/null 2>&1; then
-  echo "setup: Go (1.26) is needed to build the control plane for the tests" >&2
+if ! wait "$build_pid"; then
+  cat "$build_log" >&2
+  echo "setup: building the control plane failed" >&2
   exit 1
 fi
-bash scripts/build-control-plane.sh all >/dev/null
+grep '^build-control-plane: built' "$build_log" || true
+rm -f "$build_log"
 $PY -c 'import whisperx_api, whisperx_operator, whisperx_runner, whisperx_gateway'
 echo "setup done: $(./.venv/bin/python --version), $(redis-server --version | cut -d' ' -f3)"
