@@ -472,6 +472,8 @@ def running_control_plane(workdir: Path | None = None) -> Iterator[ControlPlane]
 
 def main() -> None:
     """Starts a control plane by hand: `python -m tests.cluster.controlplane [DIR]`."""
+    # SIGTERM stops the plane too (its processes run in sessions of their own).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     workdir = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp(prefix="kcp-"))
     if workdir.exists() and any(workdir.iterdir()):
         shutil.rmtree(workdir)
