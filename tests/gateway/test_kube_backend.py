@@ -41,6 +41,7 @@ from tests.kube_fixtures import (  # noqa: F401
     kubelet,
     operator,
     operator_environment,
+    wait_for,
 )
 from whisperx_api.crd import DEFAULT_CRD_PATH
 from whisperx_api.kube import KubeClient
@@ -145,8 +146,14 @@ async def test_create_makes_a_prediction_resource_and_a_secret(
         assert spec["webhook"] == "https://example.com/hook"
         assert spec["webhookEventsFilter"] == ["completed"]
         ref = spec["secretInputs"]["huggingface_access_token"]
-        secret = kube.get(SECRETS, NAMESPACE, ref["name"])
-        assert secret is not None
+        # Created, then given its owner once the Prediction exists.
+        secret = await wait_for(
+            lambda: (
+                (s := kube.get(SECRETS, NAMESPACE, ref["name"]))
+                and s["metadata"].get("ownerReferences")
+                and s
+            )
+        )
         assert base64.b64decode(secret["data"][ref["key"]]) == b"hf_1"
         (owner,) = secret["metadata"]["ownerReferences"]
         assert owner["uid"] == obj["metadata"]["uid"] and owner["kind"] == "Prediction"
@@ -157,8 +164,13 @@ async def test_create_makes_a_prediction_resource_and_a_secret(
             assert (await resp.json())["status"] == "starting"
         async with http.post(created["urls"]["cancel"], headers=gw.auth()) as resp:
             assert resp.status == 200
-        cancel_requested = kube.get(PREDICTIONS, NAMESPACE, prediction_id)
-        assert cancel_requested is not None and cancel_requested["spec"]["cancel"] is True
+        # The gateway patched it; this test's view follows by a watch.
+        cancel_requested = await wait_for(
+            lambda: ((kube.get(PREDICTIONS, NAMESPACE, prediction_id) or {}).get("spec") or {}).get(
+                "cancel"
+            )
+        )
+        assert cancel_requested is True
         async with http.get(gw.url + "/v1/predictions/nosuchone", headers=gw.auth()) as resp:
             assert resp.status == 404
 

@@ -533,7 +533,9 @@ async def test_ttl_deletes_the_prediction_and_its_data(
     await wait_for_phase(kube, "t1")
     assert await redis_client.exists("wx:p:default:t1:out", "wx:p:default:t1:rec") == 2
     await wait_for(lambda: kube.get(PREDICTIONS, NS, "t1") is None, within=10)
-    assert kube.get(JOBS, NS, "t1") is None and kube.get(SECRETS, NS, "t1-runner") is None
+    # The garbage collector follows the owner references (in the background).
+    await wait_for(lambda: kube.get(JOBS, NS, "t1") is None, within=60)
+    await wait_for(lambda: kube.get(SECRETS, NS, "t1-runner") is None, within=60)
     await wait_for(lambda: kube.get(PREDICTIONS, NS, "t2") is None)
     keys = await redis_client.keys("wx:p:default:t*")
     assert keys == [] and await redis_client.zscore("wx:idx:default", "t1") is None
