@@ -339,6 +339,9 @@ async def cluster(
             "WHISPERX_GATEWAY_HOST": "127.0.0.1",
             "WHISPERX_GATEWAY_PORT": gateway_url.rsplit(":", 1)[1],
             "WHISPERX_PUBLIC_URL": gateway_url,
+            # Uploads (/v1/files), fetched by runners from where they reach the gateway.
+            "WHISPERX_FILES_KEY": "flow-files-key-0123456789abcdef",
+            "WHISPERX_INTERNAL_URL": gateway_url,
             # The operator signs webhooks; the gateway hands the same secret to clients.
             "WHISPERX_WEBHOOK_SECRET": env["WHISPERX_WEBHOOK_SECRET"],
             "WHISPERX_WEBHOOK_ALLOW_HOSTS": env["WHISPERX_WEBHOOK_ALLOW_HOSTS"],

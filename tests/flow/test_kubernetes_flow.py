@@ -9,6 +9,7 @@ checked for consistency (ordered, inside the audio), not for accuracy.
 
 from __future__ import annotations
 
+import io
 import json
 
 import aiohttp
@@ -90,3 +91,22 @@ async def test_speech_through_the_cluster_path(
     page = await call(client.predictions.list)
     assert [(p.id, p.status) for p in page.results] == [(prediction.id, "succeeded")]
     assert kube.get(PREDICTIONS, NS, prediction.id) is not None
+
+
+async def test_an_uploaded_file_reaches_the_runner(
+    real_cluster: Cluster, fox_audio: tuple[bytes, float]
+) -> None:
+    """The official client uploads a local file input to /v1/files and passes its signed
+    link; the runner in its pod fetches it from the gateway."""
+    client = real_cluster.client()
+    data, duration = fox_audio
+    prediction = await call(
+        client.predictions.create,
+        version="whisperx",
+        input={"audio_file": io.BytesIO(data), "language": "en"},
+    )
+    assert prediction.input["audio_file"].startswith(real_cluster.gateway.url + "/v1/files/")
+    await call(prediction.wait)
+    assert prediction.status == "succeeded", (prediction.error, prediction.logs)
+    assert prediction.metrics["audio_duration"] == pytest.approx(duration, abs=0.05)
+    assert "fox" in json.dumps(prediction.output).lower()
