@@ -163,7 +163,25 @@ class Kubelet:
                 asyncio.create_task(self._heartbeat(node, client), name=f"lease {node}"),
                 asyncio.create_task(self._watch_pods(node, client), name=f"pods {node}"),
             ]
+        for node, client in self._clients.items():
+            await self._until_healthy(node, client)
         return self
+
+    async def _until_healthy(self, node: str, client: Cluster, within: float = 60) -> None:
+        """Until the node lifecycle controller has lifted what it put on a node that an
+        earlier test lost (not-ready/unreachable taints evict pods within seconds)."""
+
+        def healthy(obj: dict[str, Any] | None) -> bool:
+            taints = ((obj or {}).get("spec") or {}).get("taints") or ()
+            conditions = ((obj or {}).get("status") or {}).get("conditions") or ()
+            ready = any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+            return ready and not any(t["key"].startswith("node.kubernetes.io/") for t in taints)
+
+        deadline = time.monotonic() + within
+        while not healthy(await client.read(NODES, None, node)):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"node {node} not healthy within {within} s")
+            await asyncio.sleep(0.2)
 
     async def __aexit__(self, *exc: object) -> None:
         for task in self._tasks:
