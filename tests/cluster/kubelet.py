@@ -9,8 +9,8 @@ bound to them:
   (`fieldRef`) resolved as a kubelet resolves them (a missing key leaves the container
   waiting in `CreateContainerConfigError`);
 - Secret, ConfigMap, emptyDir and PVC volumes mapped to local folders (a PVC to the
-  `hostPath` of the PersistentVolume bound to it), container paths in env values and
-  args rewritten to those folders;
+  `hostPath` of the PersistentVolume bound to it), container paths in env values
+  rewritten to those folders (command and args run as given: this machine's programs);
 - deletion: SIGTERM, the grace period, SIGKILL, then the final status and delete;
 - pod status as a kubelet writes it: phase, conditions, containerStatuses with exit codes
   and reasons, the termination message (`FallbackToLogsOnError`).
@@ -386,10 +386,15 @@ class Kubelet:
             await self._finish(client, run, container, None, reason=None)
             return
         with run.log_path.open("wb") as log:
-            run.process = await asyncio.create_subprocess_exec(
-                *args, env=env, cwd=str(run.log_path.parent), stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
+            try:
+                run.process = await asyncio.create_subprocess_exec(
+                    *args, env=env, cwd=str(run.log_path.parent), stdout=log,
+                    stderr=subprocess.STDOUT, start_new_session=True,
+                )  # fmt: skip
+            except OSError as exc:
+                # What a runtime reports for a command it cannot start.
+                await self._status(client, run, waiting("RunContainerError", str(exc)))
+                raise
         started = now()
         await self._status(client, run, {
             **base, "phase": "Running",
@@ -566,8 +571,9 @@ class Kubelet:
             value = await self._value_from(client, run, pod, item["valueFrom"])
             if value is not None:
                 env[item["name"]] = value
-        argv = [local_path(a) for a in [*container.get("command", []), *container.get("args", [])]]
-        return env, argv
+        # The command and args run as given: they name this machine's programs (the
+        # project's venv, which may itself live under /tmp), not the image's.
+        return env, [*container.get("command", []), *container.get("args", [])]
 
     async def _value_from(
         self, client: Cluster, run: PodRun, pod: dict[str, Any], source: dict[str, Any]
