@@ -8,4 +8,7 @@ whisperx-crd --check
 ruff check .
 ruff format --check .
 mypy
+# Some suites hold hundreds of sockets at once (client, server and Redis ends of each
+# concurrent request); a soft limit of 1024 starves them.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 pytest -q -ra "$@"

@@ -7,6 +7,7 @@ requests without polling.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import time
@@ -15,9 +16,12 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from whisperx_api.records import PredictionRecord
 
+# Connecting to Redis (and closing a connection) may take this long before it fails.
+CONNECT_SECONDS = 5.0
 EVENTS_CHANNEL = "wx:events"
 ReportOrder = Literal["new", "replay", "superseded"]
 _REPORT_ORDERS: dict[int, ReportOrder] = {1: "new", 0: "replay", -1: "superseded"}
@@ -134,15 +138,26 @@ class Store:
     def from_url(cls, url: str, max_connections: int | None = None) -> Store:
         """With `max_connections`, a pool that waits (up to 5 s) for a free connection
         when all are busy, instead of failing the command at once."""
+        # The connect timeout also bounds closing a connection, which can otherwise wait
+        # forever for the socket to drain (redis-py #3941; seen as a rare hang at shutdown).
         if max_connections is None:
-            return cls(aioredis.Redis.from_url(url, decode_responses=True))
+            return cls(
+                aioredis.Redis.from_url(
+                    url, decode_responses=True, socket_connect_timeout=CONNECT_SECONDS
+                )
+            )
         pool = aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=max_connections, timeout=5, decode_responses=True
+            url,
+            max_connections=max_connections,
+            timeout=5,
+            decode_responses=True,
+            socket_connect_timeout=CONNECT_SECONDS,
         )
         return cls(aioredis.Redis.from_pool(pool))
 
     async def close(self) -> None:
-        await self.redis.aclose()
+        with contextlib.suppress(RedisError, OSError):
+            await self.redis.aclose()
 
     # --- records ---
 

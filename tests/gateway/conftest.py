@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import os
 import sys
@@ -82,7 +83,18 @@ async def serve(
         finally:
             await inspect.close()
     finally:
-        await runner.cleanup()
+        await stop_within(runner, 60)
+
+
+async def stop_within(runner: web.AppRunner, seconds: float) -> None:
+    """Stops the app, or fails naming what each task was waiting on."""
+    try:
+        await asyncio.wait_for(runner.cleanup(), seconds)
+    except TimeoutError:
+        stacks = io.StringIO()
+        for task in asyncio.all_tasks():
+            task.print_stack(file=stacks)
+        pytest.fail(f"the gateway did not stop within {seconds} s; tasks:\n{stacks.getvalue()}")
 
 
 def serve_local(

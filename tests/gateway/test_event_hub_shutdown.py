@@ -1,5 +1,5 @@
-"""The event hub stops even when redis-py's pub/sub close stalls (redis/redis-py#3941:
-`PubSub.aclose` can wait forever on the connection's `wait_closed`)."""
+"""Shutdown stays bounded when redis-py's close stalls (redis/redis-py#3941: closing a
+connection can wait forever on its `wait_closed`)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 
+from whisperx_api.store import CONNECT_SECONDS, Store
 from whisperx_gateway.waiting import EventHub
 
 
@@ -28,3 +29,18 @@ async def test_close_is_bounded_when_the_pubsub_close_hangs(
     await asyncio.wait_for(hub.close(), 10)
     assert time.monotonic() - started < 5
     await client.aclose()
+
+
+async def test_store_close_is_bounded_when_a_connection_close_hangs(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = Store.from_url(redis_url, max_connections=4)
+    await store.redis.ping()
+
+    async def hang(self: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(3600)
+
+    monkeypatch.setattr(asyncio.StreamWriter, "wait_closed", hang)
+    started = time.monotonic()
+    await asyncio.wait_for(store.close(), CONNECT_SECONDS + 5)
+    assert time.monotonic() - started < CONNECT_SECONDS + 1

@@ -162,8 +162,13 @@ async def test_a_prediction_runs_to_success(
     assert output["segments"][0]["text"] == " the quick brown fox"
     logs = await redis_client.get("wx:p:default:p1:logs")
     assert isinstance(logs, str) and logs.startswith("loading model") and "transcribed" in logs
-    record = await redis_json(redis_client, "wx:p:default:p1:rec")
-    assert record["status"]["phase"] == "succeeded"
+
+    # Redis mirrors the status, written just after it.
+    async def mirrored() -> bool:
+        record = await redis_json(redis_client, "wx:p:default:p1:rec")
+        return bool(record["status"]["phase"] == "succeeded")
+
+    await wait_for(mirrored)
 
     # One Job and one Secret, owned by the Prediction; no secret value in plain sight.
     assert kube.creations[JOBS, NS, "p1"] == 1

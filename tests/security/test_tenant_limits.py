@@ -112,7 +112,8 @@ async def test_half_sent_bodies_of_one_tenant_leave_the_others_served(redis_url:
 async def test_concurrent_reads_up_to_the_in_flight_limit_all_succeed(redis_url: str) -> None:
     async with serve_local(redis_url, max_in_flight=300, max_in_flight_per_token=300) as gw:
         connector = aiohttp.TCPConnector(limit=0)
-        async with aiohttp.ClientSession(connector=connector) as http:
+        timeout = aiohttp.ClientTimeout(total=60)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
 
             async def read(i: int) -> int:
                 url = f"{gw.url}/v1/predictions/{'a' * 25}{i % 10}"
