@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-# `--import-mode=importlib` keeps test folders off sys.path; the tests here share
-# manifest_support.py.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import manifest_support as support
+from tests.manifests import manifest_support as support
 
 
 @pytest.fixture

@@ -1,7 +1,6 @@
 """Rendering and checking the kustomize tree under manifests/, offline.
 
-Shared by the tests in this folder (conftest.py puts the folder on sys.path: with
-`--import-mode=importlib` pytest does not).
+Shared by the tests in this folder, which import it as `tests.manifests.manifest_support`.
 """
 
 from __future__ import annotations

@@ -13,7 +13,6 @@ from typing import Any
 
 import aiohttp
 import kmock
-import manifest_support as support
 from aiohttp import web
 
 from tests.conftest import free_port
@@ -31,6 +30,7 @@ from tests.kube_fixtures import (
     wait_for,
     wait_for_phase,
 )
+from tests.manifests import manifest_support as support
 from whisperx_api.kube import KubeClient
 from whisperx_api.store import Store
 from whisperx_api.webhooks import generate_secret

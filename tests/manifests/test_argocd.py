@@ -9,9 +9,10 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import manifest_support as support
 import pytest
 from lupa import lua51
+
+from tests.manifests import manifest_support as support
 
 ARGOCD = support.MANIFESTS / "argocd"
 LUA_FILE = ARGOCD / "prediction-health.lua"

@@ -15,11 +15,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import kubernetes_validate
-import manifest_support as support
 import pytest
 import yaml
-from manifest_support import CONTROL_NS, TENANT_NS, Endpoint
 
+from tests.manifests import manifest_support as support
+from tests.manifests.manifest_support import CONTROL_NS, TENANT_NS, Endpoint
 from whisperx_gateway.config import GatewayConfig
 from whisperx_operator import jobs
 from whisperx_operator.config import OperatorConfig

@@ -8,7 +8,7 @@ import re
 import tomllib
 from typing import Any
 
-import manifest_support as support
+from tests.manifests import manifest_support as support
 
 DOCKERFILE = support.REPO / "images" / "control-plane" / "Dockerfile"
 DOCKERIGNORE = support.REPO / ".dockerignore"

@@ -10,10 +10,11 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import manifest_support as support
 import pytest
 import yaml
-from manifest_support import CONTROL_NS, TENANT_NS, Endpoint
+
+from tests.manifests import manifest_support as support
+from tests.manifests.manifest_support import CONTROL_NS, TENANT_NS, Endpoint
 
 Objs = list[dict[str, Any]]
 OVERLAYS = sorted(support.OVERLAYS)
@@ -481,7 +482,7 @@ def test_components_open_dns_or_api_server_ports(
     """Each component opens its flow for the operator, the gateway and (DNS) runners, not
     for Redis; without it the flow is closed."""
     destination, port, protocol = COMPONENT_FLOWS[component]
-    extra = {"kube-system": {}, "openshift-dns": {}}
+    extra: dict[str, dict[str, str]] = {"kube-system": {}, "openshift-dns": {}}
     operator = _pod(rendered[overlay], "whisperx-operator", OPERATOR_IP)
     gateway = _pod(rendered[overlay], "whisperx-gateway", GATEWAY_IP)
     redis = _pod(rendered[overlay], "whisperx-redis", REDIS_IP)

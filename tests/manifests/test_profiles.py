@@ -8,10 +8,11 @@ from typing import Any
 
 import jsonschema
 import kubernetes_validate
-import manifest_support as support
 import pytest
 import yaml
-from manifest_support import CONTROL_NS, TENANT_NS
+
+from tests.manifests import manifest_support as support
+from tests.manifests.manifest_support import CONTROL_NS, TENANT_NS
 
 Objs = list[dict[str, Any]]
 GPU_PROFILES = ("whisperx", "whisperx-a40-large", "whisperx-a100-80gb")

@@ -8,9 +8,10 @@ from typing import Any
 
 import jsonschema
 import kubernetes_validate
-import manifest_support as support
 import pytest
 import yaml
+
+from tests.manifests import manifest_support as support
 
 SCHEMAS = Path(__file__).resolve().parent / "schemas"
 KUEUE_KINDS = {"ResourceFlavor", "ClusterQueue", "LocalQueue"}
