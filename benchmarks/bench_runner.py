@@ -124,6 +124,7 @@ def child(variant: str, audio: str, batch_size: int, threads: int) -> dict[str, 
         import asyncio
 
         from whisperx_api.schema import PredictionInput
+        from whisperx_runner.audio import DecodeLimits
         from whisperx_runner.audio import decode_audio as runner_decode
         from whisperx_runner.config import RunnerConfig
         from whisperx_runner.pipeline import Transcriber
@@ -143,7 +144,7 @@ def child(variant: str, audio: str, batch_size: int, threads: int) -> dict[str, 
         t1 = time.perf_counter()
         transcriber.load()
         t2 = time.perf_counter()
-        samples = asyncio.run(runner_decode(Path(audio), 600)).samples()
+        samples = asyncio.run(runner_decode(Path(audio), DecodeLimits(time_limit=600))).samples()
         inp = PredictionInput(
             audio_file="data:,", batch_size=batch_size, language="en", align_output=align
         )
