@@ -32,7 +32,7 @@ import tempfile
 import time
 import uuid
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 from aiohttp import web
@@ -54,7 +54,7 @@ def transcript(seconds: int = 60) -> dict[str, Any]:
     segments = []
     for n in range(seconds // 5):
         start = n * 5.0
-        words = [
+        words: list[dict[str, Any]] = [
             {"word": w, "start": start + i * 0.4, "end": start + i * 0.4 + 0.3, "score": 0.91}
             for i, w in enumerate(spoken)
         ]
@@ -130,8 +130,12 @@ def serve_ceiling(port: int, redis_url: str, kube_url: str) -> None:
 
         async def get(request: web.Request) -> web.Response:
             pid = request.match_info["id"]
-            rec, out, logs = await client.mget(
-                prefix + pid + ":rec", prefix + pid + ":out", prefix + pid + ":logs"
+            # decode_responses=True: str values, which redis-py's types do not know.
+            rec, out, logs = cast(
+                "list[str | None]",
+                await client.mget(
+                    prefix + pid + ":rec", prefix + pid + ":out", prefix + pid + ":logs"
+                ),
             )
             return web.Response(text=f"[{rec},{out},{json.dumps(logs)}]")
 
