@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from whisperx_api import work
 from whisperx_api.crd import GROUP, KIND, PREDICTION_LABEL, VERSION
 from whisperx_api.schema import public_input
 from whisperx_operator.config import HardwareProfile, OperatorConfig
@@ -55,7 +56,7 @@ def secret_name(prediction: str) -> str:
 
 
 def report_url(config: OperatorConfig, namespace: str, prediction: str) -> str:
-    return f"{config.report_base_url}/reports/{namespace}/{prediction}"
+    return work.report_url(config.report_base_url, namespace, prediction)
 
 
 @dataclass(frozen=True)

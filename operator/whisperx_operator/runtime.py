@@ -21,6 +21,7 @@ from whisperx_api.hostport import bind_host
 from whisperx_api.kube import ApiError, KubeClient, resource_path
 from whisperx_api.records import PredictionRecord
 from whisperx_api.reports import prediction_token
+from whisperx_api.runner_endpoint import runner_app
 from whisperx_api.status_writer import StatusWriter
 from whisperx_api.store import Store
 from whisperx_api.webhooks import WebhookSender
@@ -36,7 +37,6 @@ from whisperx_operator.pods import (
     pod_creation_failed,
     pod_event,
 )
-from whisperx_operator.server import report_app
 from whisperx_operator.sink import KubeStatusSink
 from whisperx_operator.validation import profile_for, validate_spec
 
@@ -95,7 +95,7 @@ class Runtime:
 
     async def start(self) -> None:
         await self.gate.ensure()
-        app = report_app(self.writer, self.store, active=lambda: self.gate.active)
+        app = runner_app(self.writer, self.store, active=lambda: self.gate.active)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(

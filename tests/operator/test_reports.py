@@ -13,9 +13,9 @@ from tests.conftest import free_port
 from whisperx_api import lifecycle as lc
 from whisperx_api.records import PredictionRecord
 from whisperx_api.reports import SIGNATURE_HEADER, prediction_token, sign
+from whisperx_api.runner_endpoint import runner_app
 from whisperx_api.status_writer import StatusWriter
 from whisperx_api.store import Store
-from whisperx_operator.server import report_app
 
 KEY = b"k" * 32
 
@@ -64,7 +64,7 @@ async def test_sigterm_cancel_counts_only_when_the_cancel_was_requested(store: S
     writer = StatusWriter(store=store, sink=sink, report_key=KEY, public_url="http://gw")
     add(sink, "evicted")
     add(sink, "asked", cancel_requested=True)
-    async with TestClient(TestServer(report_app(writer, store))) as client:
+    async with TestClient(TestServer(runner_app(writer, store))) as client:
         for name in ("evicted", "asked"):
             assert await post(client, name, {"event": "start", "seq": 1}) == 200
             canceled = {"event": "completed", "seq": 2, "status": "canceled", "logs": "bye\n"}
@@ -80,7 +80,7 @@ async def test_standby_refuses_reports_and_is_not_ready(store: Store) -> None:
     writer = StatusWriter(store=store, sink=sink, report_key=KEY, public_url="http://gw")
     add(sink, "p")
     active = False
-    app = report_app(writer, store, active=lambda: active)
+    app = runner_app(writer, store, active=lambda: active)
     async with TestClient(TestServer(app)) as client:
         assert await post(client, "p", {"event": "start", "seq": 1}) == 503
         async with client.get("/readyz") as resp:
@@ -96,7 +96,7 @@ async def test_not_ready_without_redis() -> None:
     down = Store.from_url(f"redis://127.0.0.1:{free_port()}/0")
     writer = StatusWriter(store=down, sink=MemorySink(), report_key=KEY, public_url="http://gw")
     async with (
-        TestClient(TestServer(report_app(writer, down))) as client,
+        TestClient(TestServer(runner_app(writer, down))) as client,
         client.get("/readyz") as resp,
     ):
         assert resp.status == 503 and "redis" in (await resp.json())["detail"]
