@@ -12,7 +12,7 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from aiohttp import web
@@ -75,7 +75,8 @@ async def _serve(app: web.Application) -> tuple[web.AppRunner, int]:
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    server = site._server
+    # A TCPSite's server is the loop's asyncio.Server (its sockets are not on AbstractServer).
+    server = cast("asyncio.Server | None", site._server)
     assert server is not None and server.sockets
     return runner, int(server.sockets[0].getsockname()[1])
 

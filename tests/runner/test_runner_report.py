@@ -113,7 +113,12 @@ async def test_log_is_thread_safe_under_contention(report_server: ReportServer) 
     threads = [threading.Thread(target=burst, args=(t,)) for t in "ab"]
     for thread in threads:
         thread.start()
-    await asyncio.to_thread(lambda: [t.join() for t in threads])
+
+    def join_all() -> None:
+        for thread in threads:
+            thread.join()
+
+    await asyncio.to_thread(join_all)
     await reporter.completed("succeeded", output={"segments": []})
     await reporter.aclose()
     received = report_server.logs_text().split()
