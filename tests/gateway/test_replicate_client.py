@@ -11,10 +11,11 @@ import asyncio
 import base64
 import time
 from pathlib import Path
+from typing import Any, cast
 
 import aiohttp
 import pytest
-import replicate
+from replicate.client import Client
 from replicate.exceptions import ModelError, ReplicateError
 from replicate.helpers import base64_encode_file
 from replicate.webhook import InvalidSignatureError, Webhooks, WebhookSigningSecret
@@ -33,49 +34,55 @@ AUDIO = "data:audio/wav;base64,UklGRg=="
 
 
 @pytest.fixture
-def client(gateway: Gateway) -> replicate.Client:
+def client(gateway: Gateway) -> Client:
     # Only the base URL and the token differ from code written for Replicate.
-    return replicate.Client(api_token=TOKEN, base_url=gateway.url)
+    return Client(api_token=TOKEN, base_url=gateway.url)
 
 
-async def test_run_returns_the_output(client: replicate.Client) -> None:
-    output = await call(client.run, "acme/whisperx", input={"audio_file": AUDIO})
+async def test_run_returns_the_output(client: Client) -> None:
+    output = cast(
+        "dict[str, Any]", await call(client.run, "acme/whisperx", input={"audio_file": AUDIO})
+    )
     assert output["detected_language"] == "en"
     assert output["segments"][0]["text"] == f"audio of {len(AUDIO)} characters"
 
 
-async def test_run_with_a_short_wait_falls_back_to_polling(client: replicate.Client) -> None:
+async def test_run_with_a_short_wait_falls_back_to_polling(client: Client) -> None:
     # The 1 s wait runs out while the runner works: the answer must say `starting`, or
     # the client would return a prediction that has no output yet.
     slow = {"audio_file": AUDIO, "initial_prompt": "stand-in:slow"}
-    output = await call(client.run, "acme/whisperx", input=slow, wait=1)
+    output = cast("dict[str, Any]", await call(client.run, "acme/whisperx", input=slow, wait=1))
     assert output["segments"][0]["text"].startswith("audio of")
 
 
-async def test_run_with_a_version_and_a_local_file(client: replicate.Client, fox_wav: Path) -> None:
+async def test_run_with_a_version_and_a_local_file(client: Client, fox_wav: Path) -> None:
     model = await call(client.models.get, "acme/whisperx-a40-large")
     assert model.latest_version is not None
     schema = model.latest_version.openapi_schema["components"]["schemas"]
     assert "audio_file" in schema["Input"]["properties"]
     with fox_wav.open("rb") as audio:
-        output = await call(
-            client.run,
-            f"acme/whisperx-a40-large:{model.latest_version.id}",
-            input={"audio_file": audio},
-            file_encoding_strategy="base64",
+        output = cast(
+            "dict[str, Any]",
+            await call(
+                client.run,
+                f"acme/whisperx-a40-large:{model.latest_version.id}",
+                input={"audio_file": audio},
+                file_encoding_strategy="base64",
+            ),
         )
     with fox_wav.open("rb") as audio:
         data_uri = base64_encode_file(audio)
     assert output["segments"][0]["text"] == f"audio of {len(data_uri)} characters"
 
 
-async def test_predictions_create_get_list_cancel_wait(client: replicate.Client) -> None:
+async def test_predictions_create_get_list_cancel_wait(client: Client) -> None:
     hang = {"audio_file": AUDIO, "initial_prompt": "stand-in:hang"}
     running = await call(client.models.predictions.create, model="acme/whisperx", input=hang)
     assert running.status == "starting"
     done = await call(client.predictions.create, version="whisperx", input={"audio_file": AUDIO})
     await call(done.wait)
-    assert done.status == "succeeded" and done.output["detected_language"] == "en"
+    assert done.status == "succeeded" and done.output is not None
+    assert done.output["detected_language"] == "en"
     assert done.metrics is not None and done.metrics["predict_time"] == 0.01
 
     fetched = await call(client.predictions.get, done.id)
@@ -85,7 +92,8 @@ async def test_predictions_create_get_list_cancel_wait(client: replicate.Client)
     assert [p.id for p in page.results] == [done.id, running.id]
 
     await call(running.cancel)
-    assert running.status == "canceled"
+    status: str = running.status  # cancel() changed it: not the "starting" narrowed above
+    assert status == "canceled"
     with pytest.raises(ReplicateError) as info:
         await call(client.predictions.cancel, done.id)
     assert info.value.status == 409 and "already ended" in str(info.value.detail)
@@ -93,7 +101,7 @@ async def test_predictions_create_get_list_cancel_wait(client: replicate.Client)
 
 async def test_client_pages_through_a_long_list(redis_url: str) -> None:
     async with serve_local(redis_url, page_size=2) as gw:
-        client = replicate.Client(api_token=TOKEN, base_url=gw.url)
+        client = Client(api_token=TOKEN, base_url=gw.url)
         created = [
             (
                 await call(
@@ -112,7 +120,7 @@ async def test_client_pages_through_a_long_list(redis_url: str) -> None:
         assert seen == created[::-1]
 
 
-async def test_client_errors_carry_status_and_detail(client: replicate.Client) -> None:
+async def test_client_errors_carry_status_and_detail(client: Client) -> None:
     with pytest.raises(ReplicateError) as info:
         await call(client.run, "acme/whisperx", input={"audio_file": AUDIO, "batch_size": 0})
     assert info.value.status == 422 and "input.batch_size" in str(info.value.detail)
@@ -126,7 +134,7 @@ async def test_client_errors_carry_status_and_detail(client: replicate.Client) -
             input={"audio_file": AUDIO, "initial_prompt": "stand-in:fail"},
         )
     assert failed.value.prediction.error == "stand-in: simulated failure"
-    stranger = replicate.Client(api_token="not-a-valid-token", base_url=client._base_url)
+    stranger = Client(api_token="not-a-valid-token", base_url=client._base_url)
     with pytest.raises(ReplicateError) as info:
         await call(stranger.predictions.list)
     assert info.value.status == 401
@@ -136,7 +144,7 @@ async def test_client_errors_carry_status_and_detail(client: replicate.Client) -
 
 
 async def test_webhooks_are_signed_as_replicate_signs_them(
-    client: replicate.Client, gateway: Gateway, receiver: Receiver
+    client: Client, gateway: Gateway, receiver: Receiver
 ) -> None:
     slow = {"audio_file": AUDIO, "initial_prompt": "stand-in:slow"}
     prediction = await call(
@@ -149,6 +157,7 @@ async def test_webhooks_are_signed_as_replicate_signs_them(
         Webhooks.validate(headers=headers, body=body, secret=secret, tolerance=60)
     events = [b["status"] for b in receiver.bodies()]
     assert events[0] == "processing" and events[-1] == "succeeded"  # start ... completed
+    assert prediction.urls is not None
     # The completed webhook carries the body of GET /v1/predictions/{id}.
     async with (
         aiohttp.ClientSession() as http,
@@ -165,7 +174,7 @@ async def test_webhooks_are_signed_as_replicate_signs_them(
 
 
 async def test_webhook_events_filter_and_retried_terminal_delivery(
-    client: replicate.Client, receiver: Receiver
+    client: Client, receiver: Receiver
 ) -> None:
     receiver.failures = [500]  # the first attempt fails; the retry must come
     await call(
@@ -190,7 +199,7 @@ async def test_a_pending_terminal_webhook_survives_a_restart(
 ) -> None:
     receiver.failures = [503]
     async with serve_local(redis_url) as gw:
-        client = replicate.Client(api_token=TOKEN, base_url=gw.url)
+        client = Client(api_token=TOKEN, base_url=gw.url)
         prediction = await call(
             client.predictions.create,
             version="whisperx",
@@ -212,11 +221,13 @@ async def test_a_pending_terminal_webhook_survives_a_restart(
 
 
 async def test_a_local_file_is_uploaded_and_the_runner_fetches_it(
-    client: replicate.Client, gateway: Gateway, fox_wav: Path
+    client: Client, gateway: Gateway, fox_wav: Path
 ) -> None:
     # The client's default for a file input: upload it, pass its URL.
     with fox_wav.open("rb") as audio:
-        output = await call(client.run, "acme/whisperx", input={"audio_file": audio})
+        output = cast(
+            "dict[str, Any]", await call(client.run, "acme/whisperx", input={"audio_file": audio})
+        )
     content = await asyncio.to_thread(fox_wav.read_bytes)
     size = len(content)
     assert output["segments"][0]["text"] == f"audio of {size} bytes"
