@@ -12,13 +12,13 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import httpx
 import pytest
-import replicate
 import yaml
+from replicate.client import Client
 from replicate.webhook import Webhooks
 
 from tests.api.structural import admit
@@ -198,9 +198,10 @@ async def test_the_official_client_through_the_operator(
     cluster_gateway: Gateway,
     receiver: Receiver,
 ) -> None:
-    client = replicate.Client(api_token=TOKEN, base_url=cluster_gateway.url)
-    output = await call(
-        client.run, "acme/whisperx", input={"audio_file": "https://fake.test/succeed"}
+    client = Client(api_token=TOKEN, base_url=cluster_gateway.url)
+    output = cast(
+        "dict[str, Any]",
+        await call(client.run, "acme/whisperx", input={"audio_file": "https://fake.test/succeed"}),
     )
     assert output["segments"][0]["text"] == " the quick brown fox"
 
@@ -220,6 +221,7 @@ async def test_the_official_client_through_the_operator(
     secret = await call(client.webhooks.default.secret)
     for headers, body in receiver.deliveries:
         Webhooks.validate(headers=headers, body=body, secret=secret, tolerance=60)
+    assert hanging.urls is not None
     async with (
         aiohttp.ClientSession() as http,
         http.get(hanging.urls["get"], headers=cluster_gateway.auth()) as resp,
@@ -255,9 +257,9 @@ async def test_replicas_share_everything_and_a_restart_loses_nothing(
         str(Path(sys.executable).with_name("whisperx-gateway")), env=env, stdout=log, stderr=log
     )
     try:
-        second = replicate.Client(api_token=TOKEN, base_url=f"http://127.0.0.1:{port}")
+        second = Client(api_token=TOKEN, base_url=f"http://127.0.0.1:{port}")
         async with kube_gateway(redis_url, kube) as gw:
-            first = replicate.Client(api_token=TOKEN, base_url=gw.url)
+            first = Client(api_token=TOKEN, base_url=gw.url)
             created = await call(
                 first.predictions.create,
                 version="whisperx",
@@ -269,7 +271,7 @@ async def test_replicas_share_everything_and_a_restart_loses_nothing(
             assert seen.status == "succeeded"
         # The first replica is gone; a new one (same config) answers the same.
         async with kube_gateway(redis_url, kube) as gw:
-            again = replicate.Client(api_token=TOKEN, base_url=gw.url)
+            again = Client(api_token=TOKEN, base_url=gw.url)
             fetched = (await call(again.predictions.get, created.id)).dict()
             # Equal but for the URLs: these test replicas have different base URLs.
             assert {**fetched, "urls": None} == {**seen.dict(), "urls": None}
@@ -281,7 +283,7 @@ async def test_replicas_share_everything_and_a_restart_loses_nothing(
         log.close()
 
 
-async def _until_ready(client: replicate.Client) -> None:
+async def _until_ready(client: Client) -> None:
     deadline = time.monotonic() + 20
     while True:
         try:
