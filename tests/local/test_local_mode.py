@@ -10,7 +10,7 @@ import socket
 from pathlib import Path
 
 import pytest
-import replicate
+from replicate.client import Client
 
 from tests.gateway.conftest import STAND_IN_RUNNER, call, local_mode
 
@@ -26,7 +26,7 @@ def _port_open(port: int) -> bool:
 async def test_it_starts_a_private_redis_stops_it_and_keeps_the_data(tmp_path: Path) -> None:
     args = ("--data-dir", str(tmp_path / "data"), "--runner-command", " ".join(STAND_IN_RUNNER))
     async with local_mode(tmp_path / "first.log", *args) as local:
-        client = replicate.Client(api_token=local.token, base_url=local.url)
+        client = Client(api_token=local.token, base_url=local.url)
         prediction = await call(
             client.predictions.create, version="whisperx", input={"audio_file": AUDIO}, wait=30
         )
@@ -43,7 +43,7 @@ async def test_it_starts_a_private_redis_stops_it_and_keeps_the_data(tmp_path: P
     assert f"prediction default/{prediction.id} succeeded" in local.log()
 
     async with local_mode(tmp_path / "second.log", *args) as again:
-        client = replicate.Client(api_token=again.token, base_url=again.url)
+        client = Client(api_token=again.token, base_url=again.url)
         kept = await call(client.predictions.get, prediction.id)
         assert kept.status == "succeeded" and kept.output == prediction.output
 
@@ -62,29 +62,33 @@ async def test_the_real_runner_transcribes_speech_with_word_timings(
     async with local_mode(
         tmp_path / "local.log", "--redis-url", redis_url, "--model-dir", str(model_dir)
     ) as local:
-        client = replicate.Client(api_token=local.token, base_url=local.url)
+        client = Client(api_token=local.token, base_url=local.url)
         with fox_wav.open("rb") as audio:  # uploaded; the runner downloads it by URL
             prediction = await call(
                 client.models.predictions.create,
                 model="whisperx/whisperx",
                 input={"audio_file": audio, "align_output": True},
             )
+        assert prediction.input is not None
         assert prediction.input["audio_file"].startswith(f"{local.url}/v1/files/")
         await asyncio.wait_for(call(prediction.wait), 240)
     assert prediction.status == "succeeded", (prediction.error, prediction.logs, local.log())
     output = prediction.output
+    assert output is not None
     assert output["detected_language"] == "en"
     text = " ".join(s["text"].strip() for s in output["segments"]).lower()
     assert "quick brown fox" in text and "lazy dog" in text
     words = [w for s in output["segments"] for w in s["words"]]
     spoken = [re.sub(r"\W", "", w["word"].lower()) for w in words]
     assert spoken[:4] == ["the", "quick", "brown", "fox"] and spoken[-2:] == ["lazy", "dog"]
+    assert prediction.metrics is not None
     duration = prediction.metrics["audio_duration"]
     starts = [w["start"] for w in words]
     assert starts == sorted(starts)
     for word in words:
         assert 0 <= word["start"] <= word["end"] <= duration + 0.1, word
     # Progress is visible: the runner's in `logs`, start and end in local mode's log.
+    assert prediction.logs is not None
     assert "Transcribing" in prediction.logs and "Aligning" in prediction.logs
     assert f"prediction default/{prediction.id}: runner started" in local.log()
     assert f"prediction default/{prediction.id} succeeded" in local.log()
@@ -101,7 +105,7 @@ def _alive(pid: int) -> bool:
 async def test_runners_die_with_a_killed_local_mode(tmp_path: Path, redis_url: str) -> None:
     args = ("--redis-url", redis_url, "--runner-command", " ".join(STAND_IN_RUNNER))
     async with local_mode(tmp_path / "local.log", *args) as local:
-        client = replicate.Client(api_token=local.token, base_url=local.url)
+        client = Client(api_token=local.token, base_url=local.url)
         hang = {"audio_file": AUDIO, "initial_prompt": "stand-in:hang"}
         prediction = await call(client.predictions.create, version="whisperx", input=hang)
         pattern = rf"prediction default/{prediction.id}: runner started \(pid (\d+)\)"
