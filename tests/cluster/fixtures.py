@@ -13,7 +13,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +70,9 @@ def deploy_stack(plane: ControlPlane, models: Path) -> None:
                       "pvc/whisperx-models", "--timeout=60s")  # fmt: skip
 
 
-def make_tenant(plane: ControlPlane, namespace: str, *, without: set[str] = frozenset()) -> None:
+def make_tenant(
+    plane: ControlPlane, namespace: str, *, without: Collection[str] = frozenset()
+) -> None:
     """Serves another namespace the way manifests/base/tenant tells users to (a copy with
     another `namespace:`), less the kinds in `without`, and its prefetch Job. Removed
     with the namespace at the session's end or by `remove_tenant`."""

@@ -8,7 +8,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-import replicate
+from replicate.client import Client
 
 from tests.cluster.client import Cluster
 from tests.cluster.controlplane import ControlPlane
@@ -66,7 +66,7 @@ async def test_operator_and_gateway_with_exec_plugins_and_a_rotated_token(
     try:
         await operator.wait_ready(within=60)
         await gateway.start()
-        client = replicate.Client(api_token=GATEWAY_TOKEN, base_url=gateway.url)
+        client = Client(api_token=GATEWAY_TOKEN, base_url=gateway.url)
         first = await asyncio.to_thread(
             client.predictions.create,
             version="whisperx",
