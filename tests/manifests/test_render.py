@@ -154,6 +154,8 @@ def test_namespaces_exist_and_names_are_unique(
         "ClusterKopfPeering",
         "ResourceFlavor",
         "ClusterQueue",
+        "FlowSchema",
+        "PriorityLevelConfiguration",
     }
     seen = set()
     for obj in objs:
