@@ -509,7 +509,7 @@ def create_app(config: GatewayConfig, store: Store, backend: Backend) -> web.App
         backend=backend,
         hub=hub,
         reader=PredictionReader(store, backend, config.page_size, config.page_bytes),
-        metrics=GatewayMetrics(lambda: hub.waiting),
+        metrics=GatewayMetrics(lambda: hub.waiting, backend.metric_lines),
         openapi=json.dumps(gateway_openapi(metrics=config.metrics)).encode(),
         files=FileStore(store.redis, quota_bytes=config.files_quota_bytes),
         in_flight=InFlight(config.max_in_flight, config.tenant_in_flight),

@@ -58,6 +58,10 @@ class Backend(Protocol):
         """The record of a prediction that has none in Redis yet (just created)."""
         ...
 
+    def metric_lines(self) -> list[str]:
+        """The backend's own metrics, in the text exposition format."""
+        ...
+
 
 class PredictionReader:
     """Reads shared by both backends: the Redis records the status writers keep."""

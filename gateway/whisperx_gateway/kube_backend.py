@@ -143,6 +143,9 @@ class KubeBackend:
             raise BackendError(f"the Kubernetes API is unreachable: {exc}") from exc
         return PredictionRecord.from_resource(updated)
 
+    def metric_lines(self) -> list[str]:
+        return []  # the operator exports what happens to runs in a cluster
+
     async def lookup(self, namespace: str, prediction_id: str) -> PredictionRecord | None:
         try:
             obj = await self.kube.get(resource_path(namespace, prediction_id))

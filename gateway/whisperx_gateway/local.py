@@ -28,7 +28,12 @@ from whisperx_api.webhooks import generate_secret
 from whisperx_gateway.app import create_app
 from whisperx_gateway.auth import TokenMap
 from whisperx_gateway.config import GatewayConfig, load_tokens, redis_pool_size
-from whisperx_gateway.local_backend import LocalBackend, LocalSettings, default_concurrency
+from whisperx_gateway.local_backend import (
+    DEFAULT_IDLE_SECONDS,
+    LocalBackend,
+    LocalSettings,
+    default_concurrency,
+)
 from whisperx_gateway.private_redis import DataDir, PrivateRedis
 
 log = logging.getLogger("whisperx_gateway.local")
@@ -109,6 +114,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="runner processes at once (default: what the cores and memory hold)",
     )
     parser.add_argument(
+        "--idle-seconds",
+        type=float,
+        default=float(env.get("WHISPERX_LOCAL_IDLE_SECONDS") or DEFAULT_IDLE_SECONDS),
+        help="how long a runner, its model loaded, waits for the next prediction before it "
+        f"exits; 0: one prediction per runner (default: {DEFAULT_IDLE_SECONDS:g})",
+    )
+    parser.add_argument(
+        "--max-predictions",
+        type=int,
+        default=int(env.get("WHISPERX_LOCAL_MAX_PREDICTIONS") or 0),
+        help="the most predictions one runner serves before it exits (default: 0, no limit)",
+    )
+    parser.add_argument(
         "--allow-hosts",
         default=env.get("WHISPERX_ALLOW_HOSTS") or None,
         help="hosts, host:port pairs or CIDRs audio URLs may resolve to although private "
@@ -123,6 +141,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.concurrency < 1:
         parser.error("--concurrency must be at least 1")
+    if not args.idle_seconds >= 0:  # NaN too
+        parser.error("--idle-seconds must be 0 or more")
+    if args.max_predictions < 0:
+        parser.error("--max-predictions must be 0 or more")
     args.token = env.get("WHISPERX_LOCAL_TOKEN", "").strip() or None
     if args.token_file is not None:
         try:
@@ -190,7 +212,8 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event, redis_url: str) 
         concurrency=args.concurrency,
         allow_hosts=args.allow_hosts or gateway_endpoint(public_url),
         webhook_allow_hosts=webhook_allow,
-        input_dir=args.data_dir / "inputs",
+        idle_seconds=args.idle_seconds,
+        max_predictions=args.max_predictions,
     )
     report_key = os.environ.get("WHISPERX_REPORT_KEY", "").encode() or os.urandom(32)
     backend = LocalBackend(

@@ -89,7 +89,10 @@ class Histogram:
 
 
 class GatewayMetrics:
-    def __init__(self, waiting: Callable[[], float]) -> None:
+    def __init__(
+        self, waiting: Callable[[], float], backend: Callable[[], list[str]] = list
+    ) -> None:
+        self.backend = backend
         self.requests = Counter(
             "whisperx_gateway_requests_total",
             "HTTP requests by route, method and status",
@@ -117,4 +120,5 @@ class GatewayMetrics:
         lines: list[str] = []
         for metric in (self.requests, self.latency, self.created, self.rejected, self.waiting):
             lines += metric.render()
+        lines += self.backend()
         return "\n".join(lines) + "\n"

@@ -1,4 +1,4 @@
-"""`whisperx-runner`: `run` (in a prediction's Job), `transcribe` (standalone), `prefetch`.
+"""`whisperx-runner`: `run` (one prediction, or warm: many), `transcribe`, `prefetch`.
 
 Imports stay light here: the ML stack and the HTTP client load inside the commands.
 """
@@ -35,6 +35,10 @@ environment:
 run only:
   WHISPERX_INPUT_FILE      the prediction input (JSON)
   WHISPERX_REPORT_URL, WHISPERX_REPORT_TOKEN   where and how to report
+  or, a warm runner serving predictions it asks for (instead of the three above):
+  WHISPERX_WORK_URL, WHISPERX_RUNNER_TOKEN     where and how to ask for work
+  WHISPERX_IDLE_SECONDS    exit after this long without work (default 0)
+  WHISPERX_MAX_PREDICTIONS exit after serving this many (default 0: no limit)
 exit codes: 0 succeeded, 1 failed, 2 invalid input or audio, 143 canceled (SIGTERM)
 """
 
@@ -145,6 +149,13 @@ def _config(args: argparse.Namespace) -> RunnerConfig:
 
 def _run(config: RunnerConfig) -> int:
     from whisperx_runner.runner import PredictionRun, exit_now, make_reporter
+
+    if config.work_url is not None:
+        from whisperx_runner.warm import WarmRunner
+
+        # Always at once: a canceled run's thread may still be inside the model, and a
+        # model's teardown is slow and pointless at exit.
+        exit_now(asyncio.run(WarmRunner(config).serve()))
 
     run = PredictionRun(config, make_reporter(config))
     code = asyncio.run(run.execute())

@@ -94,6 +94,13 @@ class RunnerConfig:
     work_dir: Path | None = None
     # The hardware profile's cap on the input's batch_size (what fits in GPU memory).
     max_batch_size: int | None = None
+    # Warm runners: where to ask for work (set instead of input_file and report_url), the
+    # runner's credential for it, how long to wait idle for work before exiting, and the
+    # most predictions to serve (0: no limit).
+    work_url: str | None = None
+    runner_token: str | None = None
+    idle_seconds: float = 0.0
+    max_predictions: int = 0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> RunnerConfig:
@@ -162,4 +169,10 @@ class RunnerConfig:
                 env, "WHISPERX_REPORT_RETRY_SECONDS", defaults.report_retry_seconds, minimum=0
             ),
             work_dir=Path(work_dir) if work_dir else None,
+            work_url=_optional(env, "WHISPERX_WORK_URL"),
+            runner_token=_optional(env, "WHISPERX_RUNNER_TOKEN"),
+            idle_seconds=_number(env, "WHISPERX_IDLE_SECONDS", defaults.idle_seconds, minimum=0),
+            max_predictions=int(
+                _number(env, "WHISPERX_MAX_PREDICTIONS", defaults.max_predictions, minimum=0)
+            ),
         )

@@ -418,7 +418,7 @@ STAND_IN_COMMAND = f"{sys.executable} {REPO_ROOT / 'tests' / 'operator' / 'fake_
 
 async def local_runner_pid(log: Callable[[], str], prediction_id: str) -> int:
     """The pid of a prediction's runner, from whisperx-local's log."""
-    pattern = re.compile(rf"prediction {NS}/{prediction_id}: runner started \(pid (\d+)\)")
+    pattern = re.compile(rf"prediction {NS}/{prediction_id}: on runner \w+ \(pid (\d+)")
 
     def started() -> int | None:
         found = pattern.search(log())

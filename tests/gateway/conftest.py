@@ -86,6 +86,22 @@ async def serve(
         await stop_within(runner, 60)
 
 
+def runner_processes(gw: Gateway) -> list[asyncio.subprocess.Process]:
+    """Local mode's runner processes now."""
+    return [runner.process for runner in gw.backend.runners._runners.values()]
+
+
+def process_holding(gw: Gateway, prediction_id: str) -> asyncio.subprocess.Process:
+    """The runner process holding this prediction."""
+    process: asyncio.subprocess.Process
+    (process,) = [
+        runner.process
+        for runner in gw.backend.runners._runners.values()
+        if runner.holding is not None and runner.holding[1] == prediction_id
+    ]
+    return process
+
+
 async def stop_within(runner: web.AppRunner, seconds: float) -> None:
     """Stops the app, or fails naming what each task was waiting on."""
     try:
@@ -103,6 +119,8 @@ def serve_local(
     runner: Sequence[str] = STAND_IN_RUNNER,
     concurrency: int = 2,
     stop_grace: float = 5.0,
+    idle_seconds: float = 300.0,
+    max_predictions: int = 0,
     **config: Any,
 ) -> contextlib.AbstractAsyncContextManager[Gateway]:
     """The gateway with local mode's backend running `runner`."""
@@ -113,6 +131,8 @@ def serve_local(
             model="tiny.en",
             concurrency=concurrency,
             stop_grace=stop_grace,
+            idle_seconds=idle_seconds,
+            max_predictions=max_predictions,
             allow_hosts="127.0.0.1",
             webhook_allow_hosts=LOOPBACK,
         )

@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.gateway.conftest import OTHER_TOKEN, Gateway, serve_local
+from tests.gateway.conftest import OTHER_TOKEN, Gateway, process_holding, serve_local
 from whisperx_api import lifecycle as lc
 from whisperx_api.records import PredictionRecord
 from whisperx_api.webhooks import tenant_secret
@@ -273,7 +273,7 @@ async def test_cancel_stops_the_runner_and_a_second_cancel_conflicts(
 ) -> None:
     _, body, _ = await create(http, gateway, HANG)
     await wait_status(http, gateway, body["id"], "processing")
-    (process,) = gateway.backend._processes.values()
+    process = process_holding(gateway, body["id"])
     async with http.post(
         gateway.url + f"/v1/predictions/{body['id']}/cancel", headers=gateway.auth()
     ) as resp:

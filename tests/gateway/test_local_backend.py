@@ -9,7 +9,6 @@ import asyncio
 import json
 import os
 import signal
-import stat
 import sys
 import time
 from pathlib import Path
@@ -18,11 +17,18 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.gateway.conftest import TOKEN, Gateway, serve_local
+from tests.gateway.conftest import (
+    TOKEN,
+    Gateway,
+    process_holding,
+    runner_processes,
+    serve_local,
+)
 from whisperx_api import lifecycle as lc
 from whisperx_api.records import PredictionRecord
 from whisperx_api.reports import prediction_token
 from whisperx_api.store import Store
+from whisperx_api.work import runner_token
 from whisperx_gateway.local_backend import ACTIVE_KEY
 
 AUDIO = "data:audio/wav;base64,UklGRg=="
@@ -51,18 +57,21 @@ def ended(record: PredictionRecord) -> bool:
     return record.state.terminal
 
 
-async def test_the_runner_gets_a_jobs_environment_contract(
+async def test_the_runner_gets_the_environment_contract_and_its_work_over_http(
     redis_url: str, tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:
-    """A runner that records its environment and input file, then succeeds."""
+    """A runner that records its environment and the work it is given, then exits."""
     script = tmp_path / "record_env.py"
     script.write_text(
-        "import json, os, stat, sys\n"
-        "path = os.environ['WHISPERX_INPUT_FILE']\n"
-        "info = {'env': dict(os.environ), 'input': json.load(open(path)),\n"
-        "        'mode': stat.S_IMODE(os.stat(path).st_mode)}\n"
+        "import json, os, urllib.request\n"
+        "from whisperx_api.reports import SIGNATURE_HEADER, sign\n"
+        "body = json.dumps({'wait': 10}).encode()\n"
+        "signature = sign(os.environ['WHISPERX_RUNNER_TOKEN'], body)\n"
+        "request = urllib.request.Request(os.environ['WHISPERX_WORK_URL'], data=body,\n"
+        "                                 headers={SIGNATURE_HEADER: signature})\n"
+        "given = json.load(urllib.request.urlopen(request, timeout=20))\n"
+        "info = {'env': dict(os.environ), 'given': given}\n"
         f"json.dump(info, open({str(tmp_path / 'seen.json')!r}, 'w'))\n"
-        "sys.exit(0)\n"
     )
     os.environ["WHISPERX_TOKENS"] = f"{TOKEN}=alpha"  # must not reach the runner
     try:
@@ -72,15 +81,22 @@ async def test_the_runner_gets_a_jobs_environment_contract(
     finally:
         del os.environ["WHISPERX_TOKENS"]
     seen = json.loads((tmp_path / "seen.json").read_text())
-    env = seen["env"]
-    assert seen["mode"] == stat.S_IRUSR | stat.S_IWUSR  # 0600
-    assert seen["input"] == {"audio_file": AUDIO, "huggingface_access_token": "hf_secret_123"}
-    assert not await asyncio.to_thread(os.path.exists, env["WHISPERX_INPUT_FILE"])  # removed
-    assert env["WHISPERX_REPORT_URL"].endswith(f"/reports/alpha/{body['id']}")
-    assert env["WHISPERX_REPORT_URL"].startswith("http://127.0.0.1:")
-    assert env["WHISPERX_REPORT_TOKEN"] == prediction_token(
+    env, given = seen["env"], seen["given"]
+    # The input, its secret included, comes with the work, never through a file.
+    assert given["input"] == {"audio_file": AUDIO, "huggingface_access_token": "hf_secret_123"}
+    assert not any(name.endswith("INPUT_FILE") for name in env)
+    assert given["report_url"].startswith("http://127.0.0.1:")
+    assert given["report_url"].endswith(f"/reports/alpha/{body['id']}")
+    assert given["report_token"] == prediction_token(
         b"test-report-key", "alpha", body["id"], record.uid or ""
     )
+    runner_id = env["WHISPERX_WORK_URL"].rsplit("/", 1)[1]
+    assert (
+        env["WHISPERX_WORK_URL"] == given["report_url"].split("/reports/")[0] + f"/work/{runner_id}"
+    )
+    assert env["WHISPERX_RUNNER_TOKEN"] == runner_token(b"test-report-key", runner_id)
+    assert given["attempt"] == runner_id
+    assert (env["WHISPERX_IDLE_SECONDS"], env["WHISPERX_MAX_PREDICTIONS"]) == ("300", "0")
     assert (env["WHISPERX_MODEL"], env["WHISPERX_DEVICE"], env["WHISPERX_COMPUTE_TYPE"]) == (
         "tiny.en",
         "cpu",
@@ -88,6 +104,8 @@ async def test_the_runner_gets_a_jobs_environment_contract(
     )
     assert env["WHISPERX_ALLOW_HOSTS"] == "127.0.0.1"
     assert "WHISPERX_TOKENS" not in env
+    # It exited holding the prediction, without a report.
+    assert record.state.reason == "RunnerExited"
     # It exited 0 without reporting: that is a failure, and says so.
     assert record.state.phase is lc.Phase.FAILED
     assert record.state.reason == "RunnerExited"
@@ -103,10 +121,10 @@ async def test_a_crash_without_a_report_fails_with_the_exit_code_its_output_in_t
     # The runner's output (internal paths, tracebacks) is for the operator, not the caller.
     assert record.state.error == "the runner exited with code 3"
     for _ in range(100):  # logged right after the prediction ends
-        if "the runner's last output: stand-in: simulated crash" in caplog.text:
+        if "its last output: stand-in: simulated crash" in caplog.text:
             break
         await asyncio.sleep(0.05)
-    assert "the runner's last output: stand-in: simulated crash" in caplog.text
+    assert "its last output: stand-in: simulated crash" in caplog.text
     async with http.get(body["urls"]["get"], headers=gateway.auth()) as resp:
         shown = await resp.json()
     assert shown["status"] == "failed" and shown["error"] == "the runner exited with code 3"
@@ -133,7 +151,7 @@ async def test_runner_slots_queue_predictions_and_cancel_reaches_the_queue(
         queued = await until(gw, second["id"], lambda r: r.state.queued)
         condition = queued.state.condition("Queued")
         assert condition is not None and condition.reason == "WaitingForRunnerSlot"
-        assert len(gw.backend._processes) == 1  # one slot, one process
+        assert len(runner_processes(gw)) == 1  # one slot, one process
 
         # Canceled while queued: it never runs.
         async with http.post(third["urls"]["cancel"], headers=gw.auth()) as resp:
@@ -158,7 +176,7 @@ async def test_stopping_local_mode_ends_what_is_running(
         running = await create(http, gw, initial_prompt="stand-in:hang")
         await until(gw, running["id"], lambda r: r.state.phase is lc.Phase.PROCESSING)
         queued = await create(http, gw)
-        (process,) = gw.backend._processes.values()
+        (process,) = runner_processes(gw)
     assert process.returncode is not None  # the runner was stopped with local mode
     store = Store.from_url(redis_url)
     try:
@@ -204,19 +222,12 @@ def _ignores_sigterm(pid: int) -> bool:
 async def test_a_runner_that_ignores_sigterm_is_killed_without_holding_the_cancel(
     redis_url: str, http: aiohttp.ClientSession
 ) -> None:
-    stubborn = [
-        sys.executable,
-        "-c",
-        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)",
-    ]
-    async with serve_local(redis_url, runner=stubborn, stop_grace=1.0) as gw:
-        body = await create(http, gw)
+    async with serve_local(redis_url, stop_grace=1.0) as gw:
+        body = await create(http, gw, initial_prompt="stand-in:stubborn")
+        await until(gw, body["id"], lambda r: r.state.phase is lc.Phase.PROCESSING)
+        process = process_holding(gw, body["id"])
         deadline = time.monotonic() + 10
-        while not gw.backend._processes:
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.05)
-        (process,) = gw.backend._processes.values()
-        while not _ignores_sigterm(process.pid):  # Python's start-up is slow on a busy host
+        while not _ignores_sigterm(process.pid):
             assert time.monotonic() < deadline
             await asyncio.sleep(0.05)
         started = time.monotonic()

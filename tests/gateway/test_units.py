@@ -18,7 +18,8 @@ from whisperx_api.store import RawPredictionView
 from whisperx_gateway.auth import TokenConfigError, TokenMap, parse_authorization
 from whisperx_gateway.config import ConfigError, GatewayConfig
 from whisperx_gateway.errors import ApiError
-from whisperx_gateway.local_backend import default_concurrency, exit_message
+from whisperx_gateway.local_backend import default_concurrency
+from whisperx_gateway.local_runners import exit_message
 from whisperx_gateway.metrics import Counter, Histogram
 from whisperx_gateway.models import ModelCatalog, ModelConfigError, schema_version_id
 from whisperx_gateway.openapi import gateway_openapi, model_openapi

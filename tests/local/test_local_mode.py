@@ -37,7 +37,7 @@ async def test_it_starts_a_private_redis_stops_it_and_keeps_the_data(tmp_path: P
         assert _port_open(redis_port)
         log = local.log()
         assert f"prediction default/{prediction.id} created" in log
-        assert f"prediction default/{prediction.id}: runner started" in log
+        assert f"prediction default/{prediction.id}: on runner" in log
     assert local.process.returncode == 0
     assert not await asyncio.to_thread(_port_open, redis_port)  # stopped with local mode
     assert f"prediction default/{prediction.id} succeeded" in local.log()
@@ -90,7 +90,7 @@ async def test_the_real_runner_transcribes_speech_with_word_timings(
     # Progress is visible: the runner's in `logs`, start and end in local mode's log.
     assert prediction.logs is not None
     assert "Transcribing" in prediction.logs and "Aligning" in prediction.logs
-    assert f"prediction default/{prediction.id}: runner started" in local.log()
+    assert f"prediction default/{prediction.id}: on runner" in local.log()
     assert f"prediction default/{prediction.id} succeeded" in local.log()
 
 
@@ -108,7 +108,7 @@ async def test_runners_die_with_a_killed_local_mode(tmp_path: Path, redis_url: s
         client = Client(api_token=local.token, base_url=local.url)
         hang = {"audio_file": AUDIO, "initial_prompt": "stand-in:hang"}
         prediction = await call(client.predictions.create, version="whisperx", input=hang)
-        pattern = rf"prediction default/{prediction.id}: runner started \(pid (\d+)\)"
+        pattern = rf"prediction default/{prediction.id}: on runner \w+ \(pid (\d+)"
         for _ in range(200):
             found = re.search(pattern, local.log())
             if found:

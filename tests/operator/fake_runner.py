@@ -7,6 +7,9 @@ report protocol and exit codes, with no ML stack. The audio URL's path scripts i
 - `/fail`: completed(failed), exit 1; `/invalid`: completed(failed), exit 2
 - `/hang`: start, then wait; SIGTERM reports completed(canceled) and exits 143
 - `/crash`: start, then exit 3 with no terminal report; `/noreport`: start, exit 0
+
+With WHISPERX_WORK_URL (local mode's warm runners) it asks for one prediction and serves
+it, instead of reading WHISPERX_INPUT_FILE.
 """
 
 from __future__ import annotations
@@ -30,10 +33,10 @@ OUTPUT = {
 
 
 class Reporter:
-    def __init__(self) -> None:
-        self.url = os.environ["WHISPERX_REPORT_URL"]
-        self.token = os.environ["WHISPERX_REPORT_TOKEN"]
-        self.attempt = os.environ.get("WHISPERX_RUNNER_ATTEMPT", "")
+    def __init__(self, url: str, token: str, attempt: str) -> None:
+        self.url = url
+        self.token = token
+        self.attempt = attempt
         self.seq = 0
 
     def send(self, event: dict[str, Any], *, budget: float = 15.0) -> int:
@@ -66,13 +69,34 @@ class Reporter:
             time.sleep(0.2)
 
 
+def prediction() -> tuple[dict[str, Any], Reporter]:
+    """The input, and a reporter for it."""
+    work_url = os.environ.get("WHISPERX_WORK_URL")
+    if work_url is None:
+        with open(os.environ["WHISPERX_INPUT_FILE"]) as f:
+            given = json.load(f)
+        env = os.environ
+        reporter = Reporter(
+            env["WHISPERX_REPORT_URL"],
+            env["WHISPERX_REPORT_TOKEN"],
+            env.get("WHISPERX_RUNNER_ATTEMPT", ""),
+        )
+        return given, reporter
+    body = json.dumps({"wait": 30}).encode()
+    signature = sign(os.environ["WHISPERX_RUNNER_TOKEN"], body)
+    request = urllib.request.Request(work_url, data=body, headers={SIGNATURE_HEADER: signature})
+    with urllib.request.urlopen(request, timeout=60) as resp:
+        if resp.status != 200:
+            sys.exit(0)  # no work came
+        work = json.load(resp)
+    return work["input"], Reporter(work["report_url"], work["report_token"], work["attempt"])
+
+
 def main() -> int:
-    with open(os.environ["WHISPERX_INPUT_FILE"]) as f:
-        given = json.load(f)
+    given, reporter = prediction()
     url = urllib.parse.urlparse(given["audio_file"])
     behavior = url.path.strip("/")
     params = dict(urllib.parse.parse_qsl(url.query))
-    reporter = Reporter()
 
     def canceled(signum: int, frame: object) -> None:
         reporter.send({"event": "completed", "status": "canceled", "reason": "Canceled"})

@@ -22,8 +22,6 @@ from redis.exceptions import AuthenticationError, ResponseError
 
 from tests.conftest import free_port
 from tests.gateway.conftest import STAND_IN_RUNNER, WHISPERX_LOCAL, local_mode
-from whisperx_api import lifecycle as lc
-from whisperx_api.records import PredictionRecord
 from whisperx_api.store import Store
 from whisperx_gateway.local_backend import LocalBackend, LocalSettings
 from whisperx_gateway.private_redis import PID_FILE
@@ -146,21 +144,29 @@ async def test_local_mode_recovers_when_its_redis_dies(tmp_path: Path) -> None:
         assert log.count("unavailable") < 20, log
 
 
-async def test_a_crash_leaves_no_input_file_behind(tmp_path: Path, redis_url: str) -> None:
-    args = ("--redis-url", redis_url, *ARGS)
-    inputs = tmp_path / "local-data" / "inputs"
+async def test_a_secret_input_is_never_written_to_disk(tmp_path: Path, redis_url: str) -> None:
+    """It reaches the runner with its work, in memory: even a killed local mode leaves
+    it in no file (not in its data folder, not in Redis's)."""
+    data = tmp_path / "local-data"
+    args = ("--data-dir", str(data), *ARGS)
     async with local_mode(tmp_path / "first.log", *args) as local, aiohttp.ClientSession() as http:
-        body = {"version": "whisperx", "input": {**HANG, "huggingface_access_token": "hf_x"}}
-        async with http.post(local.url + "/v1/predictions", json=body, headers=local.auth()):
-            pass
-        await until(lambda: any(inputs.iterdir()))
-        assert stat.S_IMODE(inputs.stat().st_mode) == 0o700
+        body = {"version": "whisperx", "input": {**HANG, "huggingface_access_token": "hf_x1y2"}}
+        async with http.post(local.url + "/v1/predictions", json=body, headers=local.auth()) as r:
+            created = await r.json()
+        url = f"{local.url}/v1/predictions/{created['id']}"
+
+        for _ in range(200):
+            async with http.get(url, headers=local.auth()) as resp:
+                if (await resp.json())["status"] == "processing":
+                    break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the prediction never started")
         local.process.kill()
         await local.process.wait()
-    assert any(inputs.iterdir())  # what the crash left
-    async with local_mode(tmp_path / "second.log", *args) as again:
-        assert not any(inputs.iterdir())
-        assert "removed 1 input file(s)" in again.log()
+    files = [path for path in data.rglob("*") if path.is_file()]
+    assert files  # Redis's own files at least
+    assert not [path for path in files if b"hf_x1y2" in path.read_bytes()]
 
 
 async def test_runners_inherit_neither_the_token_nor_the_files_key(
@@ -176,8 +182,7 @@ async def test_runners_inherit_neither_the_token_nor_the_files_key(
         webhook_secret="whsec_AAAA",
         public_url="http://127.0.0.1:1",
     )
-    record = PredictionRecord(id="p", namespace="ns", input={}, state=lc.PredictionState(), uid="u")
-    env = backend._runner_env(record, tmp_path / "input.json")
+    env = backend._runner_env()
     assert "secret-value" not in env.values()
     await store.close()
 
