@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -18,6 +19,7 @@ import aiohttp
 import pytest
 
 from tests.gateway.conftest import (
+    OTHER_TOKEN,
     TOKEN,
     Gateway,
     process_holding,
@@ -34,19 +36,22 @@ from whisperx_gateway.local_backend import ACTIVE_KEY
 AUDIO = "data:audio/wav;base64,UklGRg=="
 
 
-async def create(http: aiohttp.ClientSession, gw: Gateway, **input_: Any) -> dict[str, Any]:
+async def create(
+    http: aiohttp.ClientSession, gw: Gateway, token: str | None = None, **input_: Any
+) -> dict[str, Any]:
     body = {"version": "whisperx", "input": {"audio_file": AUDIO, **input_}}
-    async with http.post(gw.url + "/v1/predictions", json=body, headers=gw.auth()) as resp:
+    headers = gw.auth(token)
+    async with http.post(gw.url + "/v1/predictions", json=body, headers=headers) as resp:
         assert resp.status == 201
         return dict(await resp.json())
 
 
 async def until(
-    gw: Gateway, prediction_id: str, check: Any, seconds: float = 20
+    gw: Gateway, prediction_id: str, check: Any, seconds: float = 20, namespace: str = "alpha"
 ) -> PredictionRecord:
     deadline = time.monotonic() + seconds
     while True:
-        record = await gw.store.get_record("alpha", prediction_id)
+        record = await gw.store.get_record(namespace, prediction_id)
         if record is not None and check(record):
             return record
         assert time.monotonic() < deadline, record
@@ -235,3 +240,122 @@ async def test_a_runner_that_ignores_sigterm_is_killed_without_holding_the_cance
             assert (await resp.json())["status"] == "canceled"
         assert time.monotonic() - started < 0.9  # answered before the grace period ends
         assert await asyncio.wait_for(process.wait(), 10) == -9  # then SIGKILL
+
+
+# --- warm runners ---
+
+
+async def runner_pid(gw: Gateway, prediction_id: str, namespace: str = "alpha") -> int:
+    """The pid of the runner that served a prediction (the stand-in logs it)."""
+    logs = await gw.store.redis.get(f"wx:p:{namespace}:{prediction_id}:logs")
+    found = re.search(r"pid (\d+)", str(logs))
+    assert found, logs
+    return int(found[1])
+
+
+async def metrics(http: aiohttp.ClientSession, gw: Gateway) -> str:
+    async with http.get(gw.url + "/metrics") as resp:
+        return await resp.text()
+
+
+async def test_a_warm_runner_serves_predictions_back_to_back(
+    redis_url: str, http: aiohttp.ClientSession
+) -> None:
+    async with serve_local(redis_url, concurrency=1) as gw:
+        pids = []
+        for _ in range(3):
+            body = await create(http, gw)
+            record = await until(gw, body["id"], ended)
+            assert record.state.phase is lc.Phase.SUCCEEDED
+            pids.append(await runner_pid(gw, body["id"]))
+        assert len(set(pids)) == 1 and len(runner_processes(gw)) == 1
+        text = await metrics(http, gw)
+        assert 'whisperx_local_prediction_starts_total{start="cold"} 1.0' in text
+        assert 'whisperx_local_prediction_starts_total{start="warm"} 2.0' in text
+        assert "whisperx_local_runners_idle 1" in text and "whisperx_local_runners_busy 0" in text
+        assert "whisperx_local_queued_seconds_count 3" in text
+
+
+async def test_idle_time_zero_gives_each_prediction_a_runner_of_its_own(
+    redis_url: str, http: aiohttp.ClientSession
+) -> None:
+    async with serve_local(redis_url, concurrency=1, idle_seconds=0) as gw:
+        pids = []
+        for _ in range(2):
+            body = await create(http, gw)
+            await until(gw, body["id"], ended)
+            pids.append(await runner_pid(gw, body["id"]))
+            deadline = time.monotonic() + 10
+            while runner_processes(gw):  # it exits once its prediction is done
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+        assert pids[0] != pids[1]
+
+
+async def test_a_runner_exits_after_its_most_predictions(
+    redis_url: str, http: aiohttp.ClientSession
+) -> None:
+    async with serve_local(redis_url, concurrency=1, max_predictions=2) as gw:
+        pids = []
+        for _ in range(3):
+            body = await create(http, gw)
+            record = await until(gw, body["id"], ended)
+            assert record.state.phase is lc.Phase.SUCCEEDED
+            pids.append(await runner_pid(gw, body["id"]))
+        assert pids[0] == pids[1] != pids[2]
+
+
+async def test_cancel_on_a_warm_runner_stops_it_within_3_s_and_another_takes_the_next(
+    redis_url: str, http: aiohttp.ClientSession
+) -> None:
+    async with serve_local(redis_url, concurrency=1) as gw:
+        first = await create(http, gw)
+        await until(gw, first["id"], ended)
+        warm = await runner_pid(gw, first["id"])
+        hang = await create(http, gw, initial_prompt="stand-in:hang")
+        await until(gw, hang["id"], lambda r: r.state.phase is lc.Phase.PROCESSING)
+        process = process_holding(gw, hang["id"])
+        assert process.pid == warm
+        started = time.monotonic()
+        async with http.post(hang["urls"]["cancel"], headers=gw.auth()) as resp:
+            assert (await resp.json())["status"] == "canceled"
+        assert await asyncio.wait_for(process.wait(), 3) == 143
+        assert time.monotonic() - started < 3
+        after = await create(http, gw)
+        record = await until(gw, after["id"], ended)
+        assert record.state.phase is lc.Phase.SUCCEEDED
+        assert await runner_pid(gw, after["id"]) != warm
+
+
+async def test_a_crashed_warm_runner_fails_only_what_it_held(
+    redis_url: str, http: aiohttp.ClientSession
+) -> None:
+    async with serve_local(redis_url, concurrency=1) as gw:
+        warm_up = await create(http, gw)
+        await until(gw, warm_up["id"], ended)
+        crash = await create(http, gw, initial_prompt="stand-in:crash")
+        queued = await create(http, gw)
+        crashed = await until(gw, crash["id"], ended)
+        assert crashed.state.reason == "RunnerExited"
+        assert crashed.state.error == "the runner exited with code 3"
+        record = await until(gw, queued["id"], ended)
+        assert record.state.phase is lc.Phase.SUCCEEDED
+
+
+async def test_queued_predictions_are_handed_out_to_namespaces_in_turn(
+    redis_url: str, http: aiohttp.ClientSession
+) -> None:
+    async with serve_local(redis_url, concurrency=1) as gw:
+        blocker = await create(http, gw, initial_prompt="stand-in:hang")
+        await until(gw, blocker["id"], lambda r: r.state.phase is lc.Phase.PROCESSING)
+        alpha = [(await create(http, gw))["id"] for _ in range(3)]
+        beta = (await create(http, gw, token=OTHER_TOKEN))["id"]
+        async with http.post(blocker["urls"]["cancel"], headers=gw.auth()) as resp:
+            assert resp.status == 200
+        started = {}
+        for namespace, prediction_id in [*(("alpha", a) for a in alpha), ("beta", beta)]:
+            record = await until(gw, prediction_id, ended, namespace=namespace)
+            assert record.state.phase is lc.Phase.SUCCEEDED and record.state.started_at
+            started[prediction_id] = record.state.started_at
+        order = sorted(started, key=started.__getitem__)
+        assert order == [alpha[0], beta, alpha[1], alpha[2]]
