@@ -101,6 +101,13 @@ def _required_int(env: Mapping[str, str], name: str, default: int) -> int:
     return value
 
 
+def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
+    value = _required_int(env, name, default)
+    if value < 1:
+        raise ConfigError(f"{name} must be at least 1, not {value}")
+    return value
+
+
 def _json(env: Mapping[str, str], name: str, default: Any) -> Any:
     raw = env.get(name, "").strip()
     if not raw:
@@ -138,6 +145,10 @@ class OperatorConfig:
     # a missing Secret) before its prediction fails; the start deadline bounds it too.
     waiting_grace_seconds: int = 300
     namespaces: tuple[str, ...] = ()
+    # kopf runs a handler per object at once, unbounded: under bulk creation thousands
+    # then wait for the Kubernetes client's 100 connections and time out (30 s), and
+    # retry. Past this many, handlers wait their turn instead.
+    max_concurrent_handlers: int = 32
     peering: str = "whisperx"
     peering_priority: int = 0
     # "": every interface, IPv4 and IPv6 (pods are reached on their pod IP, either family).
@@ -202,6 +213,9 @@ class OperatorConfig:
                 env, "WHISPERX_WAITING_GRACE_SECONDS", cls.waiting_grace_seconds
             ),
             namespaces=tuple(ns.strip() for ns in namespaces.split(",") if ns.strip()),
+            max_concurrent_handlers=_positive_int(
+                env, "WHISPERX_MAX_CONCURRENT_HANDLERS", cls.max_concurrent_handlers
+            ),
             peering=env.get("WHISPERX_PEERING", cls.peering),
             peering_priority=_required_int(env, "WHISPERX_PEERING_PRIORITY", 0),
             listen_host=env.get("WHISPERX_LISTEN_HOST", cls.listen_host),

@@ -35,6 +35,8 @@ ARGOCD_TRACKING_LABEL = "app.kubernetes.io/instance"
 Key = tuple[str, str]
 FireFn = Callable[[Kind, str, str], Awaitable[None]]
 RETRY_SECONDS = 5.0
+# Deadlines acted on at once (each a few API calls and Redis commands).
+CONCURRENCY = 16
 # A run deadline already past when the operator first sees a prediction (it was away):
 # the runner may have finished meanwhile and be retrying its terminal report, at most
 # 15 s apart (whisperx_runner.report), so its result lands before the deadline is acted on.
@@ -109,7 +111,7 @@ class Deadlines:
         *,
         active: Callable[[], bool] = lambda: True,
         clock: Callable[[], float] = time.time,
-        concurrency: int = 16,
+        concurrency: int = CONCURRENCY,
     ) -> None:
         self.fire = fire
         self.active = active

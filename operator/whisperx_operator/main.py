@@ -21,11 +21,10 @@ from whisperx_api.crd import GROUP, PREDICTION_LABEL
 # Imported to register kopf's handlers and its login (the same credentials as ours).
 from whisperx_operator import handlers, login  # noqa: F401
 from whisperx_operator.config import ConfigError, OperatorConfig
-from whisperx_operator.runtime import Runtime
+from whisperx_operator.runtime import FINALIZER, Runtime
 
 log = logging.getLogger("whisperx_operator")
 
-FINALIZER = f"{GROUP}/cleanup"
 KOPF_PREFIX = f"kopf.{GROUP}"
 
 

@@ -12,11 +12,13 @@ import contextlib
 import logging
 from typing import Any
 
+import aiohttp
 import kopf
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from whisperx_api import lifecycle as lc
-from whisperx_api.crd import PREDICTION_LABEL
+from whisperx_api.crd import GROUP, PREDICTION_LABEL
 from whisperx_api.hostport import bind_host
 from whisperx_api.kube import ApiError, KubeClient, resource_path
 from whisperx_api.records import PredictionRecord
@@ -25,7 +27,7 @@ from whisperx_api.runner_endpoint import runner_app
 from whisperx_api.status_writer import StatusWriter
 from whisperx_api.store import Store
 from whisperx_api.webhooks import WebhookSender
-from whisperx_operator import jobs
+from whisperx_operator import deadlines, jobs
 from whisperx_operator.config import OperatorConfig
 from whisperx_operator.deadlines import Deadlines, Kind, Limits, kept_after_ttl
 from whisperx_operator.events import EventPoster, involved_object
@@ -41,6 +43,19 @@ from whisperx_operator.sink import KubeStatusSink
 from whisperx_operator.validation import profile_for, validate_spec
 
 log = logging.getLogger(__name__)
+
+# kopf's finalizer on Predictions (main.py gives it to kopf): their deletion waits for the
+# delete handler, which removes their Redis data.
+FINALIZER = f"{GROUP}/cleanup"
+# Redis connections for what runs beside the kopf handlers: runner reports, the webhook
+# sender, and deadlines acted on at once. Past the pool, a command waits (up to 5 s)
+# for a free connection rather than failing with MaxConnectionsError.
+OTHER_REDIS_CONNECTIONS = 16 + deadlines.CONCURRENCY
+
+
+def redis_pool_size(config: OperatorConfig) -> int:
+    """One connection per handler that may run at once, and the others'."""
+    return config.max_concurrent_handlers + OTHER_REDIS_CONNECTIONS
 
 
 def _job_path(namespace: str, name: str | None = None) -> str:
@@ -64,7 +79,12 @@ class Runtime:
     def __init__(self, config: OperatorConfig, *, identity: str) -> None:
         self.config = config
         self.kube = KubeClient()
-        self.store = Store.from_url(config.redis_url)
+        self.store = Store.from_url(config.redis_url, redis_pool_size(config))
+        # Taken by every kopf handler (handlers.py) for its whole run.
+        self.handler_slots = asyncio.Semaphore(config.max_concurrent_handlers)
+        # (namespace, name) -> uid of Predictions whose Secret and Job `prepare` created
+        # before kopf's first cycle ended; `reconcile` takes it from here.
+        self._prepared: dict[tuple[str, str], str] = {}
         self.events = EventPoster(self.kube, identity)
         self.gate = PeeringGate(
             self.kube,
@@ -156,13 +176,9 @@ class Runtime:
                 ref.namespace, ref.name, lc.Failed(problem.reason, problem.message, lc.now_utc())
             )
             return
-        if not (body.get("status") or {}).get("phase"):
-            # No status yet, so no report of this prediction was applied: whatever Redis
-            # holds under its name was left by an earlier namesake, and that one's report
-            # sequence number would make this one's reports look like replays.
-            await self.store.delete_prediction(ref.namespace, ref.name)
         try:
-            await self._ensure_runner_objects(ref, record)
+            if self._prepared.pop((ref.namespace, ref.name), None) != ref.uid:
+                await self._start(ref, record, fresh=not (body.get("status") or {}).get("phase"))
         except ApiError as exc:
             if exc.status != 403:
                 raise
@@ -184,6 +200,39 @@ class Runtime:
             if not current.state.terminal:
                 await self.sink.save(current)
             await self.writer.publish(current)
+
+    async def prepare(self, body: dict[str, Any]) -> None:
+        """A Prediction's first event, before kopf has put its finalizer on it: kopf runs
+        `reconcile` only on the event that write brings back, so the Secret and the Job
+        are created now rather than a round trip later. Best effort: on any failure
+        `reconcile` does it again, and handles what went wrong."""
+        meta = body.get("metadata") or {}
+        if (
+            (body.get("status") or {}).get("phase")
+            or FINALIZER in (meta.get("finalizers") or ())
+            or meta.get("deletionTimestamp")
+        ):
+            return  # not new, or kopf is past its first step (reconcile runs now)
+        ref = jobs.PredictionRef.from_body(body)
+        record = PredictionRecord.from_resource(body)
+        if record.cancel_requested or validate_spec(ref.spec, self.config.profiles):
+            return  # reconcile ends it without a Job
+        try:
+            await self._start(ref, record, fresh=True)
+        except (ApiError, kopf.TemporaryError, RedisError, aiohttp.ClientError, OSError) as exc:
+            log.debug("preparing %s/%s: %r (left to reconcile)", ref.namespace, ref.name, exc)
+            return
+        self._prepared[(ref.namespace, ref.name)] = ref.uid
+
+    async def _start(
+        self, ref: jobs.PredictionRef, record: PredictionRecord, *, fresh: bool
+    ) -> None:
+        if fresh:
+            # No status yet, so no report of this prediction was applied: whatever Redis
+            # holds under its name was left by an earlier namesake, and that one's report
+            # sequence number would make this one's reports look like replays.
+            await self.store.delete_prediction(ref.namespace, ref.name)
+        await self._ensure_runner_objects(ref, record)
 
     async def _ensure_runner_objects(
         self, ref: jobs.PredictionRef, record: PredictionRecord
@@ -227,6 +276,7 @@ class Runtime:
     async def forget(self, namespace: str, name: str) -> None:
         """The Prediction is being deleted: remove its Redis data and in-memory state."""
         await self.store.delete_prediction(namespace, name)
+        self._prepared.pop((namespace, name), None)
         self.writer.forget(namespace, name)
         self.sink.forget(namespace, name)
         self.deadlines.forget(namespace, name)

@@ -71,6 +71,16 @@ def test_environment() -> None:
     assert OperatorConfig.from_env(KEY).default_ttl_seconds == 86400
 
 
+def test_handler_concurrency_is_a_setting() -> None:
+    env = {**KEY, "WHISPERX_MAX_CONCURRENT_HANDLERS": "5"}
+    assert OperatorConfig.from_env(env).max_concurrent_handlers == 5
+    assert OperatorConfig.from_env(KEY).max_concurrent_handlers == 32
+    for bad in ("0", "-1", "many"):
+        env = {**KEY, "WHISPERX_MAX_CONCURRENT_HANDLERS": bad}
+        with pytest.raises(ConfigError, match="WHISPERX_MAX_CONCURRENT_HANDLERS"):
+            OperatorConfig.from_env(env)
+
+
 @pytest.mark.parametrize(
     "env",
     [

@@ -42,6 +42,7 @@ from tests.kube_fixtures import (
 )
 from whisperx_api.reports import SIGNATURE_HEADER, prediction_token, sign
 from whisperx_api.webhooks import signature, tenant_secret
+from whisperx_operator.runtime import FINALIZER
 
 NS = "default"
 SUCCEED = "https://fake.test/succeed"
@@ -200,6 +201,45 @@ async def test_a_prediction_runs_to_success(
         body["output"]["segments"]
         and body["urls"]["get"] == "http://gateway.test/v1/predictions/p1"
     )
+
+
+async def test_a_new_predictions_job_does_not_wait_for_kopfs_finalizer(
+    kube: Emulator, operator: OperatorProcess
+) -> None:
+    # kopf runs create handlers only on the event its finalizer write brings back: the
+    # Job is created on the first event instead, before that write (resource versions
+    # are the API server's, etcd's revisions, in the order of the writes).
+    seen: dict[str, list[dict[str, Any]]] = {"predictions": [], "jobs": []}
+
+    async def collect(resource: Any, into: list[dict[str, Any]]) -> None:
+        async for event in kube.subscribe(resource):
+            if event["object"]["metadata"]["name"] == "early":
+                into.append(event["object"])
+
+    tasks = [
+        asyncio.create_task(collect(PREDICTIONS, seen["predictions"])),
+        asyncio.create_task(collect(JOBS, seen["jobs"])),
+    ]
+    try:
+        await asyncio.sleep(0.1)  # both subscribed
+        await create(kube, "early", HANG)
+        await wait_for(lambda: seen["jobs"])
+        finalized = await wait_for(
+            lambda: [
+                p for p in seen["predictions"] if FINALIZER in p["metadata"].get("finalizers", [])
+            ]
+        )
+        job_written = int(seen["jobs"][0]["metadata"]["resourceVersion"])
+        assert job_written < int(finalized[0]["metadata"]["resourceVersion"])
+        # ...and by then its create handler has run, without creating anything twice.
+        await wait_for(lambda: (current(kube, "early").get("status") or {}).get("phase"))
+        assert kube.creations[JOBS, NS, "early"] == 1
+        assert kube.creations[SECRETS, NS, "early-runner"] == 1
+        assert "JobCreated" in await wait_for(lambda: event_reasons(kube, "early"))
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def test_profile_and_secrets_reach_the_runner(

@@ -1,0 +1,69 @@
+"""The operator's own limits under bulk load: how many kopf handlers run at once, and a
+Redis pool that holds every command they and the rest of the operator have in flight."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import kopf
+import pytest
+
+from whisperx_operator import deadlines, handlers
+from whisperx_operator.config import OperatorConfig
+from whisperx_operator.runtime import OTHER_REDIS_CONNECTIONS, Runtime
+
+KEY = b"k" * 32
+
+
+def body(name: str) -> kopf.Body:
+    return kopf.Body({"metadata": {"name": name, "namespace": "default", "uid": name}})
+
+
+async def test_handlers_beyond_the_limit_wait_their_turn(monkeypatch: pytest.MonkeyPatch) -> None:
+    runtime = Runtime(OperatorConfig(report_key=KEY, max_concurrent_handlers=3), identity="t")
+    running, peak = 0, 0
+
+    async def work(*_: Any) -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.02)
+        running -= 1
+
+    for name in ("reconcile", "prepare", "job_changed", "pod_changed", "forget"):
+        monkeypatch.setattr(runtime, name, work)
+    memo = kopf.Memo(runtime=runtime)
+    # kopf's decorators type these as its handler protocols: called as kopf calls them.
+    kinds: list[tuple[Any, dict[str, str]]] = [
+        (handlers.created, {}),
+        (handlers.prediction_event, {"type": "ADDED"}),
+        (handlers.job_event, {"type": "MODIFIED"}),
+        (handlers.pod_event, {"type": "MODIFIED"}),
+        (handlers.deleted, {}),
+    ]
+    calls = [fn(body=body(f"p{i}"), memo=memo, **kw) for fn, kw in kinds for i in range(6)]
+    await asyncio.gather(*calls)
+    assert peak == 3 and running == 0
+    await runtime.stop()
+
+
+async def test_the_redis_pool_holds_every_command_in_flight(redis_url: str) -> None:
+    config = OperatorConfig(report_key=KEY, redis_url=redis_url, max_concurrent_handlers=40)
+    runtime = Runtime(config, identity="t")
+    redis = runtime.store.redis
+    try:
+        # As many commands as handlers and deadlines may have in flight run at once, none
+        # waiting for another's connection: each blocks 1 s, all are done well before 2 s.
+        at_once = config.max_concurrent_handlers + deadlines.CONCURRENCY
+        began = time.monotonic()
+        await asyncio.gather(*(redis.blpop([f"nothing-{i}"], timeout=1) for i in range(at_once)))
+        assert time.monotonic() - began < 1.9
+        # Past the pool (more than redis-py's default of 100), commands wait for a
+        # connection instead of failing with MaxConnectionsError.
+        beyond = config.max_concurrent_handlers + OTHER_REDIS_CONNECTIONS + 60
+        assert beyond > 100
+        await asyncio.gather(*(redis.blpop([f"nothing-{i}"], timeout=0.2) for i in range(beyond)))
+    finally:
+        await runtime.stop()
