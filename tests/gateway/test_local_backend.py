@@ -359,3 +359,19 @@ async def test_queued_predictions_are_handed_out_to_namespaces_in_turn(
             started[prediction_id] = record.state.started_at
         order = sorted(started, key=started.__getitem__)
         assert order == [alpha[0], beta, alpha[1], alpha[2]]
+
+
+async def test_a_runner_that_cannot_start_fails_what_waits_for_it(
+    redis_url: str, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    missing = str(tmp_path / "no-such-runner")
+    async with serve_local(redis_url, runner=[missing], concurrency=1) as gw:
+        body = await create(http, gw)
+        record = await until(gw, body["id"], ended)
+        assert record.state.reason == "RunnerNotStarted"
+        assert record.state.error is not None
+        assert (
+            record.state.error.startswith("cannot start the runner")
+            and missing in record.state.error
+        )
+        assert runner_processes(gw) == []
