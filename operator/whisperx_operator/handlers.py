@@ -4,7 +4,8 @@ Predictions get changing handlers (create, resume, cancel, delete with a finaliz
 removes the Redis data), and an event handler that starts a new one's Job early. Jobs,
 pods and the Job controller's FailedCreate Events get event handlers only: they store
 nothing on those objects and only feed the lifecycle, which ignores repeats. Every
-handler takes one of the runtime's `handler_slots` (WHISPERX_MAX_CONCURRENT_HANDLERS).
+handler that calls the API server takes one of the runtime's `handler_slots`
+(WHISPERX_MAX_CONCURRENT_HANDLERS).
 """
 
 from __future__ import annotations
@@ -42,8 +43,7 @@ async def stopping(memo: Any, **_: Any) -> None:
 @kopf.on.event(GROUP, VERSION, PLURAL)
 async def prediction_event(type: str | None, body: kopf.Body, memo: Any, **_: Any) -> None:
     if type != "DELETED":
-        async with _runtime(memo).handler_slots:
-            await _runtime(memo).prepare(dict(body))
+        await _runtime(memo).prepare(body)
 
 
 @kopf.on.create(GROUP, VERSION, PLURAL, backoff=BACKOFF)

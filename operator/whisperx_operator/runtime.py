@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
@@ -201,11 +202,13 @@ class Runtime:
                 await self.sink.save(current)
             await self.writer.publish(current)
 
-    async def prepare(self, body: dict[str, Any]) -> None:
+    async def prepare(self, body: Mapping[str, Any]) -> None:
         """A Prediction's first event, before kopf has put its finalizer on it: kopf runs
         `reconcile` only on the event that write brings back, so the Secret and the Job
         are created now rather than a round trip later. Best effort: on any failure
-        `reconcile` does it again, and handles what went wrong."""
+        `reconcile` does it again, and handles what went wrong. Every other event of a
+        Prediction passes through here too: those return at once, without a handler
+        slot."""
         meta = body.get("metadata") or {}
         if (
             (body.get("status") or {}).get("phase")
@@ -213,12 +216,13 @@ class Runtime:
             or meta.get("deletionTimestamp")
         ):
             return  # not new, or kopf is past its first step (reconcile runs now)
-        ref = jobs.PredictionRef.from_body(body)
-        record = PredictionRecord.from_resource(body)
+        ref = jobs.PredictionRef.from_body(dict(body))
+        record = PredictionRecord.from_resource(dict(body))
         if record.cancel_requested or validate_spec(ref.spec, self.config.profiles):
             return  # reconcile ends it without a Job
         try:
-            await self._start(ref, record, fresh=True)
+            async with self.handler_slots:
+                await self._start(ref, record, fresh=True)
         except (ApiError, kopf.TemporaryError, RedisError, aiohttp.ClientError, OSError) as exc:
             log.debug("preparing %s/%s: %r (left to reconcile)", ref.namespace, ref.name, exc)
             return

@@ -18,21 +18,29 @@ KEY = b"k" * 32
 
 
 def body(name: str) -> kopf.Body:
-    return kopf.Body({"metadata": {"name": name, "namespace": "default", "uid": name}})
+    """A new Prediction, as its first watch event brings it."""
+    return kopf.Body(
+        {
+            "apiVersion": "whisperx.io/v1alpha1",
+            "kind": "Prediction",
+            "metadata": {"name": name, "namespace": "default", "uid": name},
+            "spec": {"input": {"audio_file": "https://example.test/a.wav"}},
+        }
+    )
 
 
 async def test_handlers_beyond_the_limit_wait_their_turn(monkeypatch: pytest.MonkeyPatch) -> None:
     runtime = Runtime(OperatorConfig(report_key=KEY, max_concurrent_handlers=3), identity="t")
     running, peak = 0, 0
 
-    async def work(*_: Any) -> None:
+    async def work(*_: Any, **__: Any) -> None:
         nonlocal running, peak
         running += 1
         peak = max(peak, running)
         await asyncio.sleep(0.02)
         running -= 1
 
-    for name in ("reconcile", "prepare", "job_changed", "pod_changed", "forget"):
+    for name in ("reconcile", "_start", "job_changed", "pod_changed", "forget"):
         monkeypatch.setattr(runtime, name, work)
     memo = kopf.Memo(runtime=runtime)
     # kopf's decorators type these as its handler protocols: called as kopf calls them.
