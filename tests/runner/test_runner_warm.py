@@ -8,6 +8,7 @@ as a real `whisperx-runner run` process where signals matter.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import io
 import json
@@ -46,6 +47,8 @@ class WorkServer:
     requests: list[dict[str, Any]] = field(default_factory=list)
     then: int = 204
     asked: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set at teardown: a held request answers at once (the server waits for handlers).
+    closing: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.read()
@@ -60,7 +63,8 @@ class WorkServer:
         if self.queue:
             return web.Response(body=self.queue.pop(0).model_dump_json())
         if self.then == 204:
-            await asyncio.sleep(asked["wait"])
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.closing.wait(), asked["wait"])
         return web.Response(status=self.then)
 
 
@@ -76,6 +80,7 @@ async def work_server() -> AsyncIterator[WorkServer]:
     host, port = runner.addresses[0][:2]
     server.base = f"http://{host}:{port}"
     yield server
+    server.closing.set()
     await runner.cleanup()
 
 
