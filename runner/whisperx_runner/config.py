@@ -97,6 +97,9 @@ class RunnerConfig:
     # Warm runners: where to ask for work (set instead of input_file and report_url), the
     # runner's credential for it, how long to wait idle for work before exiting, and the
     # most predictions to serve (0: no limit).
+    # Alignment models (one per language) a runner that keeps its Whisper model loaded
+    # (a warm runner) also keeps between predictions, least recently used dropped first.
+    keep_align_models: int = 1
     work_url: str | None = None
     runner_token: str | None = None
     idle_seconds: float = 0.0
@@ -169,6 +172,9 @@ class RunnerConfig:
                 env, "WHISPERX_REPORT_RETRY_SECONDS", defaults.report_retry_seconds, minimum=0
             ),
             work_dir=Path(work_dir) if work_dir else None,
+            keep_align_models=int(
+                _number(env, "WHISPERX_KEEP_ALIGN_MODELS", defaults.keep_align_models, minimum=0)
+            ),
             work_url=_optional(env, "WHISPERX_WORK_URL"),
             runner_token=_optional(env, "WHISPERX_RUNNER_TOKEN"),
             idle_seconds=_number(env, "WHISPERX_IDLE_SECONDS", defaults.idle_seconds, minimum=0),

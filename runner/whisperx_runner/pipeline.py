@@ -26,6 +26,7 @@ import resource
 import sys
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -205,6 +206,9 @@ class Transcriber:
         )
         self._model: Any = None
         self._base_options: Any = None
+        # Alignment models kept between runs (most recent last), at most
+        # config.keep_align_models, and only while the Whisper model is kept too.
+        self._align_models: OrderedDict[tuple[str, str], tuple[Any, Any]] = OrderedDict()
         self._device: str | None = None
         self._lock = threading.Lock()
         prepare_environment(config.allow_downloads)
@@ -254,6 +258,7 @@ class Transcriber:
 
     def release(self) -> None:
         self._model = None
+        self._align_models.clear()
         self._free_memory()
 
     def _free_memory(self) -> None:
@@ -571,7 +576,15 @@ class Transcriber:
 
         self._use_punkt()
         log("Aligning")
-        align_model, metadata = load_align_model(language, self.device, **kwargs)
+        key = (language, repr(sorted(kwargs.items())))
+        loaded = self._align_models.pop(key, None)
+        if loaded is None:
+            loaded = load_align_model(language, self.device, **kwargs)
+        if self.keep_loaded and self.config.keep_align_models > 0:
+            self._align_models[key] = loaded
+            while len(self._align_models) > self.config.keep_align_models:
+                self._align_models.popitem(last=False)
+        align_model, metadata = loaded
         aligned = align(
             result["segments"],
             align_model,
@@ -581,7 +594,7 @@ class Transcriber:
             return_char_alignments=False,
             progress_callback=progress,
         )
-        del align_model
+        del align_model, metadata, loaded
         self._free_memory()
         return aligned
 

@@ -171,3 +171,32 @@ async def test_hardware_profile_caps_the_batch_size(
     result = transcriber.run(PredictionInput(audio_file="data:,"), samples, log=logs.append)
     assert "batch_size 64 capped at 2 by the hardware profile" in logs
     assert "fox" in " ".join(s["text"] for s in result.output["segments"]).lower()
+
+
+async def test_a_kept_model_keeps_its_alignment_model_within_the_bound(
+    transcriber: Any, fox_wav: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import whisperx.alignment
+
+    loads: list[str] = []
+    real = whisperx.alignment.load_align_model
+
+    def counted(language: str, *args: Any, **kwargs: Any) -> Any:
+        loads.append(language)
+        return real(language, *args, **kwargs)
+
+    monkeypatch.setattr(whisperx.alignment, "load_align_model", counted)
+    samples = await samples_of(fox_wav)
+    inp = PredictionInput(audio_file="data:,", align_output=True, language="en", batch_size=8)
+    transcriber._align_models.clear()
+    for _ in range(2):
+        transcriber.run(inp, samples)
+    assert loads == ["en"] and len(transcriber._align_models) == 1  # a warm runner's reuse
+
+    monkeypatch.setattr(
+        transcriber, "config", dataclasses.replace(transcriber.config, keep_align_models=0)
+    )
+    transcriber._align_models.clear()
+    for _ in range(2):
+        transcriber.run(inp, samples)
+    assert loads == ["en", "en", "en"] and not transcriber._align_models
