@@ -41,14 +41,18 @@ def _node() -> str:
     return node
 
 
-async def run_client(gw: Gateway, section: str, audio: Path | None = None) -> dict[str, Any]:
-    """`node client.mjs SECTION` against `gw`; its result for that section."""
+async def run_client(
+    gw: Gateway, section: str, audio: Path | None = None, **extra: str
+) -> dict[str, Any]:
+    """`node client.mjs SECTION` against `gw`; its result for that section. `extra`:
+    more environment for the section (WHISPERX_...)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("REPLICATE_", "WHISPERX_"))}
     env |= {
         "WHISPERX_BASE_URL": f"{gw.url}/v1",
         "WHISPERX_TOKEN": TOKEN,
         "WHISPERX_OTHER_TOKEN": OTHER_TOKEN,
         "WHISPERX_AUDIO_FILE": str(audio or ""),
+        **extra,
     }
     process = await asyncio.create_subprocess_exec(
         _node(), "client.mjs", section,

@@ -1,6 +1,8 @@
-"""The cluster path: the gateway creates Prediction resources in the emulated Kubernetes
-API (tests/kube_fixtures.py), and the real operator runs them as Jobs (a kubelet runs the
-Job's command, the operator's stand-in runner) and writes status, Redis and webhooks."""
+"""The cluster path: the gateway creates Prediction resources on the real control plane
+(tests/cluster; the emulator only with WHISPERX_KUBE_BACKEND=emulator), and the real
+operator runs them as Jobs (the kubelet stand-in runs the Job's command, the operator's
+stand-in runner) and writes status, Redis and webhooks; the official Python and
+JavaScript clients drive it."""
 
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from tests.cluster.fixtures import (
 )
 from tests.conftest import free_port
 from tests.gateway.conftest import TOKEN, Gateway, Receiver, call, completed, serve
+from tests.gateway.test_js_client import run_client
 from tests.kube_fixtures import (  # noqa: F401
     PREDICTIONS,
     SECRETS,
@@ -229,6 +232,22 @@ async def test_the_official_client_through_the_operator(
         assert receiver.bodies()[-1] == await resp.json()
     page = await call(client.predictions.list)
     assert [p.status for p in page.results] == ["canceled", "succeeded"]
+
+
+async def test_the_official_javascript_client_through_the_operator(
+    cluster_gateway: Gateway,
+) -> None:
+    result = await run_client(
+        cluster_gateway,
+        "cluster_run",
+        WHISPERX_SUCCEED_URL="https://fake.test/succeed",
+        WHISPERX_HANG_URL="https://fake.test/hang",
+    )
+    assert result["output"]["segments"][0]["text"] == " the quick brown fox"
+    assert result["status"] == "canceled"
+    # Every event (no filter), from the operator, signed with the secret the gateway gives.
+    assert result["webhooks"][0] == "processing" and result["webhooks"][-1] == "canceled"
+    assert all(result["valid"]) and len(result["valid"]) == len(result["webhooks"])
 
 
 async def test_replicas_share_everything_and_a_restart_loses_nothing(
