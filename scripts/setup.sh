@@ -28,17 +28,28 @@ build_log=$(mktemp)
 bash scripts/build-control-plane.sh all >"$build_log" 2>&1 &
 build_pid=$!
 
-[ -x .venv/bin/python ] || python3 -m venv .venv
+# The virtualenv (about 6 GB: torch and its CUDA wheels) lives in this machine's cache,
+# and .venv links to it, so a fresh clone on a machine that has set up before reuses it
+# instead of downloading it again. An existing .venv folder is used as it is.
+if [ ! -e .venv ]; then
+  python_version=$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+  shared_venv=${WHISPERX_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/whisperx-operator/venv-py$python_version}
+  mkdir -p "$(dirname "$shared_venv")"
+  [ -x "$shared_venv/bin/python" ] || python3 -m venv "$shared_venv"
+  ln -s "$shared_venv" .venv
+fi
 PY=.venv/bin/python
 # pip warns about every missing mirror folder of this machine's index; keep its real
 # output, and its exit status (pipefail), without that noise.
 quiet() { grep -v '^WARNING: Location' || true; }
-# The editable install only needs redoing when the project's metadata changes.
+# The editable install only needs redoing when the project's metadata changes, or when
+# the shared virtualenv last served another checkout.
 stamp=.venv/.whisperx-project.sha256
-if ! sha256sum --check --status "$stamp" 2>/dev/null; then
+wanted="$(sha256sum pyproject.toml) $PWD"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
   $PY -m pip install -q --upgrade pip 2>&1 | quiet
   $PY -m pip install -q -e '.[test]' 2>&1 | quiet
-  sha256sum pyproject.toml > "$stamp"
+  echo "$wanted" > "$stamp"
 fi
 # Returns at once when the pinned stack is already there.
 PYTHON=$PY bash scripts/install-runner-cpu.sh 2>&1 | quiet
