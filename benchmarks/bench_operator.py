@@ -135,7 +135,7 @@ async def create_prediction(kube: RealKube, name: str) -> None:
     raise RuntimeError(f"creating {name}: the API server kept refusing")
 
 
-async def sample_latencies(kube: RealKube, prefix: str, samples: int) -> list[float]:
+async def sample_latencies(kube: RealKube, prefix: str, samples: int, gap: float) -> list[float]:
     clock = JobClock(kube)
     await clock.start()
     try:
@@ -147,7 +147,9 @@ async def sample_latencies(kube: RealKube, prefix: str, samples: int) -> list[fl
             latency = (await clock.wait(name)) - start
             if i >= 0:
                 latencies.append(latency)
-            await asyncio.sleep(0.02)  # one at a time: latency, not throughput
+            # One at a time: latency, not throughput. A short gap measures each one behind
+            # the previous one's follow-up work (status, Events); a long one, the path alone.
+            await asyncio.sleep(gap)
         return latencies
     finally:
         await clock.stop()
@@ -312,7 +314,7 @@ async def main(args: argparse.Namespace) -> None:
                       flush=True)  # fmt: skip
                 baseline = spawn_baseline(plane, workdir)
                 try:
-                    base_lat = await sample_latencies(kube, "base", args.samples)
+                    base_lat = await sample_latencies(kube, "base", args.samples, args.gap)
                 finally:
                     stop(baseline)
                 await asyncio.to_thread(reset_namespace, plane, NS)
@@ -335,7 +337,7 @@ async def main(args: argparse.Namespace) -> None:
                     idle_rss, _ = rss_mb(pid)
                     print(f"whisperx-operator: {args.samples} predictions one at a time",
                           flush=True)  # fmt: skip
-                    lat = await sample_latencies(kube, "lat", args.samples)
+                    lat = await sample_latencies(kube, "lat", args.samples, args.gap)
                     created = args.samples + WARMUP
                     steps = []
                     for target in sorted(args.counts):
@@ -358,7 +360,8 @@ async def main(args: argparse.Namespace) -> None:
     p50, p99 = percentile(lat, 0.5), percentile(lat, 0.99)
     b50, b99 = percentile(base_lat, 0.5), percentile(base_lat, 0.99)
     print()
-    print(f"machine: {os.cpu_count()} cores; {args.samples} latency samples each; etcd db "
+    print(f"machine: {os.cpu_count()} cores; {args.samples} latency samples each, "
+          f"{args.gap} s apart; etcd db "
           f"{db_mb:.0f} MB at the end; {errors} ERROR lines in the operator's log; "
           f"whole run {time.perf_counter() - began:.0f} s")  # fmt: skip
     rows = [
@@ -413,6 +416,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--counts", type=int, nargs="+", default=[5000, 50000],
                         help="live predictions for RSS, each measured in turn")  # fmt: skip
     parser.add_argument("--samples", type=int, default=200, help="latency samples")
+    parser.add_argument("--gap", type=float, default=0.02,
+                        help="seconds between latency samples")  # fmt: skip
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--settle", type=float, default=10.0, help="seconds before RSS, least")
     parser.add_argument(
