@@ -173,10 +173,6 @@ class LocalRunners:
             if runner.holding == key:
                 self._spawn_task(self._stop(runner.process), f"wx-stop-{runner.id}")
 
-    def holds(self, namespace: str, prediction_id: str) -> bool:
-        key = (namespace, prediction_id)
-        return key in self._pending or any(r.holding == key for r in self._runners.values())
-
     async def close(self) -> None:
         self._closing = True
         async with self._work:
@@ -281,19 +277,21 @@ class LocalRunners:
         pending = self._pending.pop(key, None)
         if pending is None:
             return None
+        runner.holding = key  # from here on, a cancel finds it on this runner
         try:
             record = await self.store.get_record(*key)
             if record is None or record.state.terminal:
+                runner.holding = None
                 await self.on_done(*key)
                 return None
             if record.state.queued:
                 await self.writer.apply(*key, lc.Admitted(at=lc.now_utc()))
         except BaseException:
             # Cut off (Redis, or the runner's request gone): the next runner takes it.
+            runner.holding = None
             self._pending[key] = pending
             self.queue.push(*key)
             raise
-        runner.holding = key
         self.metrics.queued.observe(time.monotonic() - pending.queued_at)
         self.metrics.starts.inc("warm" if runner.served else "cold")
         runner.served += 1

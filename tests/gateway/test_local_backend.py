@@ -375,3 +375,30 @@ async def test_a_runner_that_cannot_start_fails_what_waits_for_it(
             and missing in record.state.error
         )
         assert runner_processes(gw) == []
+
+
+async def test_a_cancel_while_a_runner_is_being_given_the_prediction_stops_that_runner(
+    redis_url: str, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with serve_local(redis_url, concurrency=1) as gw:
+        runners = gw.backend.runners
+        reading, go_on = asyncio.Event(), asyncio.Event()
+        real = runners.store.get_record
+
+        async def slow_read(namespace: str, prediction_id: str) -> PredictionRecord | None:
+            record: PredictionRecord | None = await real(namespace, prediction_id)  # pre-cancel
+            reading.set()
+            await go_on.wait()
+            return record
+
+        monkeypatch.setattr(runners.store, "get_record", slow_read)
+        body = await create(http, gw)
+        await asyncio.wait_for(reading.wait(), 30)  # a runner is being given it
+        (process,) = runner_processes(gw)
+        monkeypatch.setattr(runners.store, "get_record", real)
+        async with http.post(body["urls"]["cancel"], headers=gw.auth()) as resp:
+            assert (await resp.json())["status"] == "canceled"
+        go_on.set()
+        await asyncio.wait_for(process.wait(), 10)  # stopped, not left to transcribe
+        record = await until(gw, body["id"], ended)
+        assert record.state.phase is lc.Phase.CANCELED and record.state.started_at is None
