@@ -47,6 +47,9 @@ PVS = ResourceRef("", "v1", "persistentvolumes", namespaced=False)
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
 GPU = "nvidia.com/gpu"
 LEASE_SECONDS = 4
+# How long a pod's Secrets may stay forbidden to its node (the Node authorizer not yet
+# knowing the pod) before the container reads as CreateContainerConfigError.
+FORBIDDEN_GRACE_SECONDS = 5.0
 
 
 def now() -> str:
@@ -367,6 +370,7 @@ class Kubelet:
                     else (asyncio.Event().wait())
                 )
                 await self._until_deleted(run, wait)
+            forbidden_until = time.monotonic() + FORBIDDEN_GRACE_SECONDS
             while True:
                 try:
                     env, args = await self._container(client, run, pod, container)
@@ -378,9 +382,15 @@ class Kubelet:
                 except ApiError as exc:
                     if exc.status != 403:
                         raise
+                    if time.monotonic() > forbidden_until:
+                        await self._status(
+                            client, run, waiting("CreateContainerConfigError", str(exc))
+                        )
+                        await self._until_deleted(run, asyncio.sleep(1))
+                        continue
                     # The Node authorizer learns of a newly bound pod's Secrets and claims
-                    # a moment after the node sees the pod: until then it refuses the node
-                    # (a kubelet's volume manager retries the mount).
+                    # a moment after the node sees the pod: until then it refuses the node,
+                    # and a kubelet waits for its Secret cache quietly.
                     await self._until_deleted(run, asyncio.sleep(0.2))
         except _Deleted:
             await self._finish(client, run, container, None, reason=None)
@@ -607,8 +617,8 @@ class Kubelet:
         try:
             obj = await client.read(resource, namespace, name)
         except ApiError as exc:
-            # E.g. the Node authorizer has not yet linked this pod's node to the Secret:
-            # a kubelet retries.
+            if exc.status == 403:
+                raise  # the Node authorizer may not know the pod yet: retried quietly
             raise _ConfigError(f"{kind} {namespace}/{name}: {exc}") from exc
         if obj is None:
             return None
