@@ -38,7 +38,9 @@ if [ ! -e .venv ]; then
   [ -x "$shared_venv/bin/python" ] || python3 -m venv "$shared_venv"
   ln -s "$shared_venv" .venv
 fi
-PY=.venv/bin/python
+# By the folder's real path: pip writes it into the scripts it installs (pytest, ...),
+# which must not name a checkout that may be gone when the next one uses them.
+PY="$(cd .venv && pwd -P)/bin/python"
 # pip warns about every missing mirror folder of this machine's index; keep its real
 # output, and its exit status (pipefail), without that noise.
 quiet() { grep -v '^WARNING: Location' || true; }
@@ -47,12 +49,12 @@ quiet() { grep -v '^WARNING: Location' || true; }
 stamp=.venv/.whisperx-project.sha256
 wanted="$(sha256sum pyproject.toml) $PWD"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
-  $PY -m pip install -q --upgrade pip 2>&1 | quiet
-  $PY -m pip install -q -e '.[test]' 2>&1 | quiet
+  "$PY" -m pip install -q --upgrade pip 2>&1 | quiet
+  "$PY" -m pip install -q -e '.[test]' 2>&1 | quiet
   echo "$wanted" > "$stamp"
 fi
 # Returns at once when the pinned stack is already there.
-PYTHON=$PY bash scripts/install-runner-cpu.sh 2>&1 | quiet
+PYTHON="$PY" bash scripts/install-runner-cpu.sh 2>&1 | quiet
 # The official JavaScript client, for the tests that prove it works against the gateway.
 npm ci --prefix tests/js --no-audit --no-fund --loglevel=error >/dev/null
 if ! wait "$build_pid"; then
@@ -62,5 +64,5 @@ if ! wait "$build_pid"; then
 fi
 grep '^build-control-plane: built' "$build_log" || true
 rm -f "$build_log"
-$PY -c 'import whisperx_api, whisperx_operator, whisperx_runner, whisperx_gateway'
+"$PY" -c 'import whisperx_api, whisperx_operator, whisperx_runner, whisperx_gateway'
 echo "setup done: $(./.venv/bin/python --version), $(redis-server --version | cut -d' ' -f3)"
