@@ -41,6 +41,7 @@ import aiohttp
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from benchmarks.stats import percentile  # noqa: E402
 from tests.cluster.client import ApiError, path_of  # noqa: E402
 from tests.cluster.controlplane import ControlPlane, build_binaries  # noqa: E402
 from tests.cluster.fixtures import (  # noqa: E402
@@ -279,11 +280,6 @@ def stop(process: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def etcd_db_mb(plane: ControlPlane) -> float:

@@ -24,7 +24,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks.stats import percentile  # noqa: E402
+from tests.conftest import free_port  # noqa: E402
 
 SENTENCES = (
     "The quick brown fox jumps over the lazy dog.",
@@ -99,12 +104,6 @@ def bare_child(clips: list[str]) -> dict[str, Any]:
     return {"load_s": load, "times": times, "texts": texts}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def through_local_mode(clips: list[Path], idle_seconds: float, workdir: Path) -> dict[str, Any]:
     port = free_port()
     env = {**os.environ, "WHISPERX_LOCAL_TOKEN": TOKEN, "WHISPERX_CPU_THREADS": str(THREADS)}
@@ -155,11 +154,6 @@ async def submit_one_by_one(base: str, clips: list[Path]) -> dict[str, Any]:
     return {"times": times, "predict": predict, "texts": texts}
 
 
-def p(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clips", type=int, default=20)
@@ -193,14 +187,14 @@ def main() -> None:
     bare_total = sum(bare["times"])
     for name, times in rows:
         total = sum(times)
-        print(f"{name:36} {p(times, 0.5):7.3f} {p(times, 0.95):7.3f} {total:8.2f} "
-              f"{total / bare_total:12.2f}x")  # fmt: skip
-    print(f"warm p50 - bare p50: {(p(warm['times'], 0.5) - p(bare['times'], 0.5)) * 1000:.0f} ms "
-          "(target <= 300 ms)")  # fmt: skip
+        p50, p95 = percentile(times, 0.5), percentile(times, 0.95)
+        print(f"{name:36} {p50:7.3f} {p95:7.3f} {total:8.2f} {total / bare_total:12.2f}x")
+    over = percentile(warm["times"], 0.5) - percentile(bare["times"], 0.5)
+    print(f"warm p50 - bare p50: {over * 1000:.0f} ms (target <= 300 ms)")
     print(f"warm total / bare total: {sum(warm['times']) / bare_total:.2f}x (target <= 1.3x)")
     print(
-        f"predict_time p50: warm {p(warm['predict'], 0.5):.3f} s, "
-        f"idle time 0 {p(cold['predict'], 0.5):.3f} s (the model load is left out of both)"
+        f"predict_time p50: warm {percentile(warm['predict'], 0.5):.3f} s, idle time 0 "
+        f"{percentile(cold['predict'], 0.5):.3f} s (the model load is left out of both)"
     )
     same = sum(
         a.strip().lower() == b.strip().lower()

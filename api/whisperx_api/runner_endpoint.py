@@ -24,11 +24,16 @@ from whisperx_api.reports import (
 )
 from whisperx_api.status_writer import StatusWriter
 from whisperx_api.store import Store
-from whisperx_api.work import REPORT_ROUTE, WORK_ROUTE, Assignment, WorkRequest, runner_token
+from whisperx_api.work import (
+    REPORT_ROUTE,
+    STOP,
+    WORK_ROUTE,
+    Assignment,
+    WorkRequest,
+    runner_token,
+)
 
 log = logging.getLogger(__name__)
-
-STOP: Literal["stop"] = "stop"
 
 
 class WorkSource(Protocol):

@@ -14,11 +14,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections import deque
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 WORK_ROUTE = "/work/{runner}"
+# A work source's answer meaning "exit" (410 on the wire).
+STOP: Literal["stop"] = "stop"
 REPORT_ROUTE = "/reports/{namespace}/{id}"
 # The longest a runner's request for work is held before it is answered 204.
 MAX_WAIT_SECONDS = 60.0

@@ -25,10 +25,17 @@ from typing import Literal
 
 from whisperx_api import lifecycle as lc
 from whisperx_api.records import PredictionRecord
-from whisperx_api.runner_endpoint import STOP
 from whisperx_api.status_writer import StatusWriter
 from whisperx_api.store import Store
-from whisperx_api.work import Assignment, FairQueue, WorkRequest, report_url, runner_token, work_url
+from whisperx_api.work import (
+    STOP,
+    Assignment,
+    FairQueue,
+    WorkRequest,
+    report_url,
+    runner_token,
+    work_url,
+)
 from whisperx_gateway.metrics import Counter, Gauge, Histogram
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from typing import Literal, TextIO
 import aiohttp
 
 from whisperx_api.reports import SIGNATURE_HEADER, sign
-from whisperx_api.work import Assignment, WorkRequest
+from whisperx_api.work import STOP, Assignment, WorkRequest
 from whisperx_runner.config import RunnerConfig
 from whisperx_runner.errors import EXIT_SUCCEEDED, ConfigError
 from whisperx_runner.pipeline import Transcriber
@@ -27,7 +27,6 @@ from whisperx_runner.runner import Interrupted, PredictionRun, until_signal
 
 log = logging.getLogger(__name__)
 
-STOP: Literal["stop"] = "stop"
 # The first request waits at least this long whatever the idle time: a runner is started
 # because a prediction is queued, though another runner may take it first.
 FIRST_WAIT_SECONDS = 30.0

@@ -13,10 +13,10 @@ from aiohttp.test_utils import TestClient, TestServer
 from tests.conftest import free_port
 from whisperx_api.records import PredictionRecord
 from whisperx_api.reports import SIGNATURE_HEADER, prediction_token, sign
-from whisperx_api.runner_endpoint import STOP, runner_app
+from whisperx_api.runner_endpoint import runner_app
 from whisperx_api.status_writer import StatusWriter
 from whisperx_api.store import Store
-from whisperx_api.work import Assignment, FairQueue, WorkRequest, runner_token
+from whisperx_api.work import STOP, Assignment, FairQueue, WorkRequest, runner_token
 
 KEY = b"signing-key"
 

@@ -253,6 +253,14 @@ async def runner_pid(gw: Gateway, prediction_id: str, namespace: str = "alpha") 
     return int(found[1])
 
 
+async def served_by(http: aiohttp.ClientSession, gw: Gateway) -> int:
+    """Runs one prediction to success; the pid of the runner that served it."""
+    body = await create(http, gw)
+    record = await until(gw, body["id"], ended)
+    assert record.state.phase is lc.Phase.SUCCEEDED
+    return await runner_pid(gw, body["id"])
+
+
 async def metrics(http: aiohttp.ClientSession, gw: Gateway) -> str:
     async with http.get(gw.url + "/metrics") as resp:
         return await resp.text()
@@ -262,12 +270,7 @@ async def test_a_warm_runner_serves_predictions_back_to_back(
     redis_url: str, http: aiohttp.ClientSession
 ) -> None:
     async with serve_local(redis_url, concurrency=1) as gw:
-        pids = []
-        for _ in range(3):
-            body = await create(http, gw)
-            record = await until(gw, body["id"], ended)
-            assert record.state.phase is lc.Phase.SUCCEEDED
-            pids.append(await runner_pid(gw, body["id"]))
+        pids = [await served_by(http, gw) for _ in range(3)]
         assert len(set(pids)) == 1 and len(runner_processes(gw)) == 1
         text = await metrics(http, gw)
         assert 'whisperx_local_prediction_starts_total{start="cold"} 1.0' in text
@@ -296,12 +299,7 @@ async def test_a_runner_exits_after_its_most_predictions(
     redis_url: str, http: aiohttp.ClientSession
 ) -> None:
     async with serve_local(redis_url, concurrency=1, max_predictions=2) as gw:
-        pids = []
-        for _ in range(3):
-            body = await create(http, gw)
-            record = await until(gw, body["id"], ended)
-            assert record.state.phase is lc.Phase.SUCCEEDED
-            pids.append(await runner_pid(gw, body["id"]))
+        pids = [await served_by(http, gw) for _ in range(3)]
         assert pids[0] == pids[1] != pids[2]
 
 
