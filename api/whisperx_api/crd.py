@@ -177,6 +177,7 @@ def status_schema() -> dict[str, Any]:
                 "x-kubernetes-list-map-keys": ["type"],
             },
             "jobName": {"type": "string"},
+            "podName": {"type": "string"},
             "createdAt": timestamp,
             "startedAt": timestamp,
             "completedAt": timestamp,

@@ -93,6 +93,9 @@ class PredictionState:
     # does not count it.
     suspended_seconds: float = 0.0
     conditions: tuple[Condition, ...] = field(default_factory=tuple)
+    # The Job and pod the runner that took it runs as (a warm runner's Job serves many).
+    job: str | None = None
+    pod: str | None = None
 
     @property
     def terminal(self) -> bool:
@@ -143,6 +146,8 @@ class PredictionState:
             "error": self.error,
             "detectedLanguage": self.detected_language,
             "audioDuration": self.audio_duration,
+            "jobName": self.job,
+            "podName": self.pod,
         }
         metrics = {"predictTime": self.predict_time, "totalTime": self.total_time}
         if any(v is not None for v in metrics.values()):
@@ -167,6 +172,8 @@ class PredictionState:
             predict_time=metrics.get("predictTime"),
             suspended_seconds=float(status.get("suspendedSeconds") or 0.0),
             conditions=tuple(Condition.from_dict(c) for c in status.get("conditions") or ()),
+            job=status.get("jobName"),
+            pod=status.get("podName"),
         )
 
 
@@ -199,9 +206,12 @@ class Waiting:
 
 @dataclass(frozen=True)
 class Admitted:
-    """The Job runs (admitted, resumed) or its pod got a node and its container started."""
+    """The Job runs (admitted, resumed), its pod got a node and its container started, or
+    a warm runner took the prediction; `pod` (and `job`) name where it runs, when known."""
 
     at: datetime
+    job: str | None = None
+    pod: str | None = None
 
 
 @dataclass(frozen=True)
@@ -297,8 +307,10 @@ def apply(state: PredictionState, event: Event) -> Transition:
                 new = new.with_condition("Queued", False, "Scheduled", "", at)
             return Transition(new, changed=new != state)
 
-        case Admitted(at=at):
+        case Admitted(at=at, job=job, pod=pod):
             new = state
+            if pod is not None:
+                new = dataclasses.replace(new, job=job or new.job, pod=pod)
             if state.queued:
                 new = new.with_condition("Queued", False, "Admitted", "", at)
                 queued = state.condition("Queued")

@@ -38,6 +38,17 @@ class HardwareProfile(BaseModel):
     )
     device: Literal["cuda", "cpu"] = "cuda"
     batch_size: int | None = Field(None, alias="batchSize", ge=1, le=256)
+    # Warm runners: how long a runner waits for the next prediction of this profile
+    # (in its namespace) before it exits. 0: one prediction per Job, a Job owned by it.
+    idle_seconds: int = Field(0, alias="idleSeconds", ge=0, le=86400)
+    # The most predictions one runner serves (0: no limit), and the most runner Jobs of
+    # this profile at once, all namespaces together.
+    max_predictions: int = Field(0, alias="maxPredictions", ge=0)
+    max_runners: int = Field(10, alias="maxRunners", ge=1)
+
+    @property
+    def warm(self) -> bool:
+        return self.idle_seconds > 0
 
 
 _GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}

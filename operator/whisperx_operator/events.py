@@ -49,6 +49,8 @@ def transition_events(
     if waiting is not None and new.waiting and not (old is not None and old.waiting):
         # Retried by the kubelet for a while (WHISPERX_WAITING_GRACE_SECONDS): a warning.
         events.append(("Warning", waiting.reason, waiting.message))
+    if new.pod is not None and new.pod != (old.pod if old is not None else None):
+        events.append(("Normal", "RunnerAssigned", f"runs on pod {new.pod} of Job {new.job}"))
     if new.phase == old_phase:
         return events
     match new.phase:

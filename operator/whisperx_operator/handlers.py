@@ -16,6 +16,7 @@ from typing import Any
 import kopf
 
 from whisperx_api.crd import CANCEL_ANNOTATION, GROUP, PLURAL, PREDICTION_LABEL, VERSION
+from whisperx_operator.jobs import RUNNER_LABEL
 from whisperx_operator.runtime import Runtime
 
 # Seconds between retries of a failed handler (kopf's default is 60).
@@ -83,6 +84,20 @@ async def job_warning(type: str | None, body: kopf.Body, memo: Any, **_: Any) ->
     if type != "DELETED":
         async with _runtime(memo).handler_slots:
             await _runtime(memo).pod_not_created(dict(body))
+
+
+# Warm runners' Jobs and pods (pools.py): their predictions are not in their labels.
+@kopf.on.event("batch", "v1", "jobs", labels={RUNNER_LABEL: kopf.PRESENT})
+async def runner_job_event(type: str | None, body: kopf.Body, memo: Any, **_: Any) -> None:
+    async with _runtime(memo).handler_slots:
+        await _runtime(memo).pools.job_changed(type, dict(body))
+
+
+@kopf.on.event("v1", "pods", labels={RUNNER_LABEL: kopf.PRESENT})
+async def runner_pod_event(type: str | None, body: kopf.Body, memo: Any, **_: Any) -> None:
+    if type != "DELETED":
+        async with _runtime(memo).handler_slots:
+            await _runtime(memo).pools.pod_changed(dict(body))
 
 
 @kopf.on.event("v1", "pods", labels={PREDICTION_LABEL: kopf.PRESENT})

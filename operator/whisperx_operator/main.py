@@ -16,11 +16,12 @@ from datetime import UTC, datetime
 
 import kopf
 
-from whisperx_api.crd import GROUP, PREDICTION_LABEL
+from whisperx_api.crd import GROUP
 
 # Imported to register kopf's handlers and its login (the same credentials as ours).
 from whisperx_operator import handlers, login  # noqa: F401
 from whisperx_operator.config import ConfigError, OperatorConfig
+from whisperx_operator.jobs import MANAGED_BY, MANAGED_BY_LABEL
 from whisperx_operator.runtime import FINALIZER, Runtime
 
 log = logging.getLogger("whisperx_operator")
@@ -52,9 +53,11 @@ def kopf_settings(config: OperatorConfig) -> kopf.OperatorSettings:
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=KOPF_PREFIX)
     # Only problems become Events from kopf's own logs; the operator posts its own.
     settings.posting.level = logging.WARNING
-    # Server-side filtering: only the Jobs and pods of predictions reach the operator.
-    settings.watching.label_selectors["batch", "v1", "jobs"] = PREDICTION_LABEL
-    settings.watching.label_selectors["v1", "pods"] = PREDICTION_LABEL
+    # Server-side filtering: only the Jobs and pods the operator made reach it (those of
+    # predictions and those of warm runners; handlers.py tells them apart).
+    managed = f"{MANAGED_BY_LABEL}={MANAGED_BY}"
+    settings.watching.label_selectors["batch", "v1", "jobs"] = managed
+    settings.watching.label_selectors["v1", "pods"] = managed
     settings.watching.field_selectors["v1", "events"] = (
         "involvedObject.kind=Job,reason=FailedCreate"
     )

@@ -29,6 +29,8 @@ RETRIED_WAITING = {
     "VolumeUnbound": "VolumeUnbound",
 }
 _MAX_MESSAGE = 1024
+# The Job controller's label on the pods it creates.
+JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
 # The scheduler's words for a pod whose PersistentVolumeClaim (the model cache) does not
 # exist, or is not bound yet (k8s.io/kubernetes pkg/scheduler/framework/plugins/
 # volumebinding).
@@ -128,12 +130,19 @@ def job_event(job: dict[str, Any], pods: Iterable[dict[str, Any]], at: datetime)
     return None
 
 
+def _admitted(pod: dict[str, Any], at: datetime) -> lc.Admitted:
+    """The pod runs, or will: it names the Job and pod that run the prediction."""
+    meta = pod.get("metadata") or {}
+    job = (meta.get("labels") or {}).get(JOB_NAME_LABEL)
+    return lc.Admitted(at, job=job, pod=meta.get("name"))
+
+
 def pod_event(pod: dict[str, Any], at: datetime) -> lc.Event | None:
     """The lifecycle event of a pod that is stuck before the runner starts, if any."""
     status = pod.get("status") or {}
     if status.get("phase") != "Pending":
         if status.get("phase") == "Running":
-            return lc.Admitted(at)
+            return _admitted(pod, at)
         return None
     for container in status.get("containerStatuses") or ():
         waiting = (container.get("state") or {}).get("waiting") or {}
@@ -159,7 +168,7 @@ def pod_event(pod: dict[str, Any], at: datetime) -> lc.Event | None:
             return lc.Failed("VolumeUnbound", message, at)
         return lc.Queued("Unschedulable", message, at)
     if scheduled.get("status") == "True":
-        return lc.Admitted(at)
+        return _admitted(pod, at)
     return None
 
 

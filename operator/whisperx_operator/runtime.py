@@ -40,6 +40,7 @@ from whisperx_operator.pods import (
     pod_creation_failed,
     pod_event,
 )
+from whisperx_operator.pools import Pools
 from whisperx_operator.sink import KubeStatusSink
 from whisperx_operator.validation import profile_for, validate_spec
 
@@ -98,7 +99,8 @@ class Runtime:
         self.sink = KubeStatusSink(
             self.kube,
             self.events,
-            on_saved=lambda r: self.deadlines.update(r.namespace, r.id, r.state),
+            on_saved=self._saved,
+            warm_profiles=frozenset(name for name, p in config.profiles.items() if p.warm),
         )
         self.webhooks = WebhookSender(self.store, config.webhook_secret)
         self.writer = StatusWriter(
@@ -108,6 +110,7 @@ class Runtime:
             public_url=config.public_url,
             webhooks=self.webhooks,
         )
+        self.pools = Pools(config, self.kube, self.writer)
         self._tasks: list[asyncio.Task[None]] = []
         self._runner: web.AppRunner | None = None
         self._stopped = False
@@ -116,7 +119,8 @@ class Runtime:
 
     async def start(self) -> None:
         await self.gate.ensure()
-        app = runner_app(self.writer, self.store, active=lambda: self.gate.active)
+        await self.pools.load()
+        app = runner_app(self.writer, self.store, work=self.pools, active=lambda: self.gate.active)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(
@@ -146,6 +150,10 @@ class Runtime:
         await self.kube.close()
 
     # --- Predictions ---
+
+    def _saved(self, record: PredictionRecord) -> None:
+        self.deadlines.update(record.namespace, record.id, record.state)
+        self.pools.saved(record)
 
     def limits(self, spec: dict[str, Any]) -> Limits:
         return Limits.from_spec(
@@ -179,7 +187,8 @@ class Runtime:
             return
         try:
             if self._prepared.pop((ref.namespace, ref.name), None) != ref.uid:
-                await self._start(ref, record, fresh=not (body.get("status") or {}).get("phase"))
+                fresh = not (body.get("status") or {}).get("phase")
+                await self._start(body, ref, record, fresh=fresh)
         except ApiError as exc:
             if exc.status != 403:
                 raise
@@ -222,21 +231,29 @@ class Runtime:
             return  # reconcile ends it without a Job
         try:
             async with self.handler_slots:
-                await self._start(ref, record, fresh=True)
+                await self._start(dict(body), ref, record, fresh=True)
         except (ApiError, kopf.TemporaryError, RedisError, aiohttp.ClientError, OSError) as exc:
             log.debug("preparing %s/%s: %r (left to reconcile)", ref.namespace, ref.name, exc)
             return
         self._prepared[(ref.namespace, ref.name)] = ref.uid
 
     async def _start(
-        self, ref: jobs.PredictionRef, record: PredictionRecord, *, fresh: bool
+        self,
+        body: dict[str, Any],
+        ref: jobs.PredictionRef,
+        record: PredictionRecord,
+        *,
+        fresh: bool,
     ) -> None:
         if fresh:
             # No status yet, so no report of this prediction was applied: whatever Redis
             # holds under its name was left by an earlier namesake, and that one's report
             # sequence number would make this one's reports look like replays.
             await self.store.delete_prediction(ref.namespace, ref.name)
-        await self._ensure_runner_objects(ref, record)
+        if self.pools.profile(record.hardware) is not None:
+            await self.pools.adopt(body, record)
+        else:
+            await self._ensure_runner_objects(ref, record)
 
     async def _ensure_runner_objects(
         self, ref: jobs.PredictionRef, record: PredictionRecord
@@ -275,24 +292,31 @@ class Runtime:
         record = await self.writer.apply(namespace, name, lc.CancelRequested(at=lc.now_utc()))
         # Status first: once canceled, a late report from the dying runner changes nothing.
         if record is not None and record.state.phase is lc.Phase.CANCELED:
-            await self._delete_job(namespace, name)
+            await self._stop_run(record)
 
     async def forget(self, namespace: str, name: str) -> None:
         """The Prediction is being deleted: remove its Redis data and in-memory state."""
         await self.store.delete_prediction(namespace, name)
+        # A warm runner would go on transcribing it (a Job of its own goes with it).
+        await self.pools.stop(namespace, name)
         self._prepared.pop((namespace, name), None)
         self.writer.forget(namespace, name)
         self.sink.forget(namespace, name)
         self.deadlines.forget(namespace, name)
 
-    async def _delete_job(self, namespace: str, name: str) -> None:
-        await self.kube.delete(_job_path(namespace, jobs.job_name(name)))
+    async def _stop_run(self, record: PredictionRecord) -> None:
+        """Stops whatever still runs the prediction: its own Job, or the warm runner
+        holding it (or takes it out of its queue)."""
+        if self.pools.profile(record.hardware) is not None:
+            await self.pools.stop(record.namespace, record.id)
+        else:
+            await self.kube.delete(_job_path(record.namespace, jobs.job_name(record.id)))
 
     async def _end(self, namespace: str, name: str, event: lc.Failed) -> None:
         """Ends a prediction from outside the runner and stops whatever still runs."""
         record = await self.writer.apply(namespace, name, event)
         if record is not None and record.state.terminal and record.state.reason == event.reason:
-            await self._delete_job(namespace, name)
+            await self._stop_run(record)
 
     # --- deadlines ---
 
@@ -337,7 +361,7 @@ class Runtime:
             await self.kube.delete(resource_path(namespace, name))
             return
         log.info("%s/%s is kept (%s): removing only its Job and data", namespace, name, kept)
-        await self._delete_job(namespace, name)
+        await self._stop_run(PredictionRecord.from_resource(obj))
         await self.store.remove_data(namespace, name)
         self.deadlines.forget(namespace, name)
 
@@ -407,11 +431,18 @@ class Runtime:
                 return
             raise
         name = prediction_of(found)
-        if name is None or found["metadata"].get("uid") != involved.get("uid"):
+        runner = self.pools.runner_of_job(namespace, job)
+        if (name is None and runner is None) or found["metadata"].get("uid") != involved.get("uid"):
             return  # not ours, or about an earlier Job of the same name
         if has_had_pods(found):
             return  # a pod was created since (say, the ServiceAccount came)
         outcome = pod_creation_failed(str(event.get("message") or ""), lc.now_utc())
+        if runner is not None:
+            # A warm runner's Job: what waits for its pool would wait for ever.
+            if isinstance(outcome, lc.Failed):
+                await self.pools.runner_not_started(runner, outcome.reason, outcome.message)
+            return
+        assert name is not None
         if isinstance(outcome, lc.Failed):
             await self._end(namespace, name, outcome)
         else:

@@ -24,10 +24,14 @@ log = logging.getLogger(__name__)
 SavedCallback = Callable[[PredictionRecord], None]
 
 
-def status_patch(record: PredictionRecord, generation: int | None) -> dict[str, Any]:
-    """The merge patch of the status subresource for `record`."""
+def status_patch(
+    record: PredictionRecord, generation: int | None, *, own_job: bool = True
+) -> dict[str, Any]:
+    """The merge patch of the status subresource for `record`. `own_job`: the prediction
+    runs as a Job of its own (named after it) rather than on a warm runner's."""
     status = record.state.to_status()
-    status["jobName"] = job_name(record.id)
+    if own_job:
+        status.setdefault("jobName", job_name(record.id))
     if generation is not None:
         status["observedGeneration"] = generation
     if record.state.phase is lc.Phase.SUCCEEDED:
@@ -41,10 +45,13 @@ class KubeStatusSink:
         kube: KubeClient,
         events: EventPoster | None = None,
         on_saved: SavedCallback | None = None,
+        warm_profiles: frozenset[str] = frozenset(),
     ) -> None:
         self.kube = kube
         self.events = events
         self.on_saved = on_saved
+        # Hardware profiles whose predictions run on warm runners' Jobs.
+        self.warm_profiles = warm_profiles
         # (namespace, id) -> (generation, state) as last loaded or saved.
         self._seen: dict[tuple[str, str], tuple[int | None, lc.PredictionState]] = {}
 
@@ -73,7 +80,8 @@ class KubeStatusSink:
         generation, old_state = self._seen.get(key, (None, None))
         path = resource_path(record.namespace, record.id, subresource="status")
         try:
-            await self.kube.merge_patch(path, status_patch(record, generation))
+            own_job = record.hardware not in self.warm_profiles
+            await self.kube.merge_patch(path, status_patch(record, generation, own_job=own_job))
         except ApiError as exc:
             if exc.status == 404:
                 log.info("prediction %s/%s is gone; status not saved", *key)

@@ -15,6 +15,10 @@ import yaml
 
 from tests.manifests import manifest_support as support
 from tests.manifests.manifest_support import CONTROL_NS, TENANT_NS, Endpoint
+from whisperx_operator.jobs import PredictionRef, runner_labels
+
+# The labels the operator sets on runner pods: a prediction's own Job's, a warm runner's.
+ONE_SHOT_LABELS = PredictionRef("ns", "p1", "uid", {}).labels()
 
 Objs = list[dict[str, Any]]
 OVERLAYS = sorted(support.OVERLAYS)
@@ -373,10 +377,10 @@ def test_network_policies_allow_only_the_designed_flows(
     gateway = _pod(objs, "whisperx-gateway", "10.244.0.11")
     redis = _pod(objs, "whisperx-redis", "10.244.0.12")
     prefetch = _pod(objs, support.prefetch_job(objs)["metadata"]["name"], "10.244.0.13")
-    # Runner pods are created by the operator; these are the labels it sets.
-    runner = Endpoint("10.244.0.14", TENANT_NS, {"whisperx.io/prediction": "p1"})
+    runner = Endpoint("10.244.0.14", TENANT_NS, ONE_SHOT_LABELS)
+    warm_runner = Endpoint("10.244.0.17", TENANT_NS, runner_labels())
     stray = Endpoint("10.244.0.15", "default", {"app": "anything"})
-    foreign_runner = Endpoint("10.244.0.16", "other-team", {"whisperx.io/prediction": "p2"})
+    foreign_runner = Endpoint("10.244.0.16", "other-team", ONE_SHOT_LABELS)
     dns = Endpoint("10.244.0.2", "kube-system", {"k8s-app": "kube-dns"})
     api_service, api_endpoint = Endpoint("10.96.0.1"), Endpoint("172.18.0.2")
     client, public_web = Endpoint("203.0.113.10"), Endpoint("93.184.216.34")
@@ -391,6 +395,9 @@ def test_network_policies_allow_only_the_designed_flows(
         (runner, gateway, 8000),  # uploaded files, by their signed links
         (runner, public_web, 443),
         (runner, public_web, 8080),  # audio URLs may name any port
+        (warm_runner, operator, 8081),  # its work, and its predictions' reports
+        (warm_runner, gateway, 8000),
+        (warm_runner, public_web, 443),
         (prefetch, public_web, 443),
         (operator, api_service, 443),
         (operator, api_endpoint, 6443),
@@ -402,6 +409,8 @@ def test_network_policies_allow_only_the_designed_flows(
         (client, redis, 6379),
         (stray, redis, 6379),
         (runner, redis, 6379),
+        (warm_runner, redis, 6379),
+        (warm_runner, private_host, 80),
         (prefetch, redis, 6379),
         (client, operator, 8081),
         (stray, operator, 8081),
@@ -486,7 +495,7 @@ def test_components_open_dns_or_api_server_ports(
     operator = _pod(rendered[overlay], "whisperx-operator", OPERATOR_IP)
     gateway = _pod(rendered[overlay], "whisperx-gateway", GATEWAY_IP)
     redis = _pod(rendered[overlay], "whisperx-redis", REDIS_IP)
-    runner = Endpoint(RUNNER_IP, TENANT_NS, {"whisperx.io/prediction": "p1"})
+    runner = Endpoint(RUNNER_IP, TENANT_NS, ONE_SHOT_LABELS)
     clients = [operator, gateway] + ([runner] if component.startswith("dns-") else [])
     before = support.NetworkModel(rendered[overlay], extra_namespaces=extra)
     after = support.NetworkModel(

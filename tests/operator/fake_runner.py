@@ -8,8 +8,11 @@ report protocol and exit codes, with no ML stack. The audio URL's path scripts i
 - `/hang`: start, then wait; SIGTERM reports completed(canceled) and exits 143
 - `/crash`: start, then exit 3 with no terminal report; `/noreport`: start, exit 0
 
-With WHISPERX_WORK_URL (local mode's warm runners) it asks for one prediction and serves
-it, instead of reading WHISPERX_INPUT_FILE.
+With WHISPERX_WORK_URL (a warm runner: local mode's, or a cluster's runner Job) it asks
+for predictions and serves them one after another, as `whisperx-runner run` does, until
+no work comes within WHISPERX_IDLE_SECONDS (0: after the first), after
+WHISPERX_MAX_PREDICTIONS, on a 410, or when a prediction crashes it. SIGTERM while idle
+exits 0 at once.
 """
 
 from __future__ import annotations
@@ -69,31 +72,71 @@ class Reporter:
             time.sleep(0.2)
 
 
-def prediction() -> tuple[dict[str, Any], Reporter]:
-    """The input, and a reporter for it."""
-    work_url = os.environ.get("WHISPERX_WORK_URL")
-    if work_url is None:
-        with open(os.environ["WHISPERX_INPUT_FILE"]) as f:
-            given = json.load(f)
-        env = os.environ
-        reporter = Reporter(
-            env["WHISPERX_REPORT_URL"],
-            env["WHISPERX_REPORT_TOKEN"],
-            env.get("WHISPERX_RUNNER_ATTEMPT", ""),
-        )
-        return given, reporter
-    body = json.dumps({"wait": 30}).encode()
+def one_shot() -> tuple[dict[str, Any], Reporter]:
+    """The input and a reporter of a Job of its own (WHISPERX_INPUT_FILE)."""
+    with open(os.environ["WHISPERX_INPUT_FILE"]) as f:
+        given = json.load(f)
+    env = os.environ
+    reporter = Reporter(
+        env["WHISPERX_REPORT_URL"],
+        env["WHISPERX_REPORT_TOKEN"],
+        env.get("WHISPERX_RUNNER_ATTEMPT", ""),
+    )
+    return given, reporter
+
+
+def claim(work_url: str, wait: float) -> tuple[dict[str, Any], Reporter] | None:
+    """The next prediction from the work endpoint; None: no work, or stop."""
+    body = json.dumps({"wait": wait}).encode()
     signature = sign(os.environ["WHISPERX_RUNNER_TOKEN"], body)
     request = urllib.request.Request(work_url, data=body, headers={SIGNATURE_HEADER: signature})
-    with urllib.request.urlopen(request, timeout=60) as resp:
-        if resp.status != 200:
-            sys.exit(0)  # no work came
-        work = json.load(resp)
-    return work["input"], Reporter(work["report_url"], work["report_token"], work["attempt"])
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(request, timeout=wait + 15) as resp:
+                if resp.status != 200:
+                    return None
+                work = json.load(resp)
+            break
+        except urllib.error.HTTPError as exc:
+            if exc.code < 500 or time.monotonic() > deadline:
+                return None
+        except OSError:
+            if time.monotonic() > deadline:
+                return None
+        time.sleep(0.5)
+    reporter = Reporter(work["report_url"], work["report_token"], work["attempt"])
+    return work["input"], reporter
+
+
+def idle_exit(signum: int, frame: object) -> None:
+    sys.exit(0)
 
 
 def main() -> int:
-    given, reporter = prediction()
+    work_url = os.environ.get("WHISPERX_WORK_URL")
+    if work_url is None:
+        return serve(*one_shot())
+    idle = min(float(os.environ.get("WHISPERX_IDLE_SECONDS") or 0), 60.0)
+    most = int(os.environ.get("WHISPERX_MAX_PREDICTIONS") or 0)
+    served, wait = 0, 30.0
+    while True:
+        signal.signal(signal.SIGTERM, idle_exit)
+        work = claim(work_url, wait)
+        if work is None:
+            return 0
+        code = serve(*work)
+        served += 1
+        print(f"served {served} prediction(s) in pid {os.getpid()}", flush=True)
+        if code not in (0, 1, 2):
+            return code  # a crash ends the runner
+        if idle <= 0 or (most and served >= most):
+            return 0
+        wait = idle
+
+
+def serve(given: dict[str, Any], reporter: Reporter) -> int:
+    """Runs one prediction as its audio URL scripts it; the exit code it stands for."""
     url = urllib.parse.urlparse(given["audio_file"])
     behavior = url.path.strip("/")
     params = dict(urllib.parse.parse_qsl(url.query))
