@@ -2,7 +2,8 @@
 
 One app, served by the operator (`:8081` in a cluster) and by local mode (loopback):
 `POST /reports/{namespace}/{id}` (the report protocol), `POST /work/{runner}` (warm
-runners, where a `WorkSource` hands out predictions), `GET /readyz`. A standby operator
+runners, where a `WorkSource` hands out predictions), `GET /readyz`, and in the operator
+`GET /metrics` (its warm runners, for Prometheus). A standby operator
 replica answers 503 to all three, and so does a Redis outage: the runner retries.
 """
 
@@ -55,6 +56,7 @@ def runner_app(
     *,
     work: WorkSource | None = None,
     active: Callable[[], bool] = lambda: True,
+    metrics: Callable[[], list[str]] | None = None,
 ) -> web.Application:
     async def report(request: web.Request) -> web.Response:
         if not active():
@@ -115,7 +117,13 @@ def runner_app(
             return web.json_response({"ready": False, "detail": f"redis: {exc}"}, status=503)
         return web.json_response({"ready": True})
 
+    async def prometheus(request: web.Request) -> web.Response:
+        assert metrics is not None
+        return web.Response(text="\n".join(metrics()) + "\n", content_type="text/plain")
+
     app = web.Application(client_max_size=MAX_REPORT_BYTES)
+    if metrics is not None:
+        app.router.add_get("/metrics", prometheus)
     app.router.add_post(REPORT_ROUTE, report)
     app.router.add_post(WORK_ROUTE, claim)
     app.router.add_get("/readyz", readyz)

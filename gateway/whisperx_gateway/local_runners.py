@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from whisperx_api import lifecycle as lc
+from whisperx_api.metrics import RunnerMetrics
 from whisperx_api.records import PredictionRecord
 from whisperx_api.status_writer import StatusWriter
 from whisperx_api.store import Store
@@ -36,7 +37,6 @@ from whisperx_api.work import (
     runner_token,
     work_url,
 )
-from whisperx_gateway.metrics import Counter, Gauge, Histogram
 
 log = logging.getLogger(__name__)
 
@@ -71,31 +71,6 @@ class _Runner:
     idle: bool = False  # in a request for work right now
     timer: asyncio.TimerHandle | None = None
     tail: deque[str] = field(default_factory=lambda: deque(maxlen=_OUTPUT_TAIL_LINES))
-
-
-class RunnerMetrics:
-    def __init__(self, busy: Callable[[], float], idle: Callable[[], float]) -> None:
-        self.starts = Counter(
-            "whisperx_local_prediction_starts_total",
-            "Predictions started, on a runner's first prediction (cold) or a later one (warm)",
-            ("start",),
-        )
-        self.queued = Histogram(
-            "whisperx_local_queued_seconds", "Time a prediction waited for a runner"
-        )
-        self.setup = Histogram(
-            "whisperx_local_runner_setup_seconds",
-            "A runner's cold start: imports and model load",
-            buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300),
-        )
-        self.busy = Gauge("whisperx_local_runners_busy", "Runners holding a prediction", busy)
-        self.idle = Gauge("whisperx_local_runners_idle", "Runners waiting for work", idle)
-
-    def render(self) -> list[str]:
-        lines: list[str] = []
-        for metric in (self.starts, self.queued, self.setup, self.busy, self.idle):
-            lines += metric.render()
-        return lines
 
 
 def exit_message(code: int) -> str:
@@ -142,6 +117,7 @@ class LocalRunners:
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
         self.metrics = RunnerMetrics(
+            "whisperx_local",
             busy=lambda: sum(r.holding is not None for r in self._runners.values()),
             idle=lambda: sum(r.idle for r in self._runners.values()),
         )

@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 from whisperx_api import lifecycle as lc
 from whisperx_api.kube import ApiError, KubeClient, resource_path
+from whisperx_api.metrics import RunnerMetrics
 from whisperx_api.records import PredictionRecord
 from whisperx_api.status_writer import StatusWriter
 from whisperx_api.work import STOP, Assignment, WorkRequest, report_url, runner_token
@@ -66,6 +67,7 @@ class _Runner:
     # The prediction it holds has ended (reported, canceled, failed from outside).
     held_ended: bool = False
     served: int = 0
+    waiting: bool = False  # in a request for work right now
 
     @property
     def holding(self) -> str | None:
@@ -120,6 +122,11 @@ class Pools:
         self._starts = 0
         self._work = asyncio.Condition()
         self._scaling = asyncio.Lock()
+        self.metrics = RunnerMetrics(
+            "whisperx_operator",
+            busy=lambda: sum(r.held is not None for r in self._runners.values()),
+            idle=lambda: sum(r.waiting for r in self._runners.values()),
+        )
 
     def profile(self, hardware: str) -> HardwareProfile | None:
         profile = self.config.profiles.get(hardware)
@@ -257,6 +264,7 @@ class Pools:
         if runner is None:
             return STOP
         if request.setup_seconds is not None:
+            self.metrics.setup.observe(request.setup_seconds)
             log.info("runner %s ready in %.1f s", runner.id, request.setup_seconds)
         await self._release(runner)
         profile = self.profile(runner.hardware)
@@ -280,9 +288,13 @@ class Pools:
             remaining = until - loop.time()
             if remaining <= 0:
                 return None
-            async with self._work:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._work.wait(), remaining)
+            runner.waiting = True
+            try:
+                async with self._work:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._work.wait(), remaining)
+            finally:
+                runner.waiting = False
         return STOP
 
     # --- internals ---
@@ -421,6 +433,8 @@ class Pools:
             return None
         start = "warm" if runner.served else "cold"
         runner.served += 1
+        self.metrics.starts.inc(start)
+        self.metrics.queued.observe(time.monotonic() - entry.since)
         log.info("prediction %s/%s: on runner %s (pod %s, %s start, queued %.2f s)",
                  namespace, entry.name, runner.id, pod, start,
                  time.monotonic() - entry.since)  # fmt: skip

@@ -120,7 +120,13 @@ class Runtime:
     async def start(self) -> None:
         await self.gate.ensure()
         await self.pools.load()
-        app = runner_app(self.writer, self.store, work=self.pools, active=lambda: self.gate.active)
+        app = runner_app(
+            self.writer,
+            self.store,
+            work=self.pools,
+            active=lambda: self.gate.active,
+            metrics=self.pools.metrics.render,
+        )
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(

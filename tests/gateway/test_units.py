@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from whisperx_api import lifecycle as lc
+from whisperx_api.metrics import Counter, Histogram
 from whisperx_api.netguard import HostAllowList
 from whisperx_api.records import PredictionRecord, to_replicate
 from whisperx_api.schema import input_json_schema
@@ -20,7 +21,6 @@ from whisperx_gateway.config import ConfigError, GatewayConfig
 from whisperx_gateway.errors import ApiError
 from whisperx_gateway.local_backend import default_concurrency
 from whisperx_gateway.local_runners import exit_message
-from whisperx_gateway.metrics import Counter, Histogram
 from whisperx_gateway.models import ModelCatalog, ModelConfigError, schema_version_id
 from whisperx_gateway.openapi import gateway_openapi, model_openapi
 from whisperx_gateway.parsing import (

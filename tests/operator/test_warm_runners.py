@@ -7,18 +7,23 @@ does."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+import redis.asyncio as aioredis
 
 from tests.cluster.fixtures import make_tenant, remove_tenant
 from tests.conftest import REPO_ROOT
 from tests.kube_fixtures import (
     JOBS,
     PREDICTIONS,
+    SECRETS,
     Kube,
     OperatorProcess,
     iter_events,
@@ -58,8 +63,10 @@ async def warm(
         print(f"--- operator log (tail) ---\n{operator.log_tail(200)}")
 
 
-async def create(kube: Kube, name: str, audio: str, namespace: str = NS) -> dict[str, Any]:
-    body = prediction_body(name, audio, hardware=WARM)
+async def create(
+    kube: Kube, name: str, audio: str, namespace: str = NS, **spec: Any
+) -> dict[str, Any]:
+    body = prediction_body(name, audio, hardware=WARM, **spec)
     return await kube.create_object(PREDICTIONS, namespace, body)
 
 
@@ -104,7 +111,47 @@ async def test_one_runner_serves_predictions_in_turn_and_status_names_its_job_an
         e["reason"] == "RunnerAssigned" and pod in e["message"] and name in e["message"]
         for e in iter_events(kube, "w3")
     )
-    assert "served 4 prediction(s)" in kubelet.logs(name)
+    await wait_for(lambda: "served 4 prediction(s)" in kubelet.logs(name))
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{warm.report_url}/metrics") as resp,
+    ):
+        metrics = await resp.text()
+    assert 'whisperx_operator_prediction_starts_total{start="cold"} 1.0' in metrics
+    assert 'whisperx_operator_prediction_starts_total{start="warm"} 3.0' in metrics
+    assert "whisperx_operator_queued_seconds_count 4" in metrics
+    assert "whisperx_operator_runners_busy 0" in metrics
+
+
+async def test_a_predictions_secret_reaches_its_runner_only_in_its_assignment(
+    kube: Kube, kubelet: Any, warm: OperatorProcess, redis_url: str
+) -> None:
+    data = {"tok": base64.b64encode(b"hf_user").decode()}
+    await kube.create_object(SECRETS, NS, {"metadata": {"name": "warm-hf"}, "data": data})
+    ref = {"huggingface_access_token": {"name": "warm-hf", "key": "tok"}}
+    await create(kube, "s1", "https://fake.test/env", secretInputs=ref)
+    await create(kube, "s2", "https://fake.test/env")
+    missing = {"huggingface_access_token": {"name": "warm-hf", "key": "nope"}}
+    await create(kube, "s3", "https://fake.test/env", secretInputs=missing)
+    runs = {}
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        for name in ("s1", "s2"):
+            obj = await wait_for_phase(kube, name, within=60)
+            assert obj["status"]["phase"] == "succeeded", obj["status"]
+            runs[name] = json.loads(await client.get(f"wx:p:default:{name}:out") or "{}")["env"]
+    finally:
+        await client.aclose()
+    assert runs["s1"]["input"]["huggingface_access_token"] == "hf_user"
+    assert "huggingface_access_token" not in runs["s2"]["input"]  # same runner, not leaked
+    assert status(kube, "s1")["podName"] == status(kube, "s2")["podName"]
+    failed = await wait_for_phase(kube, "s3", within=30)
+    assert failed["status"]["reason"] == "SecretNotFound"
+    assert "spec.secretInputs.huggingface_access_token" in failed["status"]["error"]
+    # Nowhere in the runner's Job or any Secret of its own.
+    (job,) = runner_jobs(kube)
+    assert "hf_user" not in json.dumps(job)
+    assert all(kube.get(SECRETS, NS, f"{n}-runner") is None for n in ("s1", "s2", "s3"))
 
 
 async def test_cancel_stops_the_warm_runner_holding_it_and_the_next_gets_a_new_one(
