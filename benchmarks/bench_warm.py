@@ -5,11 +5,20 @@ tiny.en int8 on CPU, one runner) one after another: each is submitted with
 `Prefer: wait` as soon as the previous one has ended, and its latency is the client's,
 from the create request to the final answer. Local mode runs twice: with warm runners
 (the default idle time) and with the idle time set to 0 (a new runner, with its imports
-and model load, per prediction). The baseline, in the same run: one bare whisperx
-process that loads the model once, then transcribes the same clips in a loop (ffmpeg
-decode and transcription per clip, the same batch size, language and thread count).
+and model load, per prediction).
 
-    .venv/bin/python benchmarks/bench_warm.py [--clips 20]
+The cluster path the same way, on the real control plane (tests/cluster: etcd,
+kube-apiserver, controller-manager, scheduler, the stack deployed, the kubelet stand-in
+running the real runner as a local process): each clip is a Prediction created through
+the API server as soon as the previous one has succeeded, its latency from the create
+request to the status `succeeded` seen by a watch. Twice again: a profile with warm
+runners (one runner Job) and the same profile with idle time 0 (a Job per prediction).
+
+The baseline, in the same run: one bare whisperx process that loads the model once, then
+transcribes the same clips in a loop (ffmpeg decode and transcription per clip, the same
+batch size, language and thread count).
+
+    .venv/bin/python benchmarks/bench_warm.py [--clips 20] [--no-cluster]
 
 Targets (issue "Warm runners"): warm p50 <= the bare per-clip p50 + 300 ms; the twenty
 clips end within 1.3x of the bare loop's total.
@@ -154,9 +163,107 @@ async def submit_one_by_one(base: str, clips: list[Path]) -> dict[str, Any]:
     return {"times": times, "predict": predict, "texts": texts}
 
 
+def cluster_profiles(idle_seconds: int) -> str:
+    return (
+        "bench:\n  model: tiny.en\n  device: cpu\n  computeType: int8\n"
+        f"  batchSize: {BATCH_SIZE}\n  idleSeconds: {idle_seconds}\n  maxRunners: 1\n"
+        "  resources: {requests: {cpu: 100m, memory: 256Mi}}\n"
+    )
+
+
+def through_the_cluster(clips: list[Path], workdir: Path) -> dict[str, dict[str, Any]]:
+    """Both cluster runs (warm runners, idle time 0) on one control plane."""
+    from tests.cluster.controlplane import ControlPlane, build_binaries
+    from tests.cluster.fixtures import deploy_stack
+
+    models = workdir / "models"
+    models.mkdir()
+    models.chmod(0o755)
+    began = time.perf_counter()
+    with ControlPlane(workdir / "plane", bin_dir=build_binaries()) as plane:
+        deploy_stack(plane, models)
+        print(f"control plane up and stack deployed in {time.perf_counter() - began:.0f} s",
+              flush=True)  # fmt: skip
+        uris = ["data:audio/wav;base64," + base64.b64encode(c.read_bytes()).decode() for c in clips]
+        runs = {}
+        for label, idle_seconds in (("warm", 300), ("cold", 0)):
+            folder = workdir / label
+            folder.mkdir()
+            (folder / "bench-profiles.yaml").write_text(cluster_profiles(idle_seconds))
+            runs[label] = asyncio.run(cluster_run(plane, uris, label, folder))
+        return runs
+
+
+async def cluster_run(plane: Any, uris: list[str], label: str, workdir: Path) -> dict[str, Any]:
+    import redis.asyncio as aioredis
+
+    from tests.cluster.fixtures import (
+        PREDICTIONS,
+        TENANT,
+        node_agent_for,
+        operator_settings,
+        real_kube,
+        reset_namespace,
+    )
+    from tests.conftest import RedisServer
+    from tests.kube_fixtures import OperatorProcess
+
+    redis = RedisServer(port=free_port(), data_dir=workdir)
+    redis.start()
+    profiles = workdir / "bench-profiles.yaml"
+    env = operator_settings(
+        plane, redis.url, workdir,
+        WHISPERX_PROFILES_FILE=str(profiles), WHISPERX_LOG_LEVEL="INFO",
+        WHISPERX_RUNNER_ENV=json.dumps(
+            {"WHISPERX_ALLOW_HOSTS": "127.0.0.1", "WHISPERX_CPU_THREADS": str(THREADS)}
+        ),
+    )  # fmt: skip
+    operator = OperatorProcess(env=env, log_path=workdir / "operator.log")
+    times: list[float] = []
+    predict: list[float] = []
+    texts: list[str] = []
+    client = aioredis.Redis.from_url(redis.url, decode_responses=True)
+    try:
+        async with real_kube(plane) as kube, node_agent_for(kube, workdir / "kubelet"):
+            operator.start()
+            await operator.wait_ready(within=60)
+            for n, uri in enumerate(uris):
+                name = f"clip-{label}-{n}"
+                body = {
+                    "apiVersion": "whisperx.io/v1alpha1",
+                    "kind": "Prediction",
+                    "metadata": {"name": name},
+                    "spec": {
+                        "hardware": "bench",
+                        "input": {"audio_file": uri, "language": "en", "batch_size": BATCH_SIZE},
+                    },
+                }
+                t0 = time.perf_counter()
+                await kube.create_object(PREDICTIONS, TENANT, body)
+                while True:
+                    obj = kube.get(PREDICTIONS, TENANT, name) or {}
+                    status = obj.get("status") or {}
+                    if status.get("phase") in ("succeeded", "failed", "canceled"):
+                        break
+                    await asyncio.sleep(0.01)
+                times.append(time.perf_counter() - t0)
+                if status["phase"] != "succeeded":
+                    raise SystemExit(f"{name} {status['phase']}: {status.get('error')}")
+                predict.append(status["metrics"]["predictTime"])
+                output = json.loads(await client.get(f"wx:p:{TENANT}:{name}:out") or "{}")
+                texts.append(" ".join(s["text"] for s in output["segments"]))
+    finally:
+        await client.aclose()
+        await operator.stop()
+        redis.stop()
+        await asyncio.to_thread(reset_namespace, plane, TENANT)
+    return {"times": times, "predict": predict, "texts": texts}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clips", type=int, default=20)
+    parser.add_argument("--no-cluster", action="store_true", help="local mode only")
     parser.add_argument("--child", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
@@ -175,6 +282,7 @@ def main() -> None:
         bare = json.loads(out.stdout.strip().splitlines()[-1])
         warm = through_local_mode(clips, 300, workdir)
         cold = through_local_mode(clips, 0, workdir)
+        cluster = {} if args.no_cluster else through_the_cluster(clips, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     rows = [
@@ -182,6 +290,11 @@ def main() -> None:
         ("local mode, warm runners", warm["times"]),
         ("local mode, idle time 0", cold["times"]),
     ]
+    if cluster:
+        rows += [
+            ("cluster, warm runners", cluster["warm"]["times"]),
+            ("cluster, idle time 0", cluster["cold"]["times"]),
+        ]
     print(f"bare model load (not in its per-clip times): {bare['load_s']:.2f} s")
     print(f"{'':36} {'p50 s':>7} {'p95 s':>7} {'total s':>8} {'total / bare':>13}")
     bare_total = sum(bare["times"])
@@ -196,11 +309,17 @@ def main() -> None:
         f"predict_time p50: warm {percentile(warm['predict'], 0.5):.3f} s, idle time 0 "
         f"{percentile(cold['predict'], 0.5):.3f} s (the model load is left out of both)"
     )
-    same = sum(
-        a.strip().lower() == b.strip().lower()
-        for a, b in zip(bare["texts"], warm["texts"], strict=True)
-    )
-    print(f"transcripts equal to the bare loop's: {same} of {len(clips)}")
+    if cluster:
+        over = percentile(cluster["warm"]["times"], 0.5) - percentile(bare["times"], 0.5)
+        total = sum(cluster["warm"]["times"]) / bare_total
+        print(f"cluster warm p50 - bare p50: {over * 1000:.0f} ms; total / bare: {total:.2f}x")
+    runs = [("local mode", warm)] + ([("cluster", cluster["warm"])] if cluster else [])
+    for name, run in runs:
+        same = sum(
+            a.strip().lower() == b.strip().lower()
+            for a, b in zip(bare["texts"], run["texts"], strict=True)
+        )
+        print(f"{name}: transcripts equal to the bare loop's: {same} of {len(clips)}")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from tests.cluster.kueue import KueueController
 from tests.cluster.test_control_plane import condition
 from tests.conftest import REPO_ROOT
 from tests.kube_fixtures import OperatorProcess
-from whisperx_operator.jobs import job_name
+from whisperx_operator.jobs import RUNNER_LABEL, job_name
 
 pytestmark = pytest.mark.whisperx
 
@@ -59,12 +59,14 @@ CLUSTER_QUEUE = next(
 )
 
 
-def gpu_profile() -> dict[str, Any]:
+def gpu_profile(idle_seconds: int = 0) -> dict[str, Any]:
     """The gpu overlay's default profile (GPU request, T4 nodeSelector, GPU toleration),
-    running tiny.en on the CPU: the kubelet stand-in has no GPU to give."""
+    running tiny.en on the CPU: the kubelet stand-in has no GPU to give. One Job per
+    prediction unless `idle_seconds` keeps its runners warm."""
     profiles = yaml.safe_load((GPU_OVERLAY / "profiles.yaml").read_text())
     profile = dict(profiles[DEFAULT_PROFILE])
     profile.update({"model": "tiny.en", "device": "cpu", "computeType": "int8", "batchSize": 4})
+    profile["idleSeconds"] = idle_seconds
     return {DEFAULT_PROFILE: profile}
 
 
@@ -221,6 +223,74 @@ async def test_one_gpu_of_quota_runs_one_prediction_while_the_other_is_queued(
     ran = cluster.get(PREDICTIONS, TENANT, second)
     assert ran is not None and not condition(ran, "Queued")
     assert node_agent.runs(job_name(second))[0].node == GPU_NODE
+
+
+async def test_warm_runner_jobs_go_through_kueue_and_the_admitted_one_serves_the_queue(
+    stack: ControlPlane,
+    kueue: KueueController,
+    cluster: Cluster,
+    node_agent: Kubelet,
+    local_queue: str,
+    redis_url: str,
+    tmp_path: Path,
+    fox_wav: Path,
+) -> None:
+    """Warm runners (issue 11) under Kueue: three predictions ask for two runner Jobs,
+    Kueue admits one against the single GPU of quota, and that runner, with the real
+    whisperx pipeline loaded once, transcribes all three in turn."""
+    profiles = tmp_path / "warm-gpu-profiles.yaml"
+    warm = gpu_profile(idle_seconds=5)
+    warm[DEFAULT_PROFILE]["maxRunners"] = 2
+    profiles.write_text(yaml.safe_dump(warm))
+    env = operator_settings(
+        stack, redis_url, tmp_path,
+        WHISPERX_KUEUE_QUEUE=local_queue, WHISPERX_PROFILES_FILE=str(profiles),
+    )  # fmt: skip
+    operator = OperatorProcess(env=env, log_path=tmp_path / "operator.log")
+    operator.start()
+    names = ("warm-one", "warm-two", "warm-three")
+    try:
+        await operator.wait_ready(within=60)
+        wav = await asyncio.to_thread(fox_wav.read_bytes)
+        audio = "data:audio/wav;base64," + base64.b64encode(wav).decode()
+        created = "\n---\n".join(json.dumps(prediction(n, audio)) for n in names)
+        stack.kubectl("create", "-f", "-", stdin=created)
+
+        def runner_jobs() -> list[dict[str, Any]]:
+            return [
+                j
+                for j in cluster.list(JOBS, TENANT)
+                if RUNNER_LABEL in (j["metadata"].get("labels") or {})
+            ]
+
+        def admitted_and_held() -> tuple[str, str] | None:
+            jobs = runner_jobs()
+            running = [j["metadata"]["name"] for j in jobs if not j["spec"].get("suspend")]
+            held = [j["metadata"]["name"] for j in jobs if j["spec"].get("suspend")]
+            return (running[0], held[0]) if len(running) == len(held) == 1 else None
+
+        admitted, held = await wait_until(admitted_and_held, within=60)
+        statuses = []
+        for name in names:
+            done = await wait_until(
+                lambda n=name: condition(cluster.get(PREDICTIONS, TENANT, n), "Succeeded"),
+                within=300,
+            )
+            assert done
+            statuses.append((cluster.get(PREDICTIONS, TENANT, name) or {})["status"])
+        # One pod transcribed all three (the clip has about 2.5 s of speech) while Kueue
+        # kept the other runner Job suspended.
+        assert {s["jobName"] for s in statuses} == {admitted}, statuses
+        assert len({s["podName"] for s in statuses}) == 1
+        assert all(1.5 < s["audioDuration"] < 4 for s in statuses), statuses
+        assert len(node_agent.runs(admitted)) == 1 and not node_agent.runs(held)
+        assert node_agent.runs(admitted)[0].node == GPU_NODE
+        assert (cluster.get(JOBS, TENANT, held) or {})["spec"]["suspend"] is True
+    finally:
+        await operator.stop()
+        print(f"--- operator log (tail) ---\n{operator.log_tail(80)}")
+        stack.kubectl("delete", "jobs", "-l", RUNNER_LABEL, "-n", TENANT, "--wait=false",
+                      check=False)  # fmt: skip
 
 
 # Issue 10, item o: Kueue preempts a prediction while it runs; the run deadline must not

@@ -225,3 +225,44 @@ async def test_namespaces_take_turns_for_the_profiles_last_runner(
         }
     finally:
         await asyncio.to_thread(remove_tenant, kube.plane, OTHER_NS)  # type: ignore[union-attr]
+
+
+async def test_a_runner_job_goes_through_kueue_and_a_preempted_runner_requeues_its_prediction(
+    kube: Kube, kubelet: Any, redis_url: str, tmp_path: Path
+) -> None:
+    profiles = tmp_path / "warm-profiles.yaml"
+    profiles.write_text(warm_profiles(idle=30, max_runners=1))
+    env = operator_environment(
+        kube, redis_url, tmp_path,
+        WHISPERX_PROFILES_FILE=str(profiles), WHISPERX_KUEUE_QUEUE="gpu-queue",
+    )  # fmt: skip
+    async with running_operator(kube, env, tmp_path / "operator.log") as operator:
+        await create(kube, "k1", "https://fake.test/succeed?seconds=2")
+        job = await wait_for(lambda: next(iter(runner_jobs(kube)), None))
+        name = job["metadata"]["name"]
+        assert job["spec"]["suspend"] is True
+        assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+        await wait_for(lambda: status(kube, "k1").get("conditions"))
+        assert {c["type"]: c["status"] for c in status(kube, "k1")["conditions"]} == {
+            "Queued": "True"
+        }
+        # Kueue admits the runner's Job by unsuspending it...
+        await kube.patch_object(JOBS, NS, name, {"spec": {"suspend": False}})
+        await wait_for_phase(kube, "k1", ["processing"], within=60)
+        # ...and preempts it by suspending it again: the Job controller stops its pod.
+        await kube.patch_object(JOBS, NS, name, {"spec": {"suspend": True}})
+
+        def requeued() -> bool:
+            conditions = {c["type"]: c for c in status(kube, "k1").get("conditions") or ()}
+            queued = conditions.get("Queued") or {}
+            return queued.get("status") == "True" and queued.get("reason") == "Preempted"
+
+        await wait_for(requeued, within=20)
+        assert status(kube, "k1")["phase"] == "processing"
+        await wait_for(lambda: [r.exit_code for r in kubelet.runs(name)] == [143], within=20)
+        await kube.patch_object(JOBS, NS, name, {"spec": {"suspend": False}})
+        done = await wait_for_phase(kube, "k1", within=60)
+        print(operator.log_tail(40))
+    assert done["status"]["phase"] == "succeeded", done["status"]
+    assert done["status"]["jobName"] == name
+    assert len(kubelet.runs(name)) == 2  # the same runner Job's second pod served it
