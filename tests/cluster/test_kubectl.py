@@ -100,6 +100,10 @@ async def test_create_get_wait_describe_delete(
     assert cluster.get(JOBS, TENANT, job) is not None
     pods = cluster.list(PODS, TENANT, labels={"batch.kubernetes.io/job-name": job})
     assert pods and node_agent.runs(job)
+    # Where it ran, in its status and in `kubectl describe`.
+    pod = status["status"]["podName"]
+    assert pod in {p["metadata"]["name"] for p in pods}
+    assert "RunnerAssigned" in events and f"runs on pod {pod} of Job {job}" in events, described
     secrets = [
         s
         for s in cluster.list(SECRETS, TENANT)
