@@ -53,6 +53,24 @@ def test_bad_profiles_are_refused_at_startup(tmp_path: Path, text: str) -> None:
         OperatorConfig.from_env({**KEY, "WHISPERX_PROFILES_FILE": str(path)})
 
 
+def test_warm_runner_settings_per_profile_with_errors_naming_the_field(tmp_path: Path) -> None:
+    path = tmp_path / "profiles.yaml"
+    path.write_text("cpu:\n  idleSeconds: 60\n  maxPredictions: 9\n  maxRunners: 2\n")
+    profile = OperatorConfig.from_env({**KEY, "WHISPERX_PROFILES_FILE": str(path)}).profiles["cpu"]
+    assert (profile.warm, profile.idle_seconds, profile.max_predictions) == (True, 60, 9)
+    assert profile.max_runners == 2
+    # One Job per prediction unless a profile says otherwise.
+    assert not any(p.warm for p in DEFAULT_PROFILES.values())
+    assert all(
+        p.warm
+        for p in load_profiles(str(REPO_ROOT / "manifests/overlays/gpu/profiles.yaml")).values()
+    )
+    for bad, field in (("idleSeconds: -1", "idleSeconds"), ("maxRunners: 0", "maxRunners")):
+        path.write_text(f"cpu:\n  {bad}\n")
+        with pytest.raises(ConfigError, match=field):
+            OperatorConfig.from_env({**KEY, "WHISPERX_PROFILES_FILE": str(path)})
+
+
 def test_environment() -> None:
     config = OperatorConfig.from_env(
         {

@@ -157,3 +157,58 @@ def test_long_names_are_bounded_and_deterministic() -> None:
     job = jobs.runner_job(ref(name), DEFAULT_PROFILES["whisperx"], CONFIG)
     assert job["metadata"]["annotations"][jobs.PREDICTION_ANNOTATION] == name
     assert jobs.job_name("short") == "short"
+
+
+WARM = HardwareProfile.model_validate(
+    {**DEFAULT_PROFILES["whisperx"].model_dump(by_alias=True), "idleSeconds": 120,
+     "maxPredictions": 50}
+)  # fmt: skip
+
+
+def test_a_warm_runners_job_carries_no_prediction_and_its_credential_only_by_reference() -> None:
+    job = jobs.warm_runner_job("ns", "whisperx-big-abc123", "big", WARM, CONFIG)
+    meta = job["metadata"]
+    assert "ownerReferences" not in meta  # it outlives every prediction it serves
+    assert meta["labels"][jobs.RUNNER_LABEL] == "warm"
+    assert meta["annotations"][jobs.HARDWARE_ANNOTATION] == "big"
+    assert job["spec"]["backoffLimit"] == 0
+    assert job["spec"]["ttlSecondsAfterFinished"] == jobs.RUNNER_JOB_TTL_SECONDS
+    assert "suspend" not in job["spec"]  # no Kueue queue configured
+    env = env_of(job)
+    assert env["WHISPERX_WORK_URL"] == "http://op:8081/work/ns.whisperx-big-abc123"
+    assert env["WHISPERX_RUNNER_TOKEN"] == {
+        "secretKeyRef": {"name": "whisperx-big-abc123-runner", "key": jobs.RUNNER_TOKEN_KEY}
+    }
+    assert env["WHISPERX_IDLE_SECONDS"] == "120" and env["WHISPERX_MAX_PREDICTIONS"] == "50"
+    assert env["WHISPERX_MODEL"] == "large-v3"
+    # No prediction's input, report URL or token: those come with each assignment.
+    assert not {"WHISPERX_INPUT_FILE", "WHISPERX_REPORT_URL", "WHISPERX_REPORT_TOKEN"} & set(env)
+    pod = job["spec"]["template"]["spec"]
+    assert {v["name"] for v in pod["volumes"]} == {"models", "tmp"}
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    labels = job["spec"]["template"]["metadata"]["labels"]
+    # What the runner NetworkPolicies select, and what the operator watches.
+    assert labels["app.kubernetes.io/name"] == "whisperx-runner"
+    assert labels[jobs.MANAGED_BY_LABEL] == jobs.MANAGED_BY
+
+    queued = jobs.warm_runner_job(
+        "ns", "j", "big", WARM, OperatorConfig(report_key=b"k" * 32, kueue_queue="gpu")
+    )
+    assert queued["spec"]["suspend"] is True
+    assert queued["metadata"]["labels"][jobs.KUEUE_QUEUE_LABEL] == "gpu"
+
+
+def test_a_runner_token_secret_is_owned_by_its_job() -> None:
+    job = {"metadata": {"name": "j", "uid": "job-uid"}}
+    secret = jobs.warm_token_secret("ns", job, "tok")
+    assert secret["metadata"]["name"] == "j-runner"
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == "job-uid"
+    assert base64.b64decode(secret["data"][jobs.RUNNER_TOKEN_KEY]) == b"tok"
+
+
+def test_runner_ids_name_the_namespace_and_job() -> None:
+    assert jobs.runner_id("ns", "whisperx-a-1") == "ns.whisperx-a-1"
+    assert jobs.parse_runner_id("ns.whisperx-a-1") == ("ns", "whisperx-a-1")
+    assert jobs.parse_runner_id("nodot") is None
+    # Long profile names still make a valid Job name (63 at most, for the pod label).
+    assert len(jobs.warm_job_name("x" * 200, "abcdef")) <= 63
