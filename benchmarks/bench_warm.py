@@ -18,7 +18,7 @@ The baseline, in the same run: one bare whisperx process that loads the model on
 transcribes the same clips in a loop (ffmpeg decode and transcription per clip, the same
 batch size, language and thread count).
 
-    .venv/bin/python benchmarks/bench_warm.py [--clips 20] [--no-cluster]
+    .venv/bin/python benchmarks/bench_warm.py [--clips 20] [--no-cluster | --no-local]
 
 Targets (issue "Warm runners"): warm p50 <= the bare per-clip p50 + 300 ms; the twenty
 clips end within 1.3x of the bare loop's total.
@@ -213,7 +213,7 @@ async def cluster_run(plane: Any, uris: list[str], label: str, workdir: Path) ->
     profiles = workdir / "bench-profiles.yaml"
     env = operator_settings(
         plane, redis.url, workdir,
-        WHISPERX_PROFILES_FILE=str(profiles), WHISPERX_LOG_LEVEL="INFO",
+        WHISPERX_PROFILES_FILE=str(profiles),
         WHISPERX_RUNNER_ENV=json.dumps(
             {"WHISPERX_ALLOW_HOSTS": "127.0.0.1", "WHISPERX_CPU_THREADS": str(THREADS)}
         ),
@@ -264,6 +264,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clips", type=int, default=20)
     parser.add_argument("--no-cluster", action="store_true", help="local mode only")
+    parser.add_argument("--no-local", action="store_true", help="the cluster path only")
     parser.add_argument("--child", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
@@ -280,16 +281,21 @@ def main() -> None:
             check=True, capture_output=True, text=True,
         )  # fmt: skip
         bare = json.loads(out.stdout.strip().splitlines()[-1])
-        warm = through_local_mode(clips, 300, workdir)
-        cold = through_local_mode(clips, 0, workdir)
+        local = {}
+        if not args.no_local:
+            local = {
+                "warm": through_local_mode(clips, 300, workdir),
+                "cold": through_local_mode(clips, 0, workdir),
+            }
         cluster = {} if args.no_cluster else through_the_cluster(clips, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    rows = [
-        ("bare whisperx, model loaded once", bare["times"]),
-        ("local mode, warm runners", warm["times"]),
-        ("local mode, idle time 0", cold["times"]),
-    ]
+    rows = [("bare whisperx, model loaded once", bare["times"])]
+    if local:
+        rows += [
+            ("local mode, warm runners", local["warm"]["times"]),
+            ("local mode, idle time 0", local["cold"]["times"]),
+        ]
     if cluster:
         rows += [
             ("cluster, warm runners", cluster["warm"]["times"]),
@@ -302,22 +308,22 @@ def main() -> None:
         total = sum(times)
         p50, p95 = percentile(times, 0.5), percentile(times, 0.95)
         print(f"{name:36} {p50:7.3f} {p95:7.3f} {total:8.2f} {total / bare_total:12.2f}x")
-    over = percentile(warm["times"], 0.5) - percentile(bare["times"], 0.5)
-    print(f"warm p50 - bare p50: {over * 1000:.0f} ms (target <= 300 ms)")
-    print(f"warm total / bare total: {sum(warm['times']) / bare_total:.2f}x (target <= 1.3x)")
-    print(
-        f"predict_time p50: warm {percentile(warm['predict'], 0.5):.3f} s, idle time 0 "
-        f"{percentile(cold['predict'], 0.5):.3f} s (the model load is left out of both)"
-    )
-    if cluster:
-        over = percentile(cluster["warm"]["times"], 0.5) - percentile(bare["times"], 0.5)
-        total = sum(cluster["warm"]["times"]) / bare_total
-        print(f"cluster warm p50 - bare p50: {over * 1000:.0f} ms; total / bare: {total:.2f}x")
-    runs = [("local mode", warm)] + ([("cluster", cluster["warm"])] if cluster else [])
-    for name, run in runs:
+    runs = {"local mode": local, "cluster": cluster}
+    for name, run in runs.items():
+        if not run:
+            continue
+        warm, cold = run["warm"], run["cold"]
+        over = percentile(warm["times"], 0.5) - percentile(bare["times"], 0.5)
+        total = sum(warm["times"]) / bare_total
+        print(f"{name}: warm p50 - bare p50 {over * 1000:.0f} ms (target <= 300 ms); "
+              f"warm total / bare total {total:.2f}x (target <= 1.3x)")  # fmt: skip
+        print(
+            f"{name}: predict_time p50 warm {percentile(warm['predict'], 0.5):.3f} s, idle "
+            f"time 0 {percentile(cold['predict'], 0.5):.3f} s (the model load left out of both)"
+        )
         same = sum(
             a.strip().lower() == b.strip().lower()
-            for a, b in zip(bare["texts"], run["texts"], strict=True)
+            for a, b in zip(bare["texts"], warm["texts"], strict=True)
         )
         print(f"{name}: transcripts equal to the bare loop's: {same} of {len(clips)}")
 

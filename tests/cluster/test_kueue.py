@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 import yaml
 
 from tests.cluster.client import Cluster, ResourceRef
@@ -286,6 +287,14 @@ async def test_warm_runner_jobs_go_through_kueue_and_the_admitted_one_serves_the
         assert len(node_agent.runs(admitted)) == 1 and not node_agent.runs(held)
         assert node_agent.runs(admitted)[0].node == GPU_NODE
         assert (cluster.get(JOBS, TENANT, held) or {})["spec"]["suspend"] is True
+        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        try:
+            for name in names:
+                output = json.loads(await client.get(f"wx:p:{TENANT}:{name}:out") or "{}")
+                text = " ".join(s["text"] for s in output["segments"]).lower()
+                assert "quick brown fox" in text, text
+        finally:
+            await client.aclose()
     finally:
         await operator.stop()
         print(f"--- operator log (tail) ---\n{operator.log_tail(80)}")
