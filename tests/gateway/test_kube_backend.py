@@ -234,6 +234,27 @@ async def test_the_official_client_through_the_operator(
     assert [p.status for p in page.results] == ["canceled", "succeeded"]
 
 
+async def test_a_runner_crash_shows_callers_its_exit_code_not_its_output(
+    cluster_gateway: Gateway,
+) -> None:
+    # The stand-in runner writes "Segmentation fault (core dumped)" and exits 3; that
+    # output becomes the pod's termination message (FallbackToLogsOnError).
+    body = {"version": "whisperx", "input": {"audio_file": "https://fake.test/crash"}}
+    async with aiohttp.ClientSession(headers=cluster_gateway.auth()) as http:
+        async with http.post(cluster_gateway.url + "/v1/predictions", json=body) as resp:
+            assert resp.status == 201
+            url = (await resp.json())["urls"]["get"]
+
+        async def ended() -> dict[str, Any] | None:
+            async with http.get(url) as resp:
+                shown: dict[str, Any] = await resp.json()
+            return shown if shown["status"] in ("succeeded", "failed", "canceled") else None
+
+        shown = await wait_for(ended, within=60, interval=0.5)
+    assert shown["status"] == "failed" and shown["error"] == "the runner exited with code 3"
+    assert "Segmentation" not in str(shown), shown
+
+
 async def test_the_official_javascript_client_through_the_operator(
     cluster_gateway: Gateway,
 ) -> None:

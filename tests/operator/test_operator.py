@@ -310,7 +310,7 @@ async def test_pods_that_die_or_never_start_end_the_prediction_with_the_reason(
     expected = {
         "oom": ("failed", "OOMKilled", "out of memory"),
         "evicted": ("succeeded", "Succeeded", "transcription finished"),
-        "crash": ("failed", "RunnerCrashed", "exited with code 3: Segmentation fault"),
+        "crash": ("failed", "RunnerCrashed", "the runner exited with code 3"),
         "pull": ("failed", "ImagePullFailed", "cannot pull image whisperx/runner:test"),
         "nogpu": ("failed", "StartDeadlineExceeded", "Insufficient nvidia.com/gpu"),
         "slow": ("failed", "DeadlineExceeded", "longer than 1 s"),
@@ -331,6 +331,14 @@ async def test_pods_that_die_or_never_start_end_the_prediction_with_the_reason(
         await wait_for(gone(kube, JOBS, name))
     warnings = [e for e in iter_events(kube, "oom") if e["type"] == "Warning"]
     assert warnings and warnings[0]["reason"] == "OOMKilled"
+    # The crash's output (the termination message) is for `kubectl describe` only: the
+    # error, which the gateway returns to API callers, says the exit code and no more.
+    crashed = (await wait_for_phase(kube, "crash"))["status"]
+    assert crashed["error"] == "the runner exited with code 3", crashed
+    output = await wait_for(
+        lambda: [e for e in iter_events(kube, "crash") if e["reason"] == "RunnerOutput"]
+    )
+    assert len(output) == 1 and "Segmentation fault" in output[0]["message"], output
 
 
 async def test_a_replacement_pod_after_an_eviction_delivers_the_transcript(
