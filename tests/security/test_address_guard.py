@@ -8,11 +8,16 @@ loopback ports were open.
 from __future__ import annotations
 
 import ipaddress
+import os
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
+from replicate.client import Client
 
 from tests.conftest import free_port
+from tests.gateway.conftest import STAND_IN_RUNNER, call, local_mode
 from tests.runner.conftest import AudioServer
 from whisperx_api.netguard import AddressRefused, HostAllowList, check_address, check_url
 from whisperx_gateway.local import gateway_endpoint
@@ -63,3 +68,30 @@ async def test_the_runner_reaches_the_allowed_port_and_no_other(
         with pytest.raises(InputError, match="loopback address; refused") as caught:
             await fetch_audio(other, tmp_path, config)
         assert caught.value.reason == "AddressRefused"
+
+
+async def test_local_mode_by_default_lets_runners_reach_its_files_not_its_redis(
+    tmp_path: Path,
+) -> None:
+    """Without --allow-hosts, a runner fetches an uploaded file from the gateway, but an
+    `audio_file` naming the private Redis's port (also loopback) is refused."""
+    env = {k: v for k, v in os.environ.items() if k != "WHISPERX_ALLOW_HOSTS"}
+    args = ("--runner-command", " ".join(STAND_IN_RUNNER))
+    async with local_mode(tmp_path / "local.log", *args, env=env) as local:
+        found = re.search(r"private redis-server at 127\.0\.0\.1:(\d+)", local.log())
+        assert found, local.log()
+        client = Client(api_token=local.token, base_url=local.url)
+
+        async def run(audio_file: Any) -> Any:
+            given = {"audio_file": audio_file, "initial_prompt": "stand-in:fetch"}
+            return await call(client.predictions.create, version="whisperx", input=given, wait=30)
+
+        audio = tmp_path / "a.wav"
+        audio.write_bytes(b"RIFF" + bytes(60))
+        with audio.open("rb") as upload:
+            fetched = await run(upload)
+        assert fetched.status == "succeeded", (fetched.error, local.log())
+        assert fetched.output["segments"][0]["text"] == "audio of 64 bytes"
+        redis = await run(f"http://127.0.0.1:{found[1]}/")
+    assert redis.status == "failed"
+    assert "loopback address; refused" in str(redis.error), redis.error
