@@ -21,6 +21,7 @@ from tests.cluster.client import ApiError
 from tests.cluster.fixtures import RealKube, make_tenant, remove_tenant, with_server_defaults
 from tests.conftest import free_port
 from tests.kube_fixtures import (
+    CLAIMS,
     GPU_HUNGRY,
     JOBS,
     NAMESPACES,
@@ -398,38 +399,65 @@ async def test_a_kubelet_retry_is_waited_on_for_a_grace_then_fails_with_its_reas
     assert conditions(recovered)["Waiting"] == "False"
 
 
+# The scheduler's words for a pod whose claim exists but is not bound (the emulator's).
+UNBOUND_CLAIM = "0/2 nodes are available: pod has unbound immediate PersistentVolumeClaims."
+
+
 async def test_a_namespace_without_the_runner_account_or_model_cache_fails_at_once(
     kube: Emulator, kubelet: Kubelet, redis_url: str, tmp_path: Path
 ) -> None:
     env = operator_environment(
         kube, redis_url, tmp_path,
         WHISPERX_RUNNER_SERVICE_ACCOUNT="whisperx-runner", WHISPERX_MODEL_CACHE_PVC="models",
+        WHISPERX_WAITING_GRACE_SECONDS="3",
     )  # fmt: skip
     # "default" has the runner's ServiceAccount but no model cache claim "models"; "bare"
-    # neither.
+    # neither; "unbound" both, but its claim can never bind (no volume, no provisioner).
     if isinstance(kube, Emulator):
         await kube.create_object(SERVICE_ACCOUNTS, NS, {"metadata": {"name": "whisperx-runner"}})
         await kube.create_object(NAMESPACES, None, {"metadata": {"name": "bare"}})
+        await kube.create_object(NAMESPACES, None, {"metadata": {"name": "unbound"}})
+        await kube.create_object(
+            SERVICE_ACCOUNTS, "unbound", {"metadata": {"name": "whisperx-runner"}}
+        )
+        await kube.create_object(CLAIMS, "unbound", {"metadata": {"name": "models"}})
+        kubelet.plan("never-bound", PodPlan(unschedulable=UNBOUND_CLAIM))
     else:
         # A tenant as manifests/base/tenant makes one, less its runner ServiceAccount.
         await asyncio.to_thread(make_tenant, kube.plane, "bare", without={"ServiceAccount"})
+        await asyncio.to_thread(make_tenant, kube.plane, "unbound")
+        claim = {
+            "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": {"name": "models", "namespace": "unbound"},
+            "spec": {"accessModes": ["ReadOnlyMany"], "storageClassName": "",
+                     "resources": {"requests": {"storage": "1Gi"}}},
+        }  # fmt: skip
+        kube.plane.kubectl("apply", "-f", "-", stdin=json.dumps(claim))
     try:
         async with running_operator(kube, env, tmp_path / "operator.log"):
             await create(kube, "no-cache")
             bare = prediction_body("no-account", SUCCEED)
             await kube.create_object(PREDICTIONS, "bare", bare)
+            never_bound = prediction_body("never-bound", SUCCEED)
+            await kube.create_object(PREDICTIONS, "unbound", never_bound)
             no_cache = (await wait_for_phase(kube, "no-cache"))["status"]
             no_account = (await wait_for_phase(kube, "no-account", namespace="bare"))["status"]
+            never = (await wait_for_phase(kube, "never-bound", namespace="unbound"))["status"]
     finally:
         if isinstance(kube, RealKube):
-            await asyncio.to_thread(remove_tenant, kube.plane, "bare")
+            for namespace in ("bare", "unbound"):
+                await asyncio.to_thread(remove_tenant, kube.plane, namespace)
     # Not at the start deadline (an hour by default): now, with the server's words.
     assert (no_cache["phase"], no_cache["reason"]) == ("failed", "VolumeUnbound")
     assert 'persistentvolumeclaim "models" not found' in no_cache["error"]
     assert (no_account["phase"], no_account["reason"]) == ("failed", "RunnerNotCreated")
     assert 'serviceaccount "whisperx-runner" not found' in no_account["error"]
+    # A claim that exists may yet bind (a provisioner at work): waited on for the grace.
+    assert (never["phase"], never["reason"]) == ("failed", "VolumeUnbound"), never
+    assert "unbound immediate PersistentVolumeClaims" in never["error"]
     await wait_for(gone(kube, JOBS, "no-cache"))
     await wait_for(lambda: kube.get(JOBS, "bare", "no-account") is None)
+    await wait_for(lambda: kube.get(JOBS, "unbound", "never-bound") is None)
 
 
 async def test_a_job_held_by_kueue_reads_as_queued(
