@@ -375,9 +375,15 @@ async def test_a_kubelet_retry_is_waited_on_for_a_grace_then_fails_with_its_reas
         "recovers",
         PodPlan(waiting_reason="ImagePullBackOff", waiting_message=rate_limited, waiting_seconds=1),
     )
+    # A Secret or key the container needs, missing: the kubelet retries it too.
+    missing_key = "couldn't find key token in Secret default/whisperx-hf-token"
+    kubelet.plan(
+        "no-key", PodPlan(waiting_reason="CreateContainerConfigError", waiting_message=missing_key)
+    )
     async with running_operator(kube, env, tmp_path / "operator.log"):
         await create(kube, "gives-up")
         await create(kube, "recovers")
+        await create(kube, "no-key")
 
         def waiting() -> dict[str, Any] | None:
             obj = kube.get(PREDICTIONS, NS, "gives-up")
@@ -391,12 +397,15 @@ async def test_a_kubelet_retry_is_waited_on_for_a_grace_then_fails_with_its_reas
         assert warning["reason"] == "ImagePullBackOff" and "pull rate limit" in warning["message"]
         failed = (await wait_for_phase(kube, "gives-up"))["status"]
         recovered = await wait_for_phase(kube, "recovers")
+        no_key = (await wait_for_phase(kube, "no-key"))["status"]
     assert (failed["phase"], failed["reason"]) == ("failed", "ImagePullFailed")
     assert "cannot pull image whisperx/runner:test" in failed["error"]
     assert "still ImagePullBackOff after 3 s" in failed["error"]
     await wait_for(gone(kube, JOBS, "gives-up"))
     assert recovered["status"]["phase"] == "succeeded"
     assert conditions(recovered)["Waiting"] == "False"
+    assert (no_key["phase"], no_key["reason"]) == ("failed", "ContainerConfigError"), no_key
+    assert missing_key in no_key["error"] and "after 3 s" in no_key["error"]
 
 
 # The scheduler's words for a pod whose claim exists but is not bound (the emulator's).
