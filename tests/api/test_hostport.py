@@ -44,7 +44,7 @@ def test_the_gateway_listens_on_every_interface_by_default() -> None:
     assert bind_host(config.host) is None
 
 
-def _has_ipv6_loopback() -> bool:
+def has_ipv6_loopback() -> bool:
     try:
         socket.create_server(("::1", 0), family=socket.AF_INET6).close()
     except OSError:
@@ -52,7 +52,7 @@ def _has_ipv6_loopback() -> bool:
     return True
 
 
-@pytest.mark.skipif(not _has_ipv6_loopback(), reason="this machine has no IPv6 loopback")
+@pytest.mark.skipif(not has_ipv6_loopback(), reason="this machine has no IPv6 loopback")
 async def test_every_interface_answers_on_ipv4_and_ipv6() -> None:
     app = web.Application()
 

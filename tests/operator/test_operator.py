@@ -17,6 +17,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 
+from tests.api.test_hostport import has_ipv6_loopback
 from tests.cluster.client import ApiError
 from tests.cluster.fixtures import RealKube, make_tenant, remove_tenant, with_server_defaults
 from tests.conftest import free_port
@@ -41,6 +42,7 @@ from tests.kube_fixtures import (
     wait_for,
     wait_for_phase,
 )
+from whisperx_api.hostport import join_host_port
 from whisperx_api.reports import SIGNATURE_HEADER, prediction_token, sign
 from whisperx_api.webhooks import signature, tenant_secret
 from whisperx_operator.runtime import FINALIZER
@@ -467,6 +469,24 @@ async def test_a_namespace_without_the_runner_account_or_model_cache_fails_at_on
     await wait_for(gone(kube, JOBS, "no-cache"))
     await wait_for(lambda: kube.get(JOBS, "bare", "no-account") is None)
     await wait_for(lambda: kube.get(JOBS, "unbound", "never-bound") is None)
+
+
+@pytest.mark.skipif(not has_ipv6_loopback(), reason="this machine has no IPv6 loopback")
+async def test_the_operator_process_answers_on_ipv4_and_ipv6_by_default(
+    kube: Emulator, redis_url: str, tmp_path: Path
+) -> None:
+    """The runners' endpoint (reports, work, readiness) with WHISPERX_LISTEN_HOST unset:
+    a pod on an IPv6 or dual-stack cluster reaches it at its IPv6 address."""
+    env = operator_environment(kube, redis_url, tmp_path)
+    del env["WHISPERX_LISTEN_HOST"]
+    async with (
+        running_operator(kube, env, tmp_path / "operator.log"),
+        aiohttp.ClientSession() as http,
+    ):
+        for host in ("127.0.0.1", "::1"):
+            url = f"http://{join_host_port(host, int(env['WHISPERX_REPORT_PORT']))}/readyz"
+            async with http.get(url) as resp:
+                assert resp.status == 200, host
 
 
 async def test_a_job_held_by_kueue_reads_as_queued(
