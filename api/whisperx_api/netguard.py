@@ -4,15 +4,18 @@ A client names the runner's audio URL and the control plane's webhook target. Ei
 could point at loopback, the cluster's private services or the cloud metadata endpoint
 (169.254.169.254). The check runs on the resolved address at connection time (in the
 resolver, `whisperx_api.resolver`, so a DNS answer cannot slip past it) and again for IP
-literals, which aiohttp connects to without resolving. No aiohttp here: the runner's
-CLI imports this without loading its network stack.
+literals, which aiohttp connects to without resolving. No aiohttp here (yarl only): the
+runner's CLI imports this without loading its network stack.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 from dataclasses import dataclass
 from urllib.parse import urlsplit
+
+import yarl
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -43,7 +46,8 @@ class HostAllowList:
     default because a URL chosen by a client must not reach the cluster's internals or the
     cloud metadata endpoint. Entries: host names, `*.suffix` or `.suffix`, addresses and
     CIDRs, separated by commas or spaces; `host:port` (`[::1]:port` for IPv6) admits that
-    one port only, so a loopback service does not open every other loopback port.
+    one port only, so a loopback service does not open every other loopback port, and
+    `host:port/path/` only the URLs under that path (`allows_path`).
     """
 
     hostnames: frozenset[str] = frozenset()
@@ -51,6 +55,8 @@ class HostAllowList:
     networks: tuple[IPNetwork, ...] = ()
     # (host name or address text, port) pairs.
     endpoints: frozenset[tuple[str, int]] = frozenset()
+    # (host name or address text, port, path prefix) of `host:port/path` entries.
+    paths: frozenset[tuple[str, int, str]] = frozenset()
 
     @classmethod
     def parse(cls, text: str) -> HostAllowList:
@@ -58,15 +64,21 @@ class HostAllowList:
         suffixes: list[str] = []
         networks: list[IPNetwork] = []
         endpoints: set[tuple[str, int]] = set()
+        paths: set[tuple[str, int, str]] = set()
         for entry in text.replace(",", " ").split():
             try:
                 networks.append(ipaddress.ip_network(entry, strict=False))
                 continue
             except ValueError:
                 pass
-            host, sep, port = entry.rpartition(":")
+            # Not a CIDR: a `/` starts a path.
+            endpoint, slash, path = entry.partition("/")
+            host, sep, port = endpoint.rpartition(":")
             if sep and port.isdigit() and host:
-                endpoints.add((_normal_host(host), int(port)))
+                if slash:
+                    paths.add((_normal_host(host), int(port), slash + path))
+                else:
+                    endpoints.add((_normal_host(host), int(port)))
                 continue
             name = entry.lower().rstrip(".")
             if name.startswith("*."):
@@ -75,7 +87,13 @@ class HostAllowList:
                 suffixes.append(name)
             elif name:
                 hostnames.add(name)
-        return cls(frozenset(hostnames), tuple(suffixes), tuple(networks), frozenset(endpoints))
+        return cls(
+            frozenset(hostnames),
+            tuple(suffixes),
+            tuple(networks),
+            frozenset(endpoints),
+            frozenset(paths),
+        )
 
     def allows_host(self, host: str) -> bool:
         name = host.lower().rstrip(".")
@@ -91,7 +109,20 @@ class HostAllowList:
         if port is None:
             return False
         names = {_normal_host(host)} | ({str(address)} if address is not None else set())
-        return any((name, port) in self.endpoints for name in names)
+        scoped = {(name, scoped_port) for name, scoped_port, _ in self.paths}
+        return any((name, port) in self.endpoints | scoped for name in names)
+
+    def allows_path(self, host: str, port: int, path: str) -> bool:
+        """Whether a URL's (normalized) path is one that its host and port admit: any,
+        unless they are listed with paths only."""
+        name = _normal_host(host)
+        if self.allows_host(host) or (name, port) in self.endpoints:
+            return True
+        with contextlib.suppress(ValueError):
+            if self.allows_address(ipaddress.ip_address(name)):
+                return True
+        prefixes = [prefix for h, p, prefix in self.paths if (h, p) == (name, port)]
+        return not prefixes or any(path.startswith(prefix) for prefix in prefixes)
 
 
 def _normal_host(host: str) -> str:
@@ -112,6 +143,14 @@ class AddressRefused(Exception):
         where = f"resolves to {address}, {article}" if address else f"is {article}"
         super().__init__(f"host {host!r} {where} {kind} address; refused")
         self.host, self.address, self.kind = host, address, kind
+
+
+class PathRefused(AddressRefused):
+    """An allow-listed host and port, at a path outside those listed for them."""
+
+    def __init__(self, host: str, port: int) -> None:
+        Exception.__init__(self, f"host {host!r} port {port} is allowed other paths only; refused")
+        self.host, self.address, self.kind = host, None, "path"
 
 
 def check_address(
@@ -144,8 +183,14 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def check_url(url: str, allow: HostAllowList) -> None:
-    """Refuses a URL whose host is visibly internal, before any connection (a malformed
-    port is a ValueError)."""
+    """Refuses a URL whose host is visibly internal, or whose path its allow-list entry
+    does not admit, before any connection (a malformed port is a ValueError)."""
     parts = urlsplit(url)
-    if parts.hostname:
-        check_literal(parts.hostname, allow, parts.port or _DEFAULT_PORTS.get(parts.scheme))
+    if not parts.hostname:
+        return
+    port = parts.port or _DEFAULT_PORTS.get(parts.scheme)
+    check_literal(parts.hostname, allow, port)
+    # The path as the client sends it and the server routes it (dot segments resolved,
+    # percent-escapes decoded), as yarl makes it for aiohttp.
+    if port is not None and not allow.allows_path(parts.hostname, port, yarl.URL(url).path):
+        raise PathRefused(parts.hostname, port)

@@ -74,6 +74,10 @@ class QuotaExceeded(Exception):
         self.used, self.quota = used, quota
 
 
+# Where uploaded files and their download links live: all a runner fetches from here.
+FILES_PATH = "/v1/files/"
+
+
 def download_signature(key: bytes, namespace: str, file_id: str, expires: int) -> str:
     message = f"{namespace}/{file_id}/{expires}".encode()
     return hmac.new(key, message, hashlib.sha256).hexdigest()
@@ -81,7 +85,8 @@ def download_signature(key: bytes, namespace: str, file_id: str, expires: int) -
 
 def download_path(key: bytes, namespace: str, file_id: str, expires: int) -> str:
     signature = download_signature(key, namespace, file_id, expires)
-    return f"/v1/files/{namespace}/{file_id}/download?expires={expires}&signature={signature}"
+    query = f"expires={expires}&signature={signature}"
+    return f"{FILES_PATH}{namespace}/{file_id}/download?{query}"
 
 
 def valid_download(

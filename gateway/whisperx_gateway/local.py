@@ -28,6 +28,7 @@ from whisperx_api.webhooks import generate_secret
 from whisperx_gateway.app import create_app
 from whisperx_gateway.auth import TokenMap
 from whisperx_gateway.config import GatewayConfig, load_tokens, redis_pool_size
+from whisperx_gateway.files import FILES_PATH
 from whisperx_gateway.local_backend import (
     DEFAULT_IDLE_SECONDS,
     LocalBackend,
@@ -54,9 +55,11 @@ def default_runner_command() -> list[str]:
 def gateway_endpoint(public_url: str) -> str:
     """The runner's default allow-list: uploaded files are downloaded from this gateway,
     a loopback address, and only its port may be reached (not the private Redis, the
-    report endpoint or anything else listening on loopback)."""
+    report endpoint or anything else listening on loopback), under the files' path only
+    (not /metrics or the API)."""
     url = yarl.URL(public_url)
-    return join_host_port(url.host or "127.0.0.1", url.port or 80)
+    endpoint = join_host_port(url.host or "127.0.0.1", url.port or 80)
+    return endpoint + url.path.rstrip("/") + FILES_PATH
 
 
 async def _kept_secret(store: Store, env_name: str, key: str, make: Callable[[], str]) -> str:

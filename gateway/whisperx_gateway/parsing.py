@@ -29,6 +29,7 @@ from whisperx_api.schema import (
 )
 from whisperx_api.webhooks import ALLOW_HOSTS_ENV
 from whisperx_gateway.errors import ApiError
+from whisperx_gateway.files import FILES_PATH
 
 # Kubernetes object names (kubectl users pick their own; the gateway makes 26-char ids).
 _PREDICTION_ID = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
@@ -56,10 +57,11 @@ def route_uploaded_files(
     gateway's internal address instead.
     """
     audio = input_.get("audio_file")
-    prefix = f"{public_url.rstrip('/')}/v1/files/"
+    prefix = f"{public_url.rstrip('/')}{FILES_PATH}"
     if internal_url is None or not isinstance(audio, str) or not audio.startswith(prefix):
         return input_
-    return {**input_, "audio_file": f"{internal_url.rstrip('/')}/v1/files/{audio[len(prefix) :]}"}
+    internal = f"{internal_url.rstrip('/')}{FILES_PATH}"
+    return {**input_, "audio_file": internal + audio[len(prefix) :]}
 
 
 # Input strings longer than this (data URIs of up to 1 MB) are not repeated in lists.

@@ -196,7 +196,8 @@ def _pod_spec(
             {"name": "models", "mountPath": MODEL_DIR, "readOnly": cache},
             {"name": "tmp", "mountPath": "/tmp"},
         ],
-        # On a crash the last log lines become the pod's termination message: the error.
+        # On a crash the last log lines become the pod's termination message, which the
+        # operator posts as an Event on the Prediction (pods.runner_output).
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": {
             "allowPrivilegeEscalation": False,

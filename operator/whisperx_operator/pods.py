@@ -70,7 +70,9 @@ def _finished_at(pod: dict[str, Any]) -> str:
 
 
 def pod_failure(pod: dict[str, Any]) -> tuple[str, str]:
-    """(reason, message) of a failed pod, in the words a user can act on."""
+    """(reason, message) of a failed pod, in the words a user can act on. The message
+    becomes status.error, which the gateway returns to API callers: it never carries the
+    runner's output (see `runner_output`)."""
     status = pod.get("status") or {}
     if status.get("reason") == "Evicted":
         return "Evicted", _short(status.get("message") or "the pod was evicted")
@@ -81,20 +83,33 @@ def pod_failure(pod: dict[str, Any]) -> tuple[str, str]:
     if terminated is None:
         return "PodFailed", _short(status.get("message") or "the runner pod failed")
     code = terminated.get("exitCode")
-    detail = _short(terminated.get("message") or "")
     if terminated.get("reason") == "OOMKilled":
         return (
             "OOMKilled",
             "the runner ran out of memory (OOMKilled); use a larger hardware profile",
         )
     if code == 2:
-        return "InvalidInput", detail or "the runner refused the input or audio (exit code 2)"
+        return "InvalidInput", "the runner refused the input or audio (exit code 2)"
     if code == 1:
-        return "RunnerFailed", detail or "the runner failed (exit code 1)"
+        return "RunnerFailed", "the runner failed (exit code 1)"
     if code == 143:
-        return "Terminated", detail or "the runner was terminated (SIGTERM)"
-    suffix = f": {detail}" if detail else ""
-    return "RunnerCrashed", f"the runner exited with code {code}{suffix}"
+        return "Terminated", "the runner was terminated (SIGTERM)"
+    return "RunnerCrashed", f"the runner exited with code {code}"
+
+
+def runner_output(pod: dict[str, Any]) -> str:
+    """The last lines a failed runner wrote (its termination message: the Job's
+    FallbackToLogsOnError), "" if none. They may show a traceback, server paths or input
+    values, so they go to the namespace's users as an Event, never to status.error."""
+    return _short((_terminated(pod) or {}).get("message") or "")
+
+
+def failure_pod(pods: Iterable[dict[str, Any]]) -> dict[str, Any] | None:
+    """The failed pod that failed a Job: the last one whose failure counted against it
+    (preempted pods do not, by podFailurePolicy), else the last failed one."""
+    failed_pods = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
+    counted = [p for p in failed_pods if not _true(_conditions(p), "DisruptionTarget")]
+    return max(counted or failed_pods, key=_finished_at) if failed_pods else None
 
 
 def job_event(job: dict[str, Any], pods: Iterable[dict[str, Any]], at: datetime) -> lc.Event | None:
@@ -106,12 +121,8 @@ def job_event(job: dict[str, Any], pods: Iterable[dict[str, Any]], at: datetime)
         if reason == "DeadlineExceeded":
             seconds = (job.get("spec") or {}).get("activeDeadlineSeconds")
             return lc.Failed("DeadlineExceeded", f"the Job ran past its deadline ({seconds} s)", at)
-        failed_pods = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
-        # Preempted pods do not count against the Job (podFailurePolicy): the cause is
-        # the last failure that did.
-        counted = [p for p in failed_pods if not _true(_conditions(p), "DisruptionTarget")]
-        if counted or failed_pods:
-            last = max(counted or failed_pods, key=_finished_at)
+        last = failure_pod(pods)
+        if last is not None:
             pod_reason, message = pod_failure(last)
             return lc.Failed(pod_reason, message, at)
         return lc.Failed(reason, _short(failed.get("message") or "the Job failed"), at)

@@ -38,7 +38,7 @@ from whisperx_api.status_writer import StatusWriter
 from whisperx_api.work import STOP, Assignment, WorkRequest, report_url, runner_token
 from whisperx_operator import jobs
 from whisperx_operator.config import HardwareProfile, OperatorConfig
-from whisperx_operator.pods import JOB_NAME_LABEL, pod_event, pod_failure
+from whisperx_operator.pods import JOB_NAME_LABEL, pod_event, pod_failure, runner_output
 
 log = logging.getLogger(__name__)
 
@@ -510,4 +510,8 @@ class Pools:
         ]
         if not failed:
             return "RunnerLost", f"its runner Job {runner.job} ended"
+        output = runner_output(failed[0])
+        if output:
+            # For the operator's admins, never in the prediction's error (API callers').
+            log.warning("runner %s failed; its last output: %s", runner.id, output)
         return pod_failure(failed[0])

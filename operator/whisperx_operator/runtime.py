@@ -35,10 +35,12 @@ from whisperx_operator.events import EventPoster, involved_object
 from whisperx_operator.peering import PeeringGate
 from whisperx_operator.pods import (
     RETRIED_WAITING,
+    failure_pod,
     has_had_pods,
     job_event,
     pod_creation_failed,
     pod_event,
+    runner_output,
 )
 from whisperx_operator.pools import Pools
 from whisperx_operator.sink import KubeStatusSink
@@ -420,8 +422,14 @@ class Runtime:
             # Why it failed is in its pods (OOMKilled, evicted, exit code).
             pods = await self._pods(namespace, name)
         event = job_event(job, pods, lc.now_utc())
-        if event is not None:
-            await self.writer.apply(namespace, name, event)
+        if event is None:
+            return
+        record = await self.writer.apply(namespace, name, event)
+        last = failure_pod(pods)
+        output = runner_output(last) if last is not None else ""
+        # Once, when this event ended the prediction (a Job's later updates repeat it).
+        if output and record is not None and record.state.completed_at == event.at:
+            self.events.post(involved_object(record), "Warning", "RunnerOutput", output)
 
     async def pod_not_created(self, event: dict[str, Any]) -> None:
         """The Job controller recorded `FailedCreate` on a Job: it could not create its

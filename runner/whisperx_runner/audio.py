@@ -49,6 +49,8 @@ _NOT_AUDIO = (
     (b"\x1f\x8b", "a gzip archive"),
 )
 _TAR_MAGIC_OFFSET = 257
+# QuickTime and ISO media (mov, mp4, m4a): the type of the first box, at bytes 4 to 8.
+_MOV_BOXES = (b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"pnot", b"uuid", b"junk")
 
 
 @dataclass(frozen=True)
@@ -144,12 +146,22 @@ def _limited(cmd: list[str], memory_bytes: int) -> list[str]:
     return ["/bin/sh", "-c", f'ulimit -v {memory_bytes // 1024} && exec "$@"', "sh", *cmd]
 
 
-def _input_options(path: Path) -> list[str]:
+def _input_options(path: Path, mov: bool) -> list[str]:
+    # A mov/mp4 track may keep its samples in another file, named by a data reference
+    # (dref): never opened (ffmpeg's default, made explicit). Only the mov demuxer has
+    # the option, and ffmpeg refuses one that the chosen demuxer does not use.
+    drefs = ["-enable_drefs", "0"] if mov else []
     return [
         "-protocol_whitelist", "file",
         "-format_whitelist", ",".join(AUDIO_FORMATS),
+        *drefs,
         "-i", f"file:{path}",
     ]  # fmt: skip
+
+
+def looks_like_mov(head: bytes) -> bool:
+    """Whether the file's first bytes are a QuickTime or ISO media box (mov, mp4, m4a)."""
+    return head[4:8] in _MOV_BOXES
 
 
 async def _run(cmd: list[str], limits: DecodeLimits, max_stdout: int, what: str) -> bytearray:
@@ -203,9 +215,11 @@ async def _run(cmd: list[str], limits: DecodeLimits, max_stdout: int, what: str)
 
 
 async def probe_audio(path: Path, limits: DecodeLimits) -> Probe:
+    with path.open("rb") as file:
+        mov = looks_like_mov(file.read(8))
     cmd = [
         _tool("ffprobe"), "-hide_banner", "-loglevel", "error",
-        *_input_options(path),
+        *_input_options(path, mov),
         "-show_entries", "format=format_name,duration:stream=codec_type,channels",
         "-of", "json",
     ]  # fmt: skip
@@ -224,14 +238,16 @@ async def decode_audio(path: Path, limits: DecodeLimits | None = None) -> Decode
         kind = sniff_not_audio(file.read(512))
     if kind is not None:
         raise InputError(f"audio_file is {kind}, not audio", reason="InvalidAudio")
-    check_probe(await probe_audio(path, limits), limits)
+    probe = await probe_audio(path, limits)
+    check_probe(probe, limits)
     # One second past the limit: audio that reaches it is longer than allowed.
     cap = limits.max_seconds + 1
     cmd = [
         _tool("ffmpeg"), "-nostdin", "-hide_banner", "-loglevel", "error",
         # Audio decoders hardly use threads; one thread keeps the address space small.
         "-threads", "1", "-filter_threads", "1",
-        *_input_options(path),
+        # The demuxer ffprobe chose (the same probing, the same file) is the one used here.
+        *_input_options(path, probe.format_name.split(",")[0] == "mov"),
         "-vn", "-sn", "-dn", "-t", f"{cap:.3f}",
         "-f", "s16le", "-ac", "1", "-acodec", "pcm_s16le", "-ar", str(SAMPLE_RATE), "-",
     ]  # fmt: skip

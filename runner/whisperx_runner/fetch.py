@@ -73,8 +73,9 @@ def _hop_checks(url: str, allow: HostAllowList) -> str:
     if not host:
         raise InputError(f"audio_file: URL has no host: {url!r}")
     try:
-        # aiohttp skips the resolver for IP literals, so they are checked here.
-        netguard.check_literal(host, allow, parts.port or (443 if parts.scheme == "https" else 80))
+        # aiohttp skips the resolver for IP literals, so they are checked here; and the
+        # path, for a host and port allow-listed for some paths only.
+        netguard.check_url(url, allow)
     except AddressRefused as exc:
         raise _refused(exc) from None
     return host

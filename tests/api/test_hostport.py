@@ -11,7 +11,6 @@ from aiohttp import web
 from tests.conftest import free_port
 from whisperx_api.hostport import bind_host, join_host_port, loopback_url, wildcard_for
 from whisperx_gateway.config import GatewayConfig
-from whisperx_gateway.local import gateway_endpoint
 from whisperx_runner.fetch import _redact
 
 
@@ -44,7 +43,7 @@ def test_the_gateway_listens_on_every_interface_by_default() -> None:
     assert bind_host(config.host) is None
 
 
-def _has_ipv6_loopback() -> bool:
+def has_ipv6_loopback() -> bool:
     try:
         socket.create_server(("::1", 0), family=socket.AF_INET6).close()
     except OSError:
@@ -52,7 +51,7 @@ def _has_ipv6_loopback() -> bool:
     return True
 
 
-@pytest.mark.skipif(not _has_ipv6_loopback(), reason="this machine has no IPv6 loopback")
+@pytest.mark.skipif(not has_ipv6_loopback(), reason="this machine has no IPv6 loopback")
 async def test_every_interface_answers_on_ipv4_and_ipv6() -> None:
     app = web.Application()
 
@@ -85,11 +84,6 @@ async def test_every_interface_answers_on_ipv4_and_ipv6() -> None:
 )
 def test_a_server_reaches_itself_on_its_own_family(listen_host: str, url: str) -> None:
     assert loopback_url(listen_host, 8000) == url
-
-
-def test_local_mode_allows_runners_its_own_endpoint_ipv6_included() -> None:
-    assert gateway_endpoint("http://[::1]:8000") == "[::1]:8000"
-    assert gateway_endpoint("http://127.0.0.1:8000") == "127.0.0.1:8000"
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,8 @@ bound to them:
 - Secret, ConfigMap, emptyDir and PVC volumes mapped to local folders (a PVC to the
   `hostPath` of the PersistentVolume bound to it), container paths in env values
   rewritten to those folders (command and args run as given: this machine's programs);
+  a `readOnly` mount is a read-only bind mount of its folder, in a mount namespace of
+  the container's process alone (`unshare`), so even root cannot write there;
 - deletion: SIGTERM, the grace period, SIGKILL, then the final status and delete;
 - pod status as a kubelet writes it: phase, conditions, containerStatuses with exit codes
   and reasons, the termination message (`FallbackToLogsOnError`).
@@ -560,10 +562,16 @@ class Kubelet:
         root = run.log_path.parent
         volumes = {v["name"]: v for v in spec.get("volumes") or ()}
         mounts: dict[str, Path] = {}
+        read_only: list[tuple[Path, Path]] = []  # (folder, its read-only view)
         for mount in container.get("volumeMounts") or ():
-            mounts[mount["mountPath"]] = await self._volume(
+            local = await self._volume(
                 client, run, volumes[mount["name"]], root / "volumes" / mount["name"]
             )
+            if mount.get("readOnly"):
+                view = _folder(root / "read-only" / mount["name"])
+                read_only.append((local, view))
+                local = view
+            mounts[mount["mountPath"]] = local
 
         def local_path(value: str) -> str:
             for mount_path, local in sorted(mounts.items(), key=lambda m: -len(m[0])):
@@ -583,7 +591,8 @@ class Kubelet:
                 env[item["name"]] = value
         # The command and args run as given: they name this machine's programs (the
         # project's venv, which may itself live under /tmp), not the image's.
-        return env, [*container.get("command", []), *container.get("args", [])]
+        argv = [*container.get("command", []), *container.get("args", [])]
+        return env, _with_read_only_views(read_only, argv) if read_only else argv
 
     async def _value_from(
         self, client: Cluster, run: PodRun, pod: dict[str, Any], source: dict[str, Any]
@@ -663,6 +672,23 @@ class Kubelet:
 def _folder(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+# Binds each (folder, view) pair read-only, then execs the command: the same process, so
+# signals and the exit code are the command's. A failed mount exits 125.
+_BIND_READ_ONLY = (
+    'while [ "$1" != -- ]; do mount --bind -o ro "$1" "$2" || exit 125; shift 2; done; '
+    'shift; exec "$@"'
+)
+
+
+def _with_read_only_views(views: list[tuple[Path, Path]], argv: list[str]) -> list[str]:
+    """`argv` in a mount namespace of its own where each view is its folder, read-only.
+    Not root: a user namespace (mapped to root inside) grants the mounts."""
+    user = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
+    pairs = [str(path) for pair in views for path in pair]
+    return ["unshare", "--mount", "--propagation", "private", *user,
+            "sh", "-c", _BIND_READ_ONLY, "sh", *pairs, "--", *argv]  # fmt: skip
 
 
 class _Deleted(Exception):

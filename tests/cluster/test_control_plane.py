@@ -184,6 +184,24 @@ async def test_the_stand_in_resolves_env_and_volumes_as_a_kubelet(
         stack.kubectl("delete", "-n", NS, "secret/s1", "configmap/c1", check=False)
 
 
+async def test_a_read_only_mount_cannot_be_written_even_by_root(
+    cluster: Cluster, node_agent: Kubelet
+) -> None:
+    # One volume, mounted read-write and read-only: the process writes through the first
+    # and reads what it wrote through the second, which refuses a write.
+    script = 'echo written > "$RW/f"; cat "$RO/f"; touch "$RO/g" 2>/dev/null || echo refused'
+    body = job("read-only", script)
+    spec = body["spec"]["template"]["spec"]
+    spec["containers"][0]["env"] = [{"name": "RW", "value": "/rw"}, {"name": "RO", "value": "/ro"}]
+    spec["containers"][0]["volumeMounts"] = [
+        {"name": "v", "mountPath": "/rw"}, {"name": "v", "mountPath": "/ro", "readOnly": True},
+    ]  # fmt: skip
+    spec["volumes"] = [{"name": "v", "emptyDir": {}}]
+    await cluster.create_object(JOBS, NS, body)
+    await wait_until(lambda: condition(cluster.get(JOBS, NS, "read-only"), "Complete"))
+    assert node_agent.logs("read-only") == "written\nrefused\n"
+
+
 async def test_a_missing_secret_key_leaves_the_container_waiting(
     cluster: Cluster, node_agent: Kubelet
 ) -> None:

@@ -1,6 +1,7 @@
 """Real users' credentials, on the real control plane: a kubeconfig whose user is an exec
 credential plugin (as EKS and GKE write them), for kubectl, the operator (kopf and the
-official client) and the gateway; and a rotated token picked up without a restart."""
+official client) and the gateway; and a rotated token, a plugin's or a ServiceAccount's
+in-cluster one, picked up without a restart."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import pytest
+from kubernetes_asyncio.config import incluster_config
 from replicate.client import Client
 
 from tests.cluster.client import Cluster
@@ -18,6 +21,7 @@ from tests.cluster.stack_fixtures import GATEWAY_TOKEN
 from tests.flow.conftest import GatewayProcess
 from tests.kube_auth import plugin_runs, write_exec_kubeconfig
 from tests.kube_fixtures import OperatorProcess, operator_environment
+from whisperx_api.kube import ApiError, KubeClient, resource_path
 
 
 def exec_kubeconfig(plane: ControlPlane, account: str, path: Path) -> Path:
@@ -96,6 +100,41 @@ async def test_operator_and_gateway_with_exec_plugins_and_a_rotated_token(
         await gateway.stop()
         await operator.stop()
         print(operator.log_tail(60))
+
+
+async def test_a_rotated_service_account_token_is_read_again_in_cluster(
+    stack: ControlPlane, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a pod: the kubelet rewrites the projected token file before the old token
+    expires. The client (the gateway's and the operator's) reads the file again, at the
+    library's refresh or at the API server's first 401, with no restart."""
+    token_file = tmp_path / "token"
+    token_file.write_text(bound_token(stack, "sa-cred-1"))
+    monkeypatch.setattr(incluster_config, "SERVICE_TOKEN_FILENAME", str(token_file))
+    monkeypatch.setattr(incluster_config, "SERVICE_CERT_FILENAME", str(stack.ca_file))
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(stack.port))
+    client = KubeClient()
+    missing = resource_path(TENANT, "no-such-prediction")
+    try:
+        # 404: authenticated and allowed (the gateway's Role reads Predictions there).
+        with pytest.raises(ApiError) as first:
+            await client.get(missing)
+        assert first.value.status == 404
+        old = token_file.read_text()
+        token_file.write_text(bound_token(stack, "sa-cred-2"))
+        stack.kubectl("delete", "secret", "sa-cred-1", "-n", SYSTEM)
+        stale = stack.kubeconfig(old, tmp_path / "stale.kubeconfig")
+        await wait_until(
+            lambda: stack.kubectl("auth", "whoami", kubeconfig=stale, check=False).returncode,
+            within=60, interval=1,
+        )  # fmt: skip
+        with pytest.raises(ApiError) as after:
+            await client.get(missing)
+        assert after.value.status == 404
+    finally:
+        await client.close()
+        stack.kubectl("delete", "secret", "sa-cred-2", "-n", SYSTEM, check=False)
 
 
 def bound_token(plane: ControlPlane, secret: str) -> str:

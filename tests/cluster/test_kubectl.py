@@ -21,6 +21,7 @@ from tests.cluster.controlplane import ControlPlane
 from tests.cluster.fixtures import JOBS, PODS, PREDICTIONS, SECRETS, TENANT
 from tests.cluster.kubelet import Kubelet, wait_until
 from tests.kube_fixtures import OperatorProcess
+from whisperx_api.schema import SECRET_INPUT_FIELDS, PredictionInput
 
 pytestmark = pytest.mark.whisperx
 
@@ -63,6 +64,26 @@ def test_the_api_server_refuses_bad_predictions_naming_the_field(
                       stdin=prediction("refused", **spec), check=False)  # fmt: skip
     assert refused.returncode != 0, refused.stdout
     assert complaint in refused.stderr, refused.stderr
+
+
+def test_null_optional_inputs_are_dropped_not_refused(stack: ControlPlane) -> None:
+    """What a client writes for "unset": `null`, for every optional input (the server
+    used to answer `Unsupported value: null` for `language`). It is stored as unset."""
+    optional = [
+        name
+        for name, field in PredictionInput.model_fields.items()
+        if field.default is None and name not in SECRET_INPUT_FIELDS
+    ]
+    assert "language" in optional
+    given = {"audio_file": "https://example.com/a.wav", **dict.fromkeys(optional)}
+    created = kubectl(stack, "create", "--validate=strict", "-o", "json", "-f", "-",
+                      stdin=prediction("nulls", input=given))  # fmt: skip
+    try:
+        stored = json.loads(created.stdout)["spec"]["input"]
+        assert stored["audio_file"] == given["audio_file"]
+        assert not set(optional) & set(stored), stored
+    finally:
+        kubectl(stack, "delete", "prediction", "nulls", "--wait=false", check=False)
 
 
 async def test_create_get_wait_describe_delete(

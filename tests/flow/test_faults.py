@@ -101,6 +101,11 @@ async def test_an_operator_killed_mid_prediction_loses_nothing(
 async def test_an_operator_down_while_the_runner_finishes_loses_nothing(
     real_cluster: Cluster, fox_url: AudioSource, hooks: HookReceiver
 ) -> None:
+    """The pieces together: the runner keeps its pod and retries, and the operator back
+    takes the report. The outage (about 30 s) is shorter than the 120 s after which the
+    runner used to give up, so this alone would pass with that limit: outlasting 120 s
+    here would add two minutes to a test of minutes. The test after this one holds the
+    result past any such limit, on a clock that runs ten minutes per reading."""
     kube, operator = real_cluster.kube, real_cluster.operator
     prediction = await create(real_cluster, fox_url.url, hooks, align_output=True)
     await wait_for_phase(kube, prediction.id, ["processing"], within=60)

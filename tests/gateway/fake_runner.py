@@ -5,20 +5,24 @@ WHISPERX_MAX_PREDICTIONS).
 It makes the lifecycle tests fast and lets them provoke what the real runner rarely does
 (crash without a report, hang until SIGTERM). The input's `initial_prompt` picks the
 behaviour: `stand-in:fail`, `stand-in:crash`, `stand-in:hang`, `stand-in:slow`,
-`stand-in:stubborn` (hangs, ignoring SIGTERM);
+`stand-in:stubborn` (hangs, ignoring SIGTERM), `stand-in:fetch` (downloads the audio as
+the real runner does, under its address guard and WHISPERX_ALLOW_HOSTS);
 anything else succeeds with a transcript naming the audio's length (an http(s) audio
 URL is downloaded first) and the runner's pid, so tests can tell warm runs apart.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 from whisperx_api.reports import SIGNATURE_HEADER, sign
@@ -84,7 +88,20 @@ def run(data: dict[str, Any]) -> int | None:
         report("completed", status="failed", error="stand-in: simulated failure")
         return None
     source = str(data["audio_file"])
-    if source.startswith("http"):
+    if mode == "fetch":
+        # Imported here: the other behaviours start faster without the runner's modules.
+        from whisperx_runner.config import RunnerConfig
+        from whisperx_runner.errors import RunnerError
+        from whisperx_runner.fetch import fetch_audio
+
+        with tempfile.TemporaryDirectory() as folder:
+            try:
+                fetched = asyncio.run(fetch_audio(source, Path(folder), RunnerConfig.from_env()))
+            except RunnerError as exc:
+                report("completed", status="failed", error=str(exc), reason=exc.reason)
+                return None
+            text = f"audio of {fetched.stat().st_size} bytes"
+    elif source.startswith("http"):
         with urllib.request.urlopen(source, timeout=10) as response:
             text = f"audio of {len(response.read())} bytes"
     else:

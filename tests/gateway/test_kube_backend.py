@@ -24,6 +24,7 @@ from replicate.client import Client
 from replicate.webhook import Webhooks
 
 from tests.api.structural import admit
+from tests.api.test_hostport import has_ipv6_loopback
 from tests.cluster.fixtures import (
     RealKube,
     make_tenant,
@@ -32,6 +33,7 @@ from tests.cluster.fixtures import (
     with_server_defaults,
 )
 from tests.conftest import free_port
+from tests.flow.conftest import GatewayProcess
 from tests.gateway.conftest import TOKEN, Gateway, Receiver, call, completed, serve
 from tests.gateway.test_js_client import run_client
 from tests.kube_fixtures import (  # noqa: F401
@@ -47,6 +49,7 @@ from tests.kube_fixtures import (  # noqa: F401
     wait_for,
 )
 from whisperx_api.crd import DEFAULT_CRD_PATH
+from whisperx_api.hostport import join_host_port
 from whisperx_api.kube import KubeClient
 from whisperx_api.store import Store
 from whisperx_gateway.backend import NewPrediction
@@ -232,6 +235,50 @@ async def test_the_official_client_through_the_operator(
         assert receiver.bodies()[-1] == await resp.json()
     page = await call(client.predictions.list)
     assert [p.status for p in page.results] == ["canceled", "succeeded"]
+
+
+async def test_a_runner_crash_shows_callers_its_exit_code_not_its_output(
+    cluster_gateway: Gateway,
+) -> None:
+    # The stand-in runner writes "Segmentation fault (core dumped)" and exits 3; that
+    # output becomes the pod's termination message (FallbackToLogsOnError).
+    body = {"version": "whisperx", "input": {"audio_file": "https://fake.test/crash"}}
+    async with aiohttp.ClientSession(headers=cluster_gateway.auth()) as http:
+        async with http.post(cluster_gateway.url + "/v1/predictions", json=body) as resp:
+            assert resp.status == 201
+            url = (await resp.json())["urls"]["get"]
+
+        async def ended() -> dict[str, Any] | None:
+            async with http.get(url) as resp:
+                shown: dict[str, Any] = await resp.json()
+            return shown if shown["status"] in ("succeeded", "failed", "canceled") else None
+
+        shown = await wait_for(ended, within=60, interval=0.5)
+    assert shown["status"] == "failed" and shown["error"] == "the runner exited with code 3"
+    assert "Segmentation" not in str(shown), shown
+
+
+@pytest.mark.skipif(not has_ipv6_loopback(), reason="this machine has no IPv6 loopback")
+async def test_the_gateway_process_answers_on_ipv4_and_ipv6_by_default(
+    redis_url: str, alpha_tenant: dict[str, str], tmp_path: Path
+) -> None:
+    """`whisperx-gateway` with WHISPERX_GATEWAY_HOST unset: IPv4 and IPv6 clients alike."""
+    port = free_port()
+    env = {
+        "PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "REDIS_URL": redis_url,
+        **alpha_tenant, "WHISPERX_TOKENS": f"{TOKEN}={NAMESPACE}",
+        "WHISPERX_GATEWAY_PORT": str(port),
+        "WHISPERX_WEBHOOK_SECRET": "whsec_" + base64.b64encode(b"w" * 32).decode(),
+    }  # fmt: skip
+    gateway = GatewayProcess(env=env, log_path=tmp_path / "gateway.log")
+    try:
+        await gateway.start()
+        async with aiohttp.ClientSession() as http:
+            for host in ("127.0.0.1", "::1"):
+                async with http.get(f"http://{join_host_port(host, port)}/ready") as resp:
+                    assert resp.status == 200, host
+    finally:
+        await gateway.stop()
 
 
 async def test_the_official_javascript_client_through_the_operator(

@@ -275,6 +275,28 @@ def test_runner_jobs_pass_the_policies(
         assert container["image"] == prefetch["spec"]["template"]["spec"]["containers"][0]["image"]
 
 
+@pytest.mark.parametrize("root", OVERLAYS)
+def test_the_prefetch_job_writes_the_cache_as_the_runners_read_it(
+    root: str, rendered: dict[str, Objs], tmp_path: Path
+) -> None:
+    """The prefetch Job, the cache's one writer, makes it the runners' group's (fsGroup),
+    changing ownership only when the volume's root does not match: a cache of many GB is
+    not walked at every run. Runners mount it read-only, without an fsGroup."""
+    objs = rendered[root]
+    operator, _ = configs(objs, tmp_path)
+    prefetch = support.prefetch_job(objs)["spec"]["template"]["spec"]
+    writer = prefetch["securityContext"]
+    assert writer["fsGroupChangePolicy"] == "OnRootMismatch"
+    assert writer["fsGroup"] == writer["runAsGroup"]
+    for hardware in operator.profiles:
+        pod = runner_job(objs, operator, hardware)["spec"]["template"]["spec"]
+        reader = pod["securityContext"]
+        assert "fsGroup" not in reader and reader["runAsGroup"] == writer["fsGroup"], hardware
+        (container,) = pod["containers"]
+        (cache,) = [m for m in container["volumeMounts"] if m["mountPath"] == jobs.MODEL_DIR]
+        assert cache["readOnly"] is True, hardware
+
+
 def runner_endpoint(objs: Objs, operator: OperatorConfig) -> Endpoint:
     labels = runner_job(objs, operator, "whisperx")["spec"]["template"]["metadata"]["labels"]
     return Endpoint("10.244.0.14", TENANT_NS, labels)

@@ -365,6 +365,10 @@ def _pod(objs: Objs, name: str, ip: str) -> Endpoint:
     raise KeyError(name)
 
 
+# Each overlay's API server (the endpoint after DNAT), as its allow-apiserver patch names it.
+API_SERVER = {"kind": Endpoint("172.18.0.2"), "gpu": Endpoint("10.0.0.1")}
+
+
 @pytest.mark.parametrize("root", OVERLAYS)
 def test_network_policies_allow_only_the_designed_flows(
     root: str, rendered: dict[str, Objs]
@@ -382,7 +386,7 @@ def test_network_policies_allow_only_the_designed_flows(
     stray = Endpoint("10.244.0.15", "default", {"app": "anything"})
     foreign_runner = Endpoint("10.244.0.16", "other-team", ONE_SHOT_LABELS)
     dns = Endpoint("10.244.0.2", "kube-system", {"k8s-app": "kube-dns"})
-    api_service, api_endpoint = Endpoint("10.96.0.1"), Endpoint("172.18.0.2")
+    api_endpoint, public_api = API_SERVER[root], Endpoint("34.118.0.5")
     client, public_web = Endpoint("203.0.113.10"), Endpoint("93.184.216.34")
     metadata_server, private_host = Endpoint("169.254.169.254"), Endpoint("10.0.0.5")
 
@@ -399,9 +403,10 @@ def test_network_policies_allow_only_the_designed_flows(
         (warm_runner, gateway, 8000),
         (warm_runner, public_web, 443),
         (prefetch, public_web, 443),
-        (operator, api_service, 443),
+        (operator, api_endpoint, 443),
         (operator, api_endpoint, 6443),
-        (gateway, api_service, 443),
+        (gateway, api_endpoint, 6443),
+        (gateway, public_api, 443),  # a managed cluster's public endpoint
         (operator, public_web, 443),  # webhook delivery
         (operator, public_web, 8080),  # webhook URLs may name any port
     ]
@@ -425,7 +430,7 @@ def test_network_policies_allow_only_the_designed_flows(
         (runner, private_host, 80),
         (prefetch, public_web, 80),
         (redis, public_web, 443),
-        (redis, api_service, 443),
+        (redis, api_endpoint, 6443),
         (operator, runner, 8080),
         (client, runner, 8080),
         (client, gateway, 8080),
@@ -433,6 +438,12 @@ def test_network_policies_allow_only_the_designed_flows(
         # Webhook URLs are the clients' choice: never the cluster's internals.
         (operator, metadata_server, 80),
         (operator, private_host, 8080),
+        # Nor on the API server's ports: only the API server's own address.
+        (operator, metadata_server, 443),
+        (operator, private_host, 443),
+        (operator, private_host, 6443),
+        (gateway, metadata_server, 443),
+        (gateway, private_host, 443),
     ]
     wrong = [f"{s} -> {d}:{p} denied" for s, d, p in allowed if not net.allowed(s, d, p)]
     wrong += [f"{s} -> {d}:{p} allowed" for s, d, p in denied if net.allowed(s, d, p)]
@@ -456,13 +467,13 @@ NODE_LOCAL_DNS = Endpoint("169.254.20.10")
 OPENSHIFT_DNS = Endpoint(
     "10.128.0.5", "openshift-dns", {"dns.operator.openshift.io/daemonset-dns": "default"}
 )
-MINIKUBE_API = Endpoint("192.168.49.2")
-# component -> (destination, port, protocol) that it opens to DNS or the API server.
-COMPONENT_FLOWS = {
+# component -> (destination, port, protocol) that it opens to DNS or the API server (None:
+# the overlay's API server, whose address the overlay names).
+COMPONENT_FLOWS: dict[str, tuple[Endpoint | None, int, str]] = {
     "dns-any-kube-system": (CORE_DNS, 53, "UDP"),
     "dns-node-local": (NODE_LOCAL_DNS, 53, "UDP"),
     "dns-openshift": (OPENSHIFT_DNS, 5353, "UDP"),
-    "apiserver-8443": (MINIKUBE_API, 8443, "TCP"),
+    "apiserver-8443": (None, 8443, "TCP"),
 }
 
 
@@ -490,7 +501,8 @@ def test_components_open_dns_or_api_server_ports(
 ) -> None:
     """Each component opens its flow for the operator, the gateway and (DNS) runners, not
     for Redis; without it the flow is closed."""
-    destination, port, protocol = COMPONENT_FLOWS[component]
+    flow_to, port, protocol = COMPONENT_FLOWS[component]
+    destination = flow_to or API_SERVER[overlay]
     extra: dict[str, dict[str, str]] = {"kube-system": {}, "openshift-dns": {}}
     operator = _pod(rendered[overlay], "whisperx-operator", OPERATOR_IP)
     gateway = _pod(rendered[overlay], "whisperx-gateway", GATEWAY_IP)
@@ -518,11 +530,12 @@ def test_components_combine(tmp_path: Path) -> None:
     for destination, port, protocol in (
         (CORE_DNS, 53, "UDP"),
         (NODE_LOCAL_DNS, 53, "TCP"),
-        (MINIKUBE_API, 8443, "TCP"),
-        (MINIKUBE_API, 6443, "TCP"),
+        (API_SERVER["kind"], 8443, "TCP"),
+        (API_SERVER["kind"], 6443, "TCP"),
     ):
         assert net.allowed(operator, destination, port, protocol), destination
     assert not net.allowed(operator, CORE_DNS, 8080, "TCP")
+    assert not net.allowed(operator, Endpoint("10.0.0.5"), 8443, "TCP")
 
 
 def test_network_model_semantics() -> None:

@@ -17,10 +17,12 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 
+from tests.api.test_hostport import has_ipv6_loopback
 from tests.cluster.client import ApiError
 from tests.cluster.fixtures import RealKube, make_tenant, remove_tenant, with_server_defaults
 from tests.conftest import free_port
 from tests.kube_fixtures import (
+    CLAIMS,
     GPU_HUNGRY,
     JOBS,
     NAMESPACES,
@@ -40,6 +42,7 @@ from tests.kube_fixtures import (
     wait_for,
     wait_for_phase,
 )
+from whisperx_api.hostport import join_host_port
 from whisperx_api.reports import SIGNATURE_HEADER, prediction_token, sign
 from whisperx_api.webhooks import signature, tenant_secret
 from whisperx_operator.runtime import FINALIZER
@@ -310,7 +313,7 @@ async def test_pods_that_die_or_never_start_end_the_prediction_with_the_reason(
     expected = {
         "oom": ("failed", "OOMKilled", "out of memory"),
         "evicted": ("succeeded", "Succeeded", "transcription finished"),
-        "crash": ("failed", "RunnerCrashed", "exited with code 3: Segmentation fault"),
+        "crash": ("failed", "RunnerCrashed", "the runner exited with code 3"),
         "pull": ("failed", "ImagePullFailed", "cannot pull image whisperx/runner:test"),
         "nogpu": ("failed", "StartDeadlineExceeded", "Insufficient nvidia.com/gpu"),
         "slow": ("failed", "DeadlineExceeded", "longer than 1 s"),
@@ -331,6 +334,14 @@ async def test_pods_that_die_or_never_start_end_the_prediction_with_the_reason(
         await wait_for(gone(kube, JOBS, name))
     warnings = [e for e in iter_events(kube, "oom") if e["type"] == "Warning"]
     assert warnings and warnings[0]["reason"] == "OOMKilled"
+    # The crash's output (the termination message) is for `kubectl describe` only: the
+    # error, which the gateway returns to API callers, says the exit code and no more.
+    crashed = (await wait_for_phase(kube, "crash"))["status"]
+    assert crashed["error"] == "the runner exited with code 3", crashed
+    output = await wait_for(
+        lambda: [e for e in iter_events(kube, "crash") if e["reason"] == "RunnerOutput"]
+    )
+    assert len(output) == 1 and "Segmentation fault" in output[0]["message"], output
 
 
 async def test_a_replacement_pod_after_an_eviction_delivers_the_transcript(
@@ -366,9 +377,15 @@ async def test_a_kubelet_retry_is_waited_on_for_a_grace_then_fails_with_its_reas
         "recovers",
         PodPlan(waiting_reason="ImagePullBackOff", waiting_message=rate_limited, waiting_seconds=1),
     )
+    # A Secret or key the container needs, missing: the kubelet retries it too.
+    missing_key = "couldn't find key token in Secret default/whisperx-hf-token"
+    kubelet.plan(
+        "no-key", PodPlan(waiting_reason="CreateContainerConfigError", waiting_message=missing_key)
+    )
     async with running_operator(kube, env, tmp_path / "operator.log"):
         await create(kube, "gives-up")
         await create(kube, "recovers")
+        await create(kube, "no-key")
 
         def waiting() -> dict[str, Any] | None:
             obj = kube.get(PREDICTIONS, NS, "gives-up")
@@ -382,12 +399,19 @@ async def test_a_kubelet_retry_is_waited_on_for_a_grace_then_fails_with_its_reas
         assert warning["reason"] == "ImagePullBackOff" and "pull rate limit" in warning["message"]
         failed = (await wait_for_phase(kube, "gives-up"))["status"]
         recovered = await wait_for_phase(kube, "recovers")
+        no_key = (await wait_for_phase(kube, "no-key"))["status"]
     assert (failed["phase"], failed["reason"]) == ("failed", "ImagePullFailed")
     assert "cannot pull image whisperx/runner:test" in failed["error"]
     assert "still ImagePullBackOff after 3 s" in failed["error"]
     await wait_for(gone(kube, JOBS, "gives-up"))
     assert recovered["status"]["phase"] == "succeeded"
     assert conditions(recovered)["Waiting"] == "False"
+    assert (no_key["phase"], no_key["reason"]) == ("failed", "ContainerConfigError"), no_key
+    assert missing_key in no_key["error"] and "after 3 s" in no_key["error"]
+
+
+# The scheduler's words for a pod whose claim exists but is not bound (the emulator's).
+UNBOUND_CLAIM = "0/2 nodes are available: pod has unbound immediate PersistentVolumeClaims."
 
 
 async def test_a_namespace_without_the_runner_account_or_model_cache_fails_at_once(
@@ -396,32 +420,73 @@ async def test_a_namespace_without_the_runner_account_or_model_cache_fails_at_on
     env = operator_environment(
         kube, redis_url, tmp_path,
         WHISPERX_RUNNER_SERVICE_ACCOUNT="whisperx-runner", WHISPERX_MODEL_CACHE_PVC="models",
+        WHISPERX_WAITING_GRACE_SECONDS="3",
     )  # fmt: skip
     # "default" has the runner's ServiceAccount but no model cache claim "models"; "bare"
-    # neither.
+    # neither; "unbound" both, but its claim can never bind (no volume, no provisioner).
     if isinstance(kube, Emulator):
         await kube.create_object(SERVICE_ACCOUNTS, NS, {"metadata": {"name": "whisperx-runner"}})
         await kube.create_object(NAMESPACES, None, {"metadata": {"name": "bare"}})
+        await kube.create_object(NAMESPACES, None, {"metadata": {"name": "unbound"}})
+        await kube.create_object(
+            SERVICE_ACCOUNTS, "unbound", {"metadata": {"name": "whisperx-runner"}}
+        )
+        await kube.create_object(CLAIMS, "unbound", {"metadata": {"name": "models"}})
+        kubelet.plan("never-bound", PodPlan(unschedulable=UNBOUND_CLAIM))
     else:
         # A tenant as manifests/base/tenant makes one, less its runner ServiceAccount.
         await asyncio.to_thread(make_tenant, kube.plane, "bare", without={"ServiceAccount"})
+        await asyncio.to_thread(make_tenant, kube.plane, "unbound")
+        claim = {
+            "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": {"name": "models", "namespace": "unbound"},
+            "spec": {"accessModes": ["ReadOnlyMany"], "storageClassName": "",
+                     "resources": {"requests": {"storage": "1Gi"}}},
+        }  # fmt: skip
+        kube.plane.kubectl("apply", "-f", "-", stdin=json.dumps(claim))
     try:
         async with running_operator(kube, env, tmp_path / "operator.log"):
             await create(kube, "no-cache")
             bare = prediction_body("no-account", SUCCEED)
             await kube.create_object(PREDICTIONS, "bare", bare)
+            never_bound = prediction_body("never-bound", SUCCEED)
+            await kube.create_object(PREDICTIONS, "unbound", never_bound)
             no_cache = (await wait_for_phase(kube, "no-cache"))["status"]
             no_account = (await wait_for_phase(kube, "no-account", namespace="bare"))["status"]
+            never = (await wait_for_phase(kube, "never-bound", namespace="unbound"))["status"]
     finally:
         if isinstance(kube, RealKube):
-            await asyncio.to_thread(remove_tenant, kube.plane, "bare")
+            for namespace in ("bare", "unbound"):
+                await asyncio.to_thread(remove_tenant, kube.plane, namespace)
     # Not at the start deadline (an hour by default): now, with the server's words.
     assert (no_cache["phase"], no_cache["reason"]) == ("failed", "VolumeUnbound")
     assert 'persistentvolumeclaim "models" not found' in no_cache["error"]
     assert (no_account["phase"], no_account["reason"]) == ("failed", "RunnerNotCreated")
     assert 'serviceaccount "whisperx-runner" not found' in no_account["error"]
+    # A claim that exists may yet bind (a provisioner at work): waited on for the grace.
+    assert (never["phase"], never["reason"]) == ("failed", "VolumeUnbound"), never
+    assert "unbound immediate PersistentVolumeClaims" in never["error"]
     await wait_for(gone(kube, JOBS, "no-cache"))
     await wait_for(lambda: kube.get(JOBS, "bare", "no-account") is None)
+    await wait_for(lambda: kube.get(JOBS, "unbound", "never-bound") is None)
+
+
+@pytest.mark.skipif(not has_ipv6_loopback(), reason="this machine has no IPv6 loopback")
+async def test_the_operator_process_answers_on_ipv4_and_ipv6_by_default(
+    kube: Emulator, redis_url: str, tmp_path: Path
+) -> None:
+    """The runners' endpoint (reports, work, readiness) with WHISPERX_LISTEN_HOST unset:
+    a pod on an IPv6 or dual-stack cluster reaches it at its IPv6 address."""
+    env = operator_environment(kube, redis_url, tmp_path)
+    del env["WHISPERX_LISTEN_HOST"]
+    async with (
+        running_operator(kube, env, tmp_path / "operator.log"),
+        aiohttp.ClientSession() as http,
+    ):
+        for host in ("127.0.0.1", "::1"):
+            url = f"http://{join_host_port(host, int(env['WHISPERX_REPORT_PORT']))}/readyz"
+            async with http.get(url) as resp:
+                assert resp.status == 200, host
 
 
 async def test_a_job_held_by_kueue_reads_as_queued(

@@ -14,6 +14,7 @@ from whisperx_operator.pods import (
     job_event,
     pod_creation_failed,
     pod_event,
+    runner_output,
 )
 
 AT = datetime(2026, 1, 1, tzinfo=UTC)
@@ -60,9 +61,9 @@ FAILED = condition("Failed", "BackoffLimitExceeded", "Job has reached the specif
     ("pods", "reason", "text"),
     [
         ([failed_pod(137, "OOMKilled")], "OOMKilled", "out of memory"),
-        ([failed_pod(2, message="cannot decode audio")], "InvalidInput", "cannot decode audio"),
+        ([failed_pod(2, message="cannot decode audio")], "InvalidInput", "exit code 2"),
         ([failed_pod(1)], "RunnerFailed", "exit code 1"),
-        ([failed_pod(139, message="Segmentation fault")], "RunnerCrashed", "139: Segmentation"),
+        ([failed_pod(139, message="Segmentation fault")], "RunnerCrashed", "exited with code 139"),
         ([failed_pod(reason="Evicted", message="x") | {"status": {"phase": "Failed",
           "reason": "Evicted", "message": "low on memory"}}], "Evicted", "low on memory"),
         ([], "BackoffLimitExceeded", "backoff limit"),
@@ -73,6 +74,16 @@ def test_failed_job_reads_as_its_pods_failure(
 ) -> None:
     event = job_event(job(FAILED), pods, AT)
     assert isinstance(event, lc.Failed) and event.reason == reason and text in event.message
+
+
+@pytest.mark.parametrize("code", [1, 2, 3, 139, 143])
+def test_a_runners_output_is_never_in_the_error(code: int) -> None:
+    # The error reaches API callers; the output (a traceback, paths) is for an Event.
+    tail = 'Traceback: File "/srv/secret.py", line 1\nhf_token=hf_abc'
+    event = job_event(job(FAILED), [failed_pod(code, message=tail)], AT)
+    assert isinstance(event, lc.Failed) and "hf_abc" not in event.message
+    assert "secret" not in event.message
+    assert runner_output(failed_pod(code, message=tail)) == tail
 
 
 def test_the_latest_counted_failure_is_the_cause_not_a_preemption() -> None:

@@ -7,10 +7,13 @@ make ffmpeg open it.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import gzip
 import io
 import json
+import os
+import shutil
 import struct
 import subprocess
 import tarfile
@@ -22,7 +25,7 @@ import pytest
 from tests.runner.conftest import ReportServer
 from tests.runner.test_runner_inputs import run_prediction
 from whisperx_runner import audio
-from whisperx_runner.audio import DecodeLimits, Probe, decode_audio, probe_audio
+from whisperx_runner.audio import DecodeLimits, Probe, decode_audio, looks_like_mov, probe_audio
 from whisperx_runner.config import RunnerConfig
 from whisperx_runner.errors import InputError
 
@@ -211,3 +214,65 @@ def video_only(path: Path) -> Path:
 async def test_a_container_without_audio_is_refused(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="contains no audio stream"):
         await decode_audio(video_only(tmp_path / "video.mkv"))
+
+
+def _boxes(data: bytes, start: int, end: int) -> dict[bytes, tuple[int, int]]:
+    """The ISO media boxes between start and end: type -> (offset, size)."""
+    found = {}
+    while start < end:
+        size, kind = struct.unpack(">I4s", data[start : start + 8])
+        found[kind] = (start, size)
+        start += size
+    return found
+
+
+def external_samples(own: bytes, sibling: str) -> bytes:
+    """`own` (a mov whose index follows its samples) with its samples zeroed and its
+    track's data reference pointing at the file `sibling` beside it: a Mac alias record
+    (QuickTime's `alis`), one level up and one down, as ffmpeg's mov demuxer reads it."""
+    mdat, size = _boxes(own, 0, len(own))[b"mdat"]
+    own = own[: mdat + 8] + bytes(size - 8) + own[mdat + size :]
+    chain, start, end = [], 0, len(own)
+    for kind in (b"moov", b"trak", b"mdia", b"minf", b"dinf", b"dref"):
+        offset, size = _boxes(own, start, end)[kind]
+        chain.append((offset, size))
+        start, end = offset + 8, offset + size
+    name = sibling.encode()
+    record = bytes(10 + 1 + 27 + 12) + bytes([len(name)]) + name.ljust(63, b"\0")
+    record += bytes(16) + struct.pack(">HH", 1, 1) + bytes(16)  # levels up, down
+    path = b"/host/" + name + b"\0" * (len(name) % 2)
+    record += struct.pack(">HH", 2, len(path)) + path + struct.pack(">hH", -1, 0)
+    alis = struct.pack(">I4sI", 12 + len(record), b"alis", 0) + record
+    dref = struct.pack(">I4sII", 16 + len(alis), b"dref", 0, 1) + alis
+    offset, size = chain[-1]
+    out = bytearray(own[:offset] + dref + own[offset + size :])
+    for parent, parent_size in chain[:-1]:
+        struct.pack_into(">I", out, parent, parent_size + len(dref) - size)
+    return bytes(out)
+
+
+async def test_a_mov_data_reference_to_another_file_is_not_followed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """mov/mp4 is an allowed container, and a track's samples may live in another file
+    (a data reference): the runner's ffmpeg never opens it, even where data references
+    were on by default (here, tools that turn them on before the runner's options)."""
+    secret = tone(tmp_path / "secret.mov").read_bytes()  # beside the input, as in /tmp
+    path = tmp_path / "audio"
+    path.write_bytes(external_samples(tone(tmp_path / "own.mov").read_bytes(), "secret.mov"))
+    assert looks_like_mov(secret) and looks_like_mov(path.read_bytes())
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    for name in ("ffmpeg", "ffprobe"):
+        real = shutil.which(name)
+        (tools / name).write_text(f'#!/bin/sh\nexec {real} -enable_drefs 1 "$@"\n')
+        (tools / name).chmod(0o755)
+    # The file is hostile: with data references on, ffmpeg reads the secret's tone.
+    command = [str(tools / "ffmpeg"), "-nostdin", "-loglevel", "error",
+               "-i", f"file:{path}", "-f", "s16le", "-"]  # fmt: skip
+    run = await asyncio.to_thread(subprocess.run, command, capture_output=True, check=True)
+    followed = run.stdout
+    assert any(struct.unpack(f"<{len(followed) // 2}h", followed))
+    monkeypatch.setenv("PATH", f"{tools}:{os.environ['PATH']}")
+    with pytest.raises(InputError, match="no audio samples"):
+        await decode_audio(path)

@@ -9,10 +9,12 @@ is recovered from with bounded logging, and a crash leaves no input file behind.
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import re
 import shutil
 import stat
+import struct
 from pathlib import Path
 
 import aiohttp
@@ -144,29 +146,47 @@ async def test_local_mode_recovers_when_its_redis_dies(tmp_path: Path) -> None:
         assert log.count("unavailable") < 20, log
 
 
-async def test_a_secret_input_is_never_written_to_disk(tmp_path: Path, redis_url: str) -> None:
+@pytest.mark.parametrize("runner", ["stand-in", pytest.param("real", marks=pytest.mark.whisperx)])
+async def test_a_secret_input_is_never_written_to_disk(tmp_path: Path, runner: str) -> None:
     """It reaches the runner with its work, in memory: even a killed local mode leaves
-    it in no file (not in its data folder, not in Redis's)."""
-    data = tmp_path / "local-data"
-    args = ("--data-dir", str(data), *ARGS)
-    async with local_mode(tmp_path / "first.log", *args) as local, aiohttp.ClientSession() as http:
-        body = {"version": "whisperx", "input": {**HANG, "huggingface_access_token": "hf_x1y2"}}
+    it in no file (not in its data folder, not in Redis's, not in the temporary folder,
+    where runners fetch and decode the audio and where the input file used to be)."""
+    data, temp = tmp_path / "local-data", tmp_path / "tmp"
+    temp.mkdir()
+    env = {**os.environ, "TMPDIR": str(temp)}
+    args = ("--data-dir", str(data), *(ARGS if runner == "stand-in" else ()))
+    given = {**HANG, "huggingface_access_token": "hf_x1y2"}
+    if runner == "real":  # two seconds of silence: the runner is killed while on it
+        given = {"audio_file": silence_data_uri(2.0), "huggingface_access_token": "hf_x1y2"}
+    log = tmp_path / "first.log"
+    async with local_mode(log, *args, env=env) as local, aiohttp.ClientSession() as http:
+        body = {"version": "whisperx", "input": given}
         async with http.post(local.url + "/v1/predictions", json=body, headers=local.auth()) as r:
             created = await r.json()
         url = f"{local.url}/v1/predictions/{created['id']}"
 
-        for _ in range(200):
+        for _ in range(1200):
             async with http.get(url, headers=local.auth()) as resp:
                 if (await resp.json())["status"] == "processing":
                     break
             await asyncio.sleep(0.05)
         else:
-            raise AssertionError("the prediction never started")
+            raise AssertionError(f"the prediction never started:\n{local.log()}")
         local.process.kill()
         await local.process.wait()
     files = [path for path in data.rglob("*") if path.is_file()]
     assert files  # Redis's own files at least
+    files += [path for path in temp.rglob("*") if path.is_file()]
     assert not [path for path in files if b"hf_x1y2" in path.read_bytes()]
+
+
+def silence_data_uri(seconds: float) -> str:
+    rate = 16000
+    samples = bytes(2 * int(rate * seconds))
+    fmt = struct.pack("<IHHIIHH", 16, 1, 1, rate, rate * 2, 2, 16)
+    wav = b"WAVEfmt " + fmt + b"data" + struct.pack("<I", len(samples)) + samples
+    wav = b"RIFF" + struct.pack("<I", len(wav)) + wav
+    return "data:audio/wav;base64," + base64.b64encode(wav).decode()
 
 
 async def test_runners_inherit_neither_the_token_nor_the_files_key(
