@@ -28,6 +28,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
+import logging
 import os
 import signal
 import subprocess
@@ -40,6 +42,8 @@ from typing import Any
 
 from tests.cluster.client import LEASES, NODES, ApiError, Cluster, ResourceRef
 from tests.cluster.controlplane import CPU_NODE, GPU_NODE, ControlPlane
+
+log = logging.getLogger(__name__)
 
 PODS = ResourceRef("", "v1", "pods")
 SECRETS = ResourceRef("", "v1", "secrets")
@@ -592,6 +596,14 @@ class Kubelet:
         # The command and args run as given: they name this machine's programs (the
         # project's venv, which may itself live under /tmp), not the image's.
         argv = [*container.get("command", []), *container.get("args", [])]
+        if read_only and not can_make_mount_namespaces():
+            # Not enforced where mount namespaces cannot be made: the views are bind
+            # mounts only; the pod still runs, on the folders themselves.
+            log.warning("readOnly mounts of %s are writable here (no unshare)", run.name)
+            for folder, view in read_only:
+                view.rmdir()
+                view.symlink_to(folder)
+            return env, argv
         return env, _with_read_only_views(read_only, argv) if read_only else argv
 
     async def _value_from(
@@ -682,13 +694,27 @@ _BIND_READ_ONLY = (
 )
 
 
-def _with_read_only_views(views: list[tuple[Path, Path]], argv: list[str]) -> list[str]:
-    """`argv` in a mount namespace of its own where each view is its folder, read-only.
-    Not root: a user namespace (mapped to root inside) grants the mounts."""
+def _namespace_prefix() -> list[str]:
+    # Not root: a user namespace (mapped to root inside) grants the mounts.
     user = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
+    return ["unshare", "--mount", "--propagation", "private", *user]
+
+
+@functools.cache
+def can_make_mount_namespaces() -> bool:
+    """Whether this machine lets the stand-in give a process a mount namespace (a
+    container sandbox may not)."""
+    try:
+        done = subprocess.run([*_namespace_prefix(), "true"], capture_output=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
+def _with_read_only_views(views: list[tuple[Path, Path]], argv: list[str]) -> list[str]:
+    """`argv` in a mount namespace of its own where each view is its folder, read-only."""
     pairs = [str(path) for pair in views for path in pair]
-    return ["unshare", "--mount", "--propagation", "private", *user,
-            "sh", "-c", _BIND_READ_ONLY, "sh", *pairs, "--", *argv]  # fmt: skip
+    return [*_namespace_prefix(), "sh", "-c", _BIND_READ_ONLY, "sh", *pairs, "--", *argv]
 
 
 class _Deleted(Exception):
