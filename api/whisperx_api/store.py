@@ -186,38 +186,41 @@ class Store:
 
     async def get_raw_view(self, namespace: str, prediction_id: str) -> RawPredictionView | None:
         """Like `get_view` (one round trip), with the output left as JSON text."""
-        rec, out, logs = await self.redis.mget(
-            _key(namespace, prediction_id, "rec"),
-            output_key(namespace, prediction_id),
-            _key(namespace, prediction_id, "logs"),
-        )
+        rec, out, logs = await self.redis.mget(self._view_keys(namespace, prediction_id))
         if rec is None:
             return None
         return RawPredictionView(str(rec), str(out) if out else None, str(logs or ""))
 
-    async def get_views(self, namespace: str, ids: list[str]) -> list[PredictionView]:
+    async def get_raw_views(self, namespace: str, ids: list[str]) -> list[RawPredictionView | None]:
+        """Like `get_raw_view` for each of `ids` (None: no record), in one round trip."""
         if not ids:
             return []
-        keys: list[str] = []
-        for prediction_id in ids:
-            keys += [
-                _key(namespace, prediction_id, "rec"),
-                output_key(namespace, prediction_id),
-                _key(namespace, prediction_id, "logs"),
-            ]
+        keys = [key for pid in ids for key in self._view_keys(namespace, pid)]
         values = await self.redis.mget(keys)
-        views = []
-        for i in range(0, len(values), 3):
-            rec, out, logs = values[i : i + 3]
-            if rec is not None:
-                views.append(
-                    PredictionView(
-                        PredictionRecord.from_json(json.loads(rec)),
-                        json.loads(out) if out else None,
-                        str(logs or ""),
-                    )
-                )
-        return views
+        return [
+            None
+            if rec is None
+            else RawPredictionView(str(rec), str(out) if out else None, str(logs or ""))
+            for rec, out, logs in zip(values[0::3], values[1::3], values[2::3], strict=True)
+        ]
+
+    async def stored_sizes(self, namespace: str, ids: list[str]) -> list[int]:
+        """The bytes Redis holds for each prediction's record, output and logs (STRLEN,
+        one round trip): what reading them would take, known before reading them."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for prediction_id in ids:
+                for key in self._view_keys(namespace, prediction_id):
+                    pipe.strlen(key)
+            lengths = [int(n) for n in await pipe.execute()]
+        return [sum(lengths[i : i + 3]) for i in range(0, len(lengths), 3)]
+
+    @staticmethod
+    def _view_keys(namespace: str, prediction_id: str) -> tuple[str, str, str]:
+        return (
+            _key(namespace, prediction_id, "rec"),
+            output_key(namespace, prediction_id),
+            _key(namespace, prediction_id, "logs"),
+        )
 
     # --- runner data ---
 

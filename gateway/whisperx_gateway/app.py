@@ -14,8 +14,7 @@ from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 from redis.exceptions import RedisError
 
-from whisperx_api.records import to_replicate
-from whisperx_api.store import PredictionView, RawPredictionView, Store
+from whisperx_api.store import RawPredictionView, Store
 from whisperx_api.webhooks import tenant_secret
 from whisperx_gateway.auth import parse_authorization
 from whisperx_gateway.backend import Backend, BackendError, NewPrediction, PredictionReader
@@ -34,7 +33,6 @@ from whisperx_gateway.models import ModelRef, model_json, version_json
 from whisperx_gateway.openapi import gateway_openapi, model_openapi
 from whisperx_gateway.parsing import (
     Cursor,
-    list_input,
     load_json,
     new_prediction_id,
     parse_cancel_after,
@@ -44,7 +42,7 @@ from whisperx_gateway.parsing import (
     route_uploaded_files,
     valid_prediction_id,
 )
-from whisperx_gateway.rendering import Renderer
+from whisperx_gateway.rendering import Renderer, list_item
 from whisperx_gateway.waiting import EventHub, wait_for_end
 
 log = logging.getLogger(__name__)
@@ -213,20 +211,19 @@ async def list_predictions(request: web.Request) -> web.Response:
     raw_cursor = request.query.get("cursor")
     cursor = Cursor.decode(raw_cursor) if raw_cursor else None
     base_url = gw.base_url(request)
-
-    def render(view: PredictionView) -> dict[str, Any]:
-        item = to_replicate(view.record, view.output, view.logs, base_url)
-        return {**item, "input": list_input(item["input"])}
-
-    results, links = await gw.reader.page(namespace, cursor, render)
+    results, links = await gw.reader.page(namespace, cursor, lambda view: list_item(view, base_url))
     base = f"{base_url}/v1/predictions?cursor="
     head = {
         "previous": base + links.previous.encode() if links.previous else None,
         "next": base + links.next.encode() if links.next else None,
     }
-    # The results are JSON already (the reader measured them against the page budget).
-    text = json.dumps(head)[:-1] + ', "results": [' + ", ".join(results) + "]}"
-    return web.Response(text=text, content_type="application/json")
+    # The results are JSON already, measured by the reader against the page's budget,
+    # and are copied once, into the body.
+    parts = [json.dumps(head)[:-1].encode(), b', "results": [']
+    for n, item in enumerate(results):
+        parts += [b", ", item] if n else [item]
+    parts.append(b"]}")
+    return web.Response(body=b"".join(parts), content_type="application/json")
 
 
 async def cancel_prediction(request: web.Request) -> web.Response:

@@ -8,13 +8,12 @@ as a local process. Both status writers keep the same Redis record, so reading i
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
 from whisperx_api.records import PredictionRecord
-from whisperx_api.store import PredictionView, RawPredictionView, Store, index_key
+from whisperx_api.store import RawPredictionView, Store, index_key
 from whisperx_gateway.models import ModelRef
 from whisperx_gateway.parsing import Cursor, PageLinks, page_links
 
@@ -66,7 +65,7 @@ class Backend(Protocol):
 class PredictionReader:
     """Reads shared by both backends: the Redis records the status writers keep."""
 
-    # Records read from Redis at a time while a page is built (each may hold a 1 MB input).
+    # The most records read from Redis in one round trip while a page is built.
     PAGE_READ_BATCH = 10
 
     def __init__(
@@ -89,39 +88,63 @@ class PredictionReader:
         self,
         namespace: str,
         cursor: Cursor | None,
-        render: Callable[[PredictionView], dict[str, Any]],
-    ) -> tuple[list[str], PageLinks]:
-        """A page of rendered predictions (JSON texts, newest first) and its links.
+        render: Callable[[RawPredictionView], bytes],
+    ) -> tuple[list[bytes], PageLinks]:
+        """A page of rendered predictions (JSON as sent, newest first) and its links.
 
-        At most `page_size` predictions and about `page_bytes` of JSON: a page that
-        reaches the byte budget ends early (with at least one prediction) and its `next`
-        link goes on from there, so neither the answer nor the memory it takes grows with
-        what the predictions hold.
+        At most `page_size` predictions, and a results array (`[`, the items, `, ` between
+        them, `]`) of at most `page_bytes`: a prediction that would take the page past
+        that is left to the next page, which its `next` link starts at. A page still
+        carries one prediction, whole, when that one alone is larger (a transcript of
+        hours of audio): Replicate's list holds full predictions, and a cut one would be
+        invalid JSON.
+
+        Records are read in batches whose size in Redis (asked first, STRLEN) fits what
+        the page has left, so a request holds about twice the budget (what it read and
+        what it rendered) or one large prediction, however many large ones there are.
         """
         rows = await self._rows(namespace, cursor, self.page_size + 1)
         has_more = len(rows) > self.page_size
         rows = rows[: self.page_size]  # nearest to the cursor first
-        texts: dict[str, str] = {}
-        size = 0
+        stored = await self.store.stored_sizes(namespace, [pid for pid, _ in rows])
+        items: dict[str, bytes] = {}
+        used = len(b"[]")
         kept = 0
-        while kept < len(rows) and not (texts and size >= self.page_bytes):
-            batch = rows[kept : kept + self.PAGE_READ_BATCH]
-            views = await self.store.get_views(namespace, [pid for pid, _ in batch])
-            rendered = {v.record.id: json.dumps(render(v)) for v in views}
-            for prediction_id, _ in batch:
-                if texts and size >= self.page_bytes:
-                    break
-                text = rendered.get(prediction_id)
-                if text is not None:  # a record deleted since it was listed
-                    texts[prediction_id] = text
-                    size += len(text)
+        full = False
+        while kept < len(rows) and not full:
+            end, reading = kept + 1, stored[kept]
+            while (
+                end < len(rows)
+                and end - kept < self.PAGE_READ_BATCH
+                and used + reading + stored[end] <= self.page_bytes
+            ):
+                reading += stored[end]
+                end += 1
+            batch = rows[kept:end]
+            rendered = await self._render(namespace, [pid for pid, _ in batch], render)
+            for (prediction_id, _), item in zip(batch, rendered, strict=True):
+                if item is not None:  # None: deleted since it was listed
+                    cost = len(item) + (len(b", ") if items else 0)
+                    if items and used + cost > self.page_bytes:
+                        full = True
+                        break
+                    items[prediction_id] = item
+                    used += cost
                 kept += 1
         has_more = has_more or kept < len(rows)
         rows = rows[:kept]
         if cursor is not None and not cursor.older:
             rows.reverse()  # read oldest-first going back; a page is always newest first
-        page = [texts[pid] for pid, _ in rows if pid in texts]
+        page = [items[pid] for pid, _ in rows if pid in items]
         return page, page_links(rows, cursor, has_more=has_more)
+
+    async def _render(
+        self, namespace: str, ids: list[str], render: Callable[[RawPredictionView], bytes]
+    ) -> list[bytes | None]:
+        """These predictions rendered (None: deleted since listed); what Redis returned
+        is let go on return, so a page's outputs are held once, rendered."""
+        views = await self.store.get_raw_views(namespace, ids)
+        return [None if view is None else render(view) for view in views]
 
     async def _rows(
         self, namespace: str, cursor: Cursor | None, want: int

@@ -87,7 +87,8 @@ class GatewayConfig:
     body_timeout: int = 120
     max_wait_seconds: int = 60
     page_size: int = 100
-    # About the most JSON one list page carries; a page reaching it ends early.
+    # The most a list page's results take as sent; a prediction larger alone has a page
+    # of its own.
     page_bytes: int = 4 << 20
     metrics: bool = True
     # The master `whsec_` secret; each namespace's webhooks are signed with one derived

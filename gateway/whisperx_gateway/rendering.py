@@ -10,6 +10,7 @@ import json
 
 from whisperx_api.records import PredictionRecord, to_replicate
 from whisperx_api.store import RawPredictionView
+from whisperx_gateway.parsing import list_input
 
 
 def _head(
@@ -25,6 +26,16 @@ def _head(
 
 def _splice(head: str, output_json: str | None) -> str:
     return f'{head}, "output": {output_json or "null"}}}'
+
+
+def list_item(view: RawPredictionView, base_url: str) -> bytes:
+    """A prediction as a list page carries it, encoded as sent: whole, but for long
+    input values (data URIs), which `list_input` summarizes."""
+    body = to_replicate(view.record, None, view.logs, base_url)
+    del body["output"]
+    body["input"] = list_input(body["input"])
+    output = None if view.record.data_removed else view.output_json
+    return _splice(json.dumps(body)[:-1], output).encode()
 
 
 class Renderer:

@@ -1,16 +1,20 @@
 """A list page is bounded: inputs held as data URIs are not repeated in it, and a page
-ends early at a byte budget. Before, one `GET /v1/predictions` carried 100 full inputs
-(99.9 MB) and 20 at once took the gateway to 2.3 GB."""
+ends early at a byte budget, long transcripts included. Before, one `GET /v1/predictions`
+carried 100 full inputs (99.9 MB) and 20 at once took the gateway to 2.3 GB."""
 
 from __future__ import annotations
 
 import base64
 import json
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
 
 from tests.gateway.conftest import Gateway, serve_local
+from whisperx_api import lifecycle as lc
+from whisperx_api.records import PredictionRecord
+from whisperx_api.store import Store
 from whisperx_gateway.parsing import LIST_INPUT_CHARS, list_input
 
 BIG_AUDIO = "data:audio/wav;base64," + base64.b64encode(b"\0" * 600_000).decode()
@@ -74,3 +78,97 @@ async def test_a_page_ends_at_its_byte_budget_and_goes_on(redis_url: str) -> Non
         assert len(pages) > 1 and all(pages)
         assert [i for p in pages for i in p] == ids[::-1]
         assert back == [i for p in pages[:-1] for i in p]
+
+
+# --- long transcripts (outputs) ---
+
+SPOKEN = ("the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "again")
+
+
+def transcript(words: int) -> dict[str, Any]:
+    """WhisperX's output for long speech: segments of ten words with word timings, and the
+    words again in `word_segments`; about 140 bytes of JSON a word (7,000 words: 1 MB)."""
+    segments, flat = [], []
+    for n in range(words // len(SPOKEN)):
+        start = n * 5.0
+        timed = [
+            {"word": w, "start": start + i * 0.4, "end": start + i * 0.4 + 0.3, "score": 0.912}
+            for i, w in enumerate(SPOKEN)
+        ]
+        segments.append(
+            {"start": start, "end": start + 4.8, "text": " ".join(SPOKEN), "words": timed}
+        )
+        flat += timed
+    return {"segments": segments, "word_segments": flat, "detected_language": "en"}
+
+
+async def store_finished(
+    store: Store, namespace: str, outputs: list[dict[str, Any]], logs: dict[int, str]
+) -> list[str]:
+    """Finished predictions as the status writer leaves them (output, logs, then the
+    record), created a second apart in this order; their ids."""
+    ids = []
+    first = datetime.now(UTC) - timedelta(hours=1)
+    for n, output in enumerate(outputs):
+        at = first + timedelta(seconds=n)
+        state = lc.PredictionState()
+        for event in (
+            lc.Created(at=at),
+            lc.Started(at=at),
+            lc.Completed(status=lc.Phase.SUCCEEDED, at=at, predict_time=60.0),
+        ):
+            state = lc.apply(state, event).state
+        prediction_id = f"longtranscript{n:04d}x"
+        await store.put_output(namespace, prediction_id, output)
+        await store.append_logs(namespace, prediction_id, logs.get(n, "Transcribing\n"))
+        audio = {"audio_file": f"https://example.com/{n}.wav"}
+        await store.put_record(PredictionRecord(prediction_id, namespace, audio, state))
+        ids.append(prediction_id)
+    return ids
+
+
+# What a list answer carries besides its results array: the two links.
+LINKS_BYTES = 1000
+
+
+async def test_pages_of_long_transcripts_stay_within_the_budget_and_reach_all(
+    redis_url: str,
+) -> None:
+    budget = 2_500_000
+    # Outputs of 1, 2 and 3 MB (this one larger than the budget alone), smaller ones, and
+    # logs whose JSON is three times what Redis holds ("\u00fc" for each "ü").
+    words = [7000, 14000, 21000, 700, 3500, 14000, 70, 7000, 10500]
+    outputs = [transcript(n) for n in words]
+    async with serve_local(redis_url, concurrency=1, page_bytes=budget) as gw:
+        ids = await store_finished(gw.store, "alpha", outputs, {4: "ü" * 150_000})
+        async with aiohttp.ClientSession() as http:
+            pages: list[list[str]] = []
+            url: Any = gw.url + "/v1/predictions"
+            while url:
+                async with http.get(url, headers=gw.auth()) as resp:
+                    raw = await resp.read()
+                page = json.loads(raw)
+                results = page["results"]
+                assert len(raw) <= budget + LINKS_BYTES or len(results) == 1, (
+                    len(raw),
+                    len(results),
+                )
+                for item in results:  # whole: the transcript and logs as stored
+                    n = ids.index(item["id"])
+                    assert item["output"] == outputs[n]
+                    assert item["logs"] == ("ü" * 150_000 if n == 4 else "Transcribing\n")
+                pages.append([item["id"] for item in results])
+                url = page["next"]
+            back: list[str] = []
+            url = page["previous"]
+            while url:
+                async with http.get(url, headers=gw.auth()) as resp:
+                    raw = await resp.read()
+                page = json.loads(raw)
+                assert len(raw) <= budget + LINKS_BYTES or len(page["results"]) == 1
+                back = [item["id"] for item in page["results"]] + back
+                url = page["previous"]
+    assert [i for p in pages for i in p] == ids[::-1]  # each once, newest first
+    assert back == [i for p in pages[:-1] for i in p]
+    assert [ids[2]] in pages  # 3 MB: alone on its page
+    assert any(len(p) > 1 for p in pages)  # the budget is a bound, not one per page
