@@ -4,17 +4,23 @@ carried 100 full inputs (99.9 MB) and 20 at once took the gateway to 2.3 GB."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import os
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from tests.gateway.conftest import Gateway, serve_local
+from tests.conftest import free_port
+from tests.flow.conftest import GatewayProcess
+from tests.gateway.conftest import TOKEN, Gateway, serve_local
 from whisperx_api import lifecycle as lc
 from whisperx_api.records import PredictionRecord
 from whisperx_api.store import Store
+from whisperx_gateway.config import GatewayConfig
 from whisperx_gateway.parsing import LIST_INPUT_CHARS, list_input
 
 BIG_AUDIO = "data:audio/wav;base64," + base64.b64encode(b"\0" * 600_000).decode()
@@ -172,3 +178,62 @@ async def test_pages_of_long_transcripts_stay_within_the_budget_and_reach_all(
     assert back == [i for p in pages[:-1] for i in p]
     assert [ids[2]] in pages  # 3 MB: alone on its page
     assert any(len(p) > 1 for p in pages)  # the budget is a bound, not one per page
+
+
+def memory_mib(pid: int) -> tuple[float, float]:
+    """A process's resident memory now and its peak (VmRSS, VmHWM), in MiB."""
+    fields = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
+async def test_twenty_lists_of_long_transcripts_at_once_keep_the_gateway_small(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """The `whisperx-gateway` process, default budget (4 MiB): eight finished predictions
+    of 3 MB transcripts (about three hours of speech each), 20 lists at once, each page
+    one transcript. Its peak resident memory grows by less than three budgets a request
+    (240 MiB; measured: about 115 MiB). Without the budget (pages of all 24 MB) it grew by
+    650 MiB and requests failed with 503: Redis replies timed out while the event loop
+    rendered pages. So they did before this test, when records were read and parsed ten
+    at a time and a page went past its budget by one prediction."""
+    store = Store.from_url(redis_url)
+    try:
+        await store_finished(store, "alpha", [transcript(21000)] * 8, {})
+    finally:
+        await store.close()
+    port = free_port()
+    env = {
+        "PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "REDIS_URL": redis_url,
+        "WHISPERX_TOKENS": f"{TOKEN}=alpha", "WHISPERX_GATEWAY_HOST": "127.0.0.1",
+        "WHISPERX_GATEWAY_PORT": str(port),
+        # Listing reads Redis only; nothing listens here.
+        "WHISPERX_KUBE_SERVER": f"http://127.0.0.1:{free_port()}",
+    }  # fmt: skip
+    gateway = GatewayProcess(env=env, log_path=tmp_path / "gateway.log")
+    url = f"http://127.0.0.1:{port}/v1/predictions"
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+
+    async def list_once(http: aiohttp.ClientSession) -> tuple[int, int]:
+        size = 0
+        async with http.get(url, headers=headers) as resp:
+            async for chunk in resp.content.iter_chunked(1 << 16):
+                size += len(chunk)
+        return resp.status, size
+
+    try:
+        await gateway.start()
+        assert gateway.process is not None
+        timeout = aiohttp.ClientTimeout(total=60)
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            await list_once(http)  # imports and first-use allocations out of the way
+            before, _ = memory_mib(gateway.process.pid)
+            answers = await asyncio.gather(*(list_once(http) for _ in range(20)))
+        _, peak = memory_mib(gateway.process.pid)
+    finally:
+        await gateway.stop()
+    budget_mib = GatewayConfig.page_bytes / (1 << 20)
+    assert all(status == 200 for status, _ in answers), answers
+    assert all(size <= 3_500_000 for _, size in answers), answers  # one transcript a page
+    assert peak - before < 20 * 3 * budget_mib, (before, peak)
