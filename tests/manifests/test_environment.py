@@ -20,7 +20,9 @@ import yaml
 
 from tests.manifests import manifest_support as support
 from tests.manifests.manifest_support import CONTROL_NS, TENANT_NS, Endpoint
+from whisperx_api import netguard
 from whisperx_gateway.config import GatewayConfig
+from whisperx_gateway.files import FILES_PATH
 from whisperx_operator import jobs
 from whisperx_operator.config import OperatorConfig
 from whisperx_runner.config import HostAllowList, RunnerConfig
@@ -358,8 +360,17 @@ def test_runners_reach_the_report_endpoint_and_uploaded_files(
         "10.244.0.11", CONTROL_NS, {"app.kubernetes.io/name": "whisperx-gateway"}
     )
     assert net.allowed(runner, gateway_pod, target)
-    # And the runner's own address check lets that host resolve to a ClusterIP.
-    check_address(host, CLUSTER_IP, allow)
+    # And the runner's own checks let a download link there resolve to a ClusterIP.
+    fetches_uploads(allow, gateway.public_url)
+
+
+def fetches_uploads(allow: HostAllowList, base_url: str) -> None:
+    """A runner with `allow` may fetch an uploaded file's link under `base_url`, whose
+    host resolves to a ClusterIP."""
+    link = urlsplit(f"{base_url}{FILES_PATH}upload-id?expires=1&signature=abc")
+    assert link.hostname is not None and link.port is not None
+    netguard.check_url(link.geturl(), allow)
+    netguard.check_address(link.hostname, CLUSTER_IP, allow, link.port)
 
 
 @pytest.mark.parametrize("root", OVERLAYS)
@@ -367,13 +378,22 @@ def test_runner_allow_list_is_the_gateway_only(
     root: str, rendered: dict[str, Objs], tmp_path: Path
 ) -> None:
     objs = rendered[root]
-    operator, _ = configs(objs, tmp_path)
+    operator, gateway = configs(objs, tmp_path)
     allow = HostAllowList.parse(operator.runner_env["WHISPERX_ALLOW_HOSTS"])
-    for host in (
-        "whisperx-gateway.whisperx-system.svc",
-        "whisperx-gateway.whisperx-system.svc.cluster.local",
-    ):
-        check_address(host, CLUSTER_IP, allow)
+    # Where runners fetch uploaded files (the links' rewrite target), by both names.
+    assert gateway.internal_url is not None
+    internal = urlsplit(gateway.internal_url)
+    assert internal.hostname is not None and internal.port is not None
+    for host in (internal.hostname, internal.hostname + ".cluster.local"):
+        base = f"http://{host}:{internal.port}"
+        fetches_uploads(allow, base)
+        # Not the gateway's other routes, nor its other ports, nor the host on any port.
+        for path in ("/metrics", "/v1/predictions", "/v1/files", "/v1/files/../../metrics"):
+            with pytest.raises(netguard.PathRefused):
+                netguard.check_url(base + path, allow)
+        for port in (internal.port + 1, None):
+            with pytest.raises(netguard.AddressRefused):
+                netguard.check_address(host, CLUSTER_IP, allow, port)
     # No address ranges, and no other in-cluster name: Redis, the operator, the API
     # server and cloud metadata stay refused.
     assert allow.networks == () and allow.suffixes == ()
