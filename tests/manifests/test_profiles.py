@@ -43,6 +43,9 @@ PROFILES_SCHEMA = {
             "computeType": {"enum": ["float16", "int8", "int8_float16", "float32"]},
             "device": {"enum": ["cuda", "cpu"]},
             "batchSize": {"type": "integer", "minimum": 1},
+            "idleSeconds": {"type": "integer", "minimum": 0},
+            "maxPredictions": {"type": "integer", "minimum": 0},
+            "maxRunners": {"type": "integer", "minimum": 1},
         },
     },
 }
