@@ -11,9 +11,12 @@ within the wait; `410`: stop (the supervisor wants no more of this runner).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import hmac
 from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -107,3 +110,48 @@ class FairQueue:
             del self._by_namespace[namespace]
             self._turns.remove(namespace)
         return True
+
+
+class WorkWaiter:
+    """Runners' long polls for work: each waits until work is announced or its wait
+    runs out (the same for local mode's runners and the operator's)."""
+
+    def __init__(self) -> None:
+        self._work = asyncio.Condition()
+
+    async def announce(self) -> None:
+        """Work came (or the source is closing): every waiting runner looks again."""
+        async with self._work:
+            self._work.notify_all()
+
+    async def poll(
+        self,
+        wait: float,
+        *,
+        take: Callable[[], Awaitable[Assignment | None] | None],
+        alive: Callable[[], bool],
+        idle: Callable[[bool], None],
+    ) -> Assignment | Literal["stop"] | None:
+        """The next assignment; None when none came within `wait` seconds; STOP once
+        `alive()` is false. `take()` is None when nothing is queued, else the
+        assignment of the next queued prediction (None when that one was dropped)."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + wait
+        while alive():
+            taking = take()
+            if taking is not None:
+                given = await taking
+                if given is not None:
+                    return given
+                continue
+            remaining = until - loop.time()
+            if remaining <= 0:
+                return None
+            idle(True)
+            try:
+                async with self._work:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._work.wait(), remaining)
+            finally:
+                idle(False)
+        return STOP

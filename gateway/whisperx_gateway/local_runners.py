@@ -33,6 +33,7 @@ from whisperx_api.work import (
     Assignment,
     FairQueue,
     WorkRequest,
+    WorkWaiter,
     report_url,
     runner_token,
     work_url,
@@ -113,7 +114,7 @@ class LocalRunners:
         self.queue = FairQueue()
         self._pending: dict[Key, _Pending] = {}
         self._runners: dict[str, _Runner] = {}
-        self._work = asyncio.Condition()
+        self._waiter = WorkWaiter()
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
         self.metrics = RunnerMetrics(
@@ -140,8 +141,7 @@ class LocalRunners:
                 ),
             )
         await self._scale()
-        async with self._work:
-            self._work.notify()
+        await self._waiter.announce()
 
     async def cancel(self, namespace: str, prediction_id: str) -> None:
         """After the writer recorded the cancel: drop it from the queue, or stop the
@@ -158,8 +158,7 @@ class LocalRunners:
 
     async def close(self) -> None:
         self._closing = True
-        async with self._work:
-            self._work.notify_all()
+        await self._waiter.announce()
         self._pending.clear()
         await asyncio.gather(*(self._stop(r.process) for r in list(self._runners.values())))
         while self._tasks:
@@ -183,26 +182,17 @@ class LocalRunners:
         await self._release(runner)
         if self.limits.max_predictions and runner.served >= self.limits.max_predictions:
             return STOP
-        loop = asyncio.get_running_loop()
-        until = loop.time() + request.wait
-        while not self._closing:
+
+        def take() -> Awaitable[Assignment | None] | None:
             key = self.queue.pop()
-            if key is not None:
-                given = await self._assign(runner, key)
-                if given is not None:
-                    return given
-                continue
-            remaining = until - loop.time()
-            if remaining <= 0:
-                return None
-            runner.idle = True
-            try:
-                async with self._work:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._work.wait(), remaining)
-            finally:
-                runner.idle = False
-        return STOP
+            return self._assign(runner, key) if key is not None else None
+
+        def idle(waiting: bool) -> None:
+            runner.idle = waiting
+
+        return await self._waiter.poll(
+            request.wait, take=take, alive=lambda: not self._closing, idle=idle
+        )
 
     # --- internals ---
 

@@ -22,10 +22,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import bisect
-import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -35,7 +35,14 @@ from whisperx_api.kube import ApiError, KubeClient, resource_path
 from whisperx_api.metrics import RunnerMetrics
 from whisperx_api.records import PredictionRecord
 from whisperx_api.status_writer import StatusWriter
-from whisperx_api.work import STOP, Assignment, WorkRequest, report_url, runner_token
+from whisperx_api.work import (
+    STOP,
+    Assignment,
+    WorkRequest,
+    WorkWaiter,
+    report_url,
+    runner_token,
+)
 from whisperx_operator import jobs
 from whisperx_operator.config import HardwareProfile, OperatorConfig
 from whisperx_operator.pods import JOB_NAME_LABEL, pod_event, pod_failure, runner_output
@@ -120,7 +127,7 @@ class Pools:
         # When each pool last got a new runner (a count): the namespaces take turns.
         self._last_start: dict[Pool, int] = {}
         self._starts = 0
-        self._work = asyncio.Condition()
+        self._waiter = WorkWaiter()
         self._scaling = asyncio.Lock()
         self.metrics = RunnerMetrics(
             "whisperx_operator",
@@ -165,8 +172,7 @@ class Pools:
                 lc.Queued("WaitingForRunner", self._waiting_message(pool), lc.now_utc()),
             )
         await self.scale(record.hardware)
-        async with self._work:
-            self._work.notify_all()
+        await self._waiter.announce()
 
     async def adopt(self, body: dict[str, Any], record: PredictionRecord) -> None:
         """A running prediction seen again after a restart: if the runner its status
@@ -276,26 +282,17 @@ class Pools:
             log.info("runner %s gives up its slot to another namespace", runner.id)
             return STOP
         pool = (runner.namespace, runner.hardware)
-        loop = asyncio.get_running_loop()
-        until = loop.time() + request.wait
-        while runner.id in self._runners:
+
+        def take() -> Awaitable[Assignment | None] | None:
             queue = self._queues.get(pool)
-            if queue:
-                given = await self._assign(runner, queue.pop(0))
-                if given is not None:
-                    return given
-                continue
-            remaining = until - loop.time()
-            if remaining <= 0:
-                return None
-            runner.waiting = True
-            try:
-                async with self._work:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._work.wait(), remaining)
-            finally:
-                runner.waiting = False
-        return STOP
+            return self._assign(runner, queue.pop(0)) if queue else None
+
+        def idle(waiting: bool) -> None:
+            runner.waiting = waiting
+
+        return await self._waiter.poll(
+            request.wait, take=take, alive=lambda: runner.id in self._runners, idle=idle
+        )
 
     # --- internals ---
 
