@@ -267,7 +267,7 @@ def spawn_baseline(plane: ControlPlane, workdir: Path) -> subprocess.Popen[bytes
             "--all-namespaces", "--quiet", str(REPO_ROOT / "benchmarks" / "baseline_operator.py"),
         ],
         env={"KUBECONFIG": str(plane.admin_kubeconfig), "PATH": "/usr/bin:/bin",
-             "HOME": str(workdir)},
+             "HOME": str(workdir), "PYTHONPATH": os.environ.get("PYTHONPATH", "")},
         stdout=(workdir / "baseline.log").open("wb"),
         stderr=subprocess.STDOUT,
     )  # fmt: skip

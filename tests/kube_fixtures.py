@@ -1361,6 +1361,9 @@ def operator_environment(
         "WHISPERX_LOG_LEVEL": "DEBUG",
         "PYTHONUNBUFFERED": "1",
     }
+    if "PYTHONPATH" in os.environ:
+        # A checkout other than the one installed (a git worktree) runs its own code.
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
     if isinstance(emulator, RealKube):
         # The hardware profiles the deployed (kind) overlay ships: CPU pods, which the
         # real scheduler places on the CPU node (the defaults ask for GPUs); and one that

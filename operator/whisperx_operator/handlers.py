@@ -5,12 +5,13 @@ removes the Redis data), and an event handler that starts a new one's Job early.
 pods and the Job controller's FailedCreate Events get event handlers only: they store
 nothing on those objects and only feed the lifecycle, which ignores repeats. Every
 handler that calls the API server takes one of the runtime's `handler_slots`
-(WHISPERX_MAX_CONCURRENT_HANDLERS).
+(WHISPERX_MAX_CONCURRENT_HANDLERS), by `bounded`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import kopf
@@ -26,6 +27,25 @@ BACKOFF = 5
 def _runtime(memo: Any) -> Runtime:
     runtime: Runtime = memo.runtime
     return runtime
+
+
+Handler = Callable[..., Awaitable[None]]
+
+
+def bounded(handler: Handler) -> Handler:
+    """Runs `handler` in one of the runtime's handler slots. kopf names a handler after
+    the function `functools.wraps` keeps, so its id, stored on objects, stays the same."""
+
+    @functools.wraps(handler)
+    async def in_a_slot(*, memo: Any, **kwargs: Any) -> None:
+        async with _runtime(memo).handler_slots:
+            await handler(memo=memo, **kwargs)
+
+    return in_a_slot
+
+
+def not_deleted(type: str | None, **_: Any) -> bool:
+    return type != "DELETED"
 
 
 def cancel_requested(spec: Mapping[str, Any], annotations: Mapping[str, str], **_: Any) -> bool:
@@ -48,60 +68,57 @@ async def prediction_event(type: str | None, body: kopf.Body, memo: Any, **_: An
 
 
 @kopf.on.create(GROUP, VERSION, PLURAL, backoff=BACKOFF)
+@bounded
 async def created(body: kopf.Body, memo: Any, **_: Any) -> None:
-    async with _runtime(memo).handler_slots:
-        await _runtime(memo).reconcile(dict(body))
+    await _runtime(memo).reconcile(dict(body))
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL, backoff=BACKOFF)
+@bounded
 async def resumed(body: kopf.Body, memo: Any, **_: Any) -> None:
-    async with _runtime(memo).handler_slots:
-        await _runtime(memo).reconcile(dict(body))
+    await _runtime(memo).reconcile(dict(body))
 
 
 @kopf.on.update(GROUP, VERSION, PLURAL, when=cancel_requested, backoff=BACKOFF)
+@bounded
 async def cancel(body: kopf.Body, memo: Any, **_: Any) -> None:
-    async with _runtime(memo).handler_slots:
-        await _runtime(memo).cancel(body.metadata.namespace or "default", body.metadata.name)
+    await _runtime(memo).cancel(body.metadata.namespace or "default", body.metadata.name)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, backoff=BACKOFF)
+@bounded
 async def deleted(body: kopf.Body, memo: Any, **_: Any) -> None:
-    async with _runtime(memo).handler_slots:
-        await _runtime(memo).forget(body.metadata.namespace or "default", body.metadata.name)
+    await _runtime(memo).forget(body.metadata.namespace or "default", body.metadata.name)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={PREDICTION_LABEL: kopf.PRESENT})
+@bounded
 async def job_event(type: str | None, body: kopf.Body, memo: Any, **_: Any) -> None:
-    async with _runtime(memo).handler_slots:
-        await _runtime(memo).job_changed(type, dict(body))
+    await _runtime(memo).job_changed(type, dict(body))
 
 
 # Only the Job controller's FailedCreate Events on Jobs reach it (a server-side field
 # selector, main.py): a pod that could not even be created has no status to watch.
-@kopf.on.event("v1", "events")
-async def job_warning(type: str | None, body: kopf.Body, memo: Any, **_: Any) -> None:
-    if type != "DELETED":
-        async with _runtime(memo).handler_slots:
-            await _runtime(memo).pod_not_created(dict(body))
+@kopf.on.event("v1", "events", when=not_deleted)
+@bounded
+async def job_warning(body: kopf.Body, memo: Any, **_: Any) -> None:
+    await _runtime(memo).pod_not_created(dict(body))
 
 
 # Warm runners' Jobs and pods (pools.py): their predictions are not in their labels.
 @kopf.on.event("batch", "v1", "jobs", labels={RUNNER_LABEL: kopf.PRESENT})
+@bounded
 async def runner_job_event(type: str | None, body: kopf.Body, memo: Any, **_: Any) -> None:
-    async with _runtime(memo).handler_slots:
-        await _runtime(memo).pools.job_changed(type, dict(body))
+    await _runtime(memo).pools.job_changed(type, dict(body))
 
 
-@kopf.on.event("v1", "pods", labels={RUNNER_LABEL: kopf.PRESENT})
-async def runner_pod_event(type: str | None, body: kopf.Body, memo: Any, **_: Any) -> None:
-    if type != "DELETED":
-        async with _runtime(memo).handler_slots:
-            await _runtime(memo).pools.pod_changed(dict(body))
+@kopf.on.event("v1", "pods", labels={RUNNER_LABEL: kopf.PRESENT}, when=not_deleted)
+@bounded
+async def runner_pod_event(body: kopf.Body, memo: Any, **_: Any) -> None:
+    await _runtime(memo).pools.pod_changed(dict(body))
 
 
-@kopf.on.event("v1", "pods", labels={PREDICTION_LABEL: kopf.PRESENT})
-async def pod_event(type: str | None, body: kopf.Body, memo: Any, **_: Any) -> None:
-    if type != "DELETED":
-        async with _runtime(memo).handler_slots:
-            await _runtime(memo).pod_changed(dict(body))
+@kopf.on.event("v1", "pods", labels={PREDICTION_LABEL: kopf.PRESENT}, when=not_deleted)
+@bounded
+async def pod_event(body: kopf.Body, memo: Any, **_: Any) -> None:
+    await _runtime(memo).pod_changed(dict(body))

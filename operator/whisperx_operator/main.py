@@ -12,7 +12,9 @@ import os
 import random
 import socket
 import sys
+from collections.abc import Iterable
 from datetime import UTC, datetime
+from typing import Any, cast
 
 import kopf
 
@@ -27,6 +29,25 @@ from whisperx_operator.runtime import FINALIZER, Runtime
 log = logging.getLogger("whisperx_operator")
 
 KOPF_PREFIX = f"kopf.{GROUP}"
+
+
+class DiffBase(kopf.AnnotationsDiffBaseStorage):
+    """kopf's diff-base in annotations, built from a copy of only what it keeps: kopf
+    deep-copies the whole body on every event of a Prediction, managedFields and status
+    included, to drop them at once (about 7% of the operator's CPU in the benchmark)."""
+
+    def build(
+        self, *, body: kopf.Body, extra_fields: Iterable[Any] | None = None
+    ) -> kopf.BodyEssence:
+        if extra_fields:  # a field handler's fields may be anywhere
+            return super().build(body=body, extra_fields=extra_fields)
+        meta = body.get("metadata") or {}
+        kept = {k: v for k, v in body.items() if k not in ("metadata", "status")}
+        # Labels and annotations are diffed; ownerReferences name kopf's keys.
+        kept["metadata"] = {
+            k: meta[k] for k in ("labels", "annotations", "ownerReferences") if k in meta
+        }
+        return super().build(body=kopf.Body(cast(kopf.RawBody, kept)))
 
 
 def operator_identity() -> str:
@@ -45,7 +66,7 @@ def kopf_settings(config: OperatorConfig) -> kopf.OperatorSettings:
     # (annotations are capped at 256 KiB). Only cancellation is diffed.
     # kopf ignores every annotation under its storage prefix when diffing, so the prefix
     # must not be whisperx.io (the cancel annotation lives there).
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+    settings.persistence.diffbase_storage = DiffBase(
         prefix=KOPF_PREFIX,
         key="last-handled-configuration",
         ignored_fields=["spec.input", "status"],

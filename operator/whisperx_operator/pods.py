@@ -130,12 +130,9 @@ def job_event(job: dict[str, Any], pods: Iterable[dict[str, Any]], at: datetime)
         # The runner reports `completed` before it exits 0; reaching here means it did not.
         return lc.Failed("NoResult", "the runner exited without reporting a result", at)
     if (job.get("spec") or {}).get("suspend"):
-        suspended = conditions.get("Suspended") or {}
-        return lc.Queued(
-            "Suspended",
-            suspended.get("message") or "the Job is suspended, waiting for admission (Kueue)",
-            at,
-        )
+        # Not the Job controller's message ("Job suspended"): the one its Suspended
+        # condition brings a moment after creation would change the status a second time.
+        return lc.Queued("Suspended", "the Job is suspended, waiting for admission (Kueue)", at)
     if "Suspended" in conditions:
         return lc.Admitted(at)
     return None

@@ -52,17 +52,25 @@ class KubeStatusSink:
         self.on_saved = on_saved
         # Hardware profiles whose predictions run on warm runners' Jobs.
         self.warm_profiles = warm_profiles
-        # (namespace, id) -> (generation, state) as last loaded or saved.
-        self._seen: dict[tuple[str, str], tuple[int | None, lc.PredictionState]] = {}
+        # (namespace, id) -> (generation, state, whether the status held is the patch of
+        # that state) as last loaded or saved.
+        self._seen: dict[tuple[str, str], tuple[int | None, lc.PredictionState, bool]] = {}
 
     def forget(self, namespace: str, prediction_id: str) -> None:
         self._seen.pop((namespace, prediction_id), None)
+
+    def _patch(self, record: PredictionRecord, generation: int | None) -> dict[str, Any]:
+        return status_patch(record, generation, own_job=record.hardware not in self.warm_profiles)
 
     def remember(self, obj: dict[str, Any]) -> PredictionRecord:
         """The record of a Prediction body already at hand (a kopf handler's `body`)."""
         record = PredictionRecord.from_resource(obj)
         generation = (obj.get("metadata") or {}).get("generation")
-        self._seen[(record.namespace, record.id)] = (generation, record.state)
+        held = obj.get("status") or {}
+        written = all(
+            held.get(k) == v for k, v in self._patch(record, generation)["status"].items()
+        )
+        self._seen[(record.namespace, record.id)] = (generation, record.state, written)
         return record
 
     async def load(self, namespace: str, prediction_id: str) -> PredictionRecord | None:
@@ -77,17 +85,19 @@ class KubeStatusSink:
 
     async def save(self, record: PredictionRecord) -> None:
         key = (record.namespace, record.id)
-        generation, old_state = self._seen.get(key, (None, None))
-        path = resource_path(record.namespace, record.id, subresource="status")
-        try:
-            own_job = record.hardware not in self.warm_profiles
-            await self.kube.merge_patch(path, status_patch(record, generation, own_job=own_job))
-        except ApiError as exc:
-            if exc.status == 404:
-                log.info("prediction %s/%s is gone; status not saved", *key)
-                return
-            raise
-        self._seen[key] = (generation, record.state)
+        generation, old_state, written = self._seen.get(key, (None, None, False))
+        # A save of the state just loaded, whose status is already this one (a create
+        # handler after a Job event wrote it), would be a patch that changes nothing.
+        if not (written and old_state == record.state):
+            path = resource_path(record.namespace, record.id, subresource="status")
+            try:
+                await self.kube.merge_patch(path, self._patch(record, generation))
+            except ApiError as exc:
+                if exc.status == 404:
+                    log.info("prediction %s/%s is gone; status not saved", *key)
+                    return
+                raise
+        self._seen[key] = (generation, record.state, True)
         if self.events is not None:
             for type_, reason, message in transition_events(old_state, record.state):
                 self.events.post(involved_object(record), type_, reason, message)

@@ -216,3 +216,21 @@ def test_response_bodies_are_never_logged() -> None:
     and its debug level must not."""
     rest = logging.getLogger("kubernetes_asyncio.client.rest")
     assert not rest.isEnabledFor(logging.DEBUG)
+
+
+async def test_no_proxy_is_taken_from_the_environment(
+    server: TokenServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As kopf's own client: a proxy comes from the kubeconfig, never from the environment
+    # (looking it up cost two thread hops on every call). This one would refuse.
+    for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.setenv(name, f"http://127.0.0.1:{free_port()}")
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    client = KubeClient(server.url)
+    try:
+        with pytest.raises(ApiError) as refused:
+            await client.get(PATH)  # no token: the server itself answers
+        assert refused.value.status == 401
+    finally:
+        await client.close()

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
+from typing import Any, cast
 
+import kopf
 import pytest
 from packaging.requirements import Requirement
 
 from tests.conftest import REPO_ROOT
 from whisperx_operator.config import DEFAULT_PROFILES, ConfigError, OperatorConfig, load_profiles
+from whisperx_operator.main import KOPF_PREFIX, DiffBase, kopf_settings
 
 KEY = {"WHISPERX_REPORT_KEY": "k" * 32}
 
@@ -141,3 +144,40 @@ def test_the_declared_kopf_floor_has_the_settings_used() -> None:
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
     (kopf,) = [Requirement(r) for r in project["dependencies"] if r.startswith("kopf")]
     assert kopf.specifier.contains("1.45.0") and not kopf.specifier.contains("1.44.9")
+
+
+def test_the_diff_base_is_kopfs_own() -> None:
+    """main.DiffBase copies less than kopf, and finds the same essence."""
+    settings = kopf_settings(OperatorConfig(report_key=b"k" * 32))
+    ours = settings.persistence.diffbase_storage
+    kopfs = kopf.AnnotationsDiffBaseStorage(
+        prefix=KOPF_PREFIX,
+        key="last-handled-configuration",
+        ignored_fields=["spec.input", "status"],
+    )
+    raw: dict[str, Any] = {
+        "apiVersion": "whisperx.io/v1alpha1",
+        "kind": "Prediction",
+        "metadata": {
+            "name": "p1",
+            "labels": {"whisperx.io/source": "api"},
+            "annotations": {
+                "whisperx.io/cancel": "true",
+                f"{KOPF_PREFIX}/last-handled-configuration": "{}",
+            },
+            "managedFields": [{"manager": "kopf", "fieldsV1": {"f:metadata": {}}}],
+            "finalizers": ["whisperx.io/cleanup"],
+        },
+        "spec": {"input": {"audio_file": "https://a.test/a.wav"}, "cancel": True},
+        "status": {"phase": "starting"},
+    }
+    body = kopf.Body(cast(kopf.RawBody, raw))
+    assert isinstance(ours, DiffBase)
+    assert ours.build(body=body) == kopfs.build(body=body)
+    assert ours.build(body=body) == {
+        "metadata": {
+            "labels": {"whisperx.io/source": "api"},
+            "annotations": {"whisperx.io/cancel": "true"},
+        },
+        "spec": {"cancel": True},
+    }

@@ -117,6 +117,16 @@ def test_suspended_job_is_queued_and_resumed_is_admitted() -> None:
     assert job_event(job(), [], AT) is None
 
 
+def test_a_new_suspended_job_reads_the_same_once_its_controller_records_it() -> None:
+    # A suspended Job is created without conditions; the Job controller adds Suspended a
+    # moment later: the same Queued, so no second status write.
+    created = job_event(job(suspend=True), [], AT)
+    recorded = job_event(
+        job(condition("Suspended", "JobSuspended", "Job suspended"), suspend=True), [], AT
+    )
+    assert created == recorded
+
+
 def waiting_pod(reason: str, message: str = "") -> dict[str, Any]:
     state = {"waiting": {"reason": reason, "message": message}}
     return {

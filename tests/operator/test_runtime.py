@@ -75,3 +75,20 @@ async def test_the_redis_pool_holds_every_command_in_flight(redis_url: str) -> N
         await asyncio.gather(*(redis.blpop([f"nothing-{i}"], timeout=0.2) for i in range(beyond)))
     finally:
         await runtime.stop()
+
+
+def test_kopf_knows_the_handlers_by_their_own_names() -> None:
+    # kopf stores handler ids on Predictions (its progress and diff-base annotations):
+    # the slot decorator must not change them.
+    registry = kopf.get_default_registry()
+    ids = {
+        str(h.id)
+        for handlers_of_kind in (registry._changing, registry._watching)
+        for h in handlers_of_kind.get_all_handlers()
+        if h.fn.__module__ == handlers.__name__
+    }
+    assert ids == {
+        "created", "resumed", "cancel", "deleted",
+        "prediction_event", "job_event", "job_warning", "pod_event",
+        "runner_job_event", "runner_pod_event",
+    }  # fmt: skip

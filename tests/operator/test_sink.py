@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, cast
 
 from whisperx_api import lifecycle as lc
+from whisperx_api.kube import KubeClient
 from whisperx_api.records import PredictionRecord
 from whisperx_operator.events import transition_events
-from whisperx_operator.sink import status_patch
+from whisperx_operator.sink import KubeStatusSink, status_patch
 
 AT = lc.now_utc()
 
@@ -42,3 +44,36 @@ def test_events_for_transitions_only() -> None:
     ]
     again = lc.apply(waiting, lc.Waiting("ErrImagePull", "cannot pull image x", AT)).state
     assert transition_events(waiting, again) == []
+
+
+class CountingKube:
+    """The two calls the sink makes, on one stored Prediction."""
+
+    def __init__(self, obj: dict[str, Any]) -> None:
+        self.obj = obj
+        self.patches = 0
+
+    async def get(self, path: str) -> dict[str, Any]:
+        return self.obj
+
+    async def merge_patch(self, path: str, patch: dict[str, Any]) -> dict[str, Any]:
+        self.patches += 1
+        self.obj = {**self.obj, "status": patch["status"]}
+        return self.obj
+
+
+async def test_a_save_that_changes_nothing_is_not_sent() -> None:
+    meta = {"name": "p1", "namespace": "ns", "uid": "u1", "generation": 1}
+    kube = CountingKube({"metadata": meta, "spec": {"input": {}}})
+    sink = KubeStatusSink(cast(KubeClient, kube))
+    new = await sink.load("ns", "p1")
+    assert new is not None
+    await sink.save(new)  # no status yet: written
+    assert kube.patches == 1
+    again = await sink.load("ns", "p1")
+    assert again is not None
+    await sink.save(again)  # as loaded, and the status holds it already
+    assert kube.patches == 1
+    queued = lc.apply(again.state, lc.Queued("Suspended", "waiting", AT)).state
+    await sink.save(dataclasses.replace(again, state=queued))
+    assert kube.patches == 2
