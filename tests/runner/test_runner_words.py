@@ -215,7 +215,11 @@ async def test_word_timestamps_follow_the_speech(
     with_speakers = assign_word_speakers(turns, output)
     assert [s["speaker"] for s in with_speakers["segments"]] == ["SPEAKER_00", "SPEAKER_01"]
     for segment in with_speakers["segments"]:
-        assert {w["speaker"] for w in segment["words"]} == {segment["speaker"]}
+        # A word Whisper's timings squeeze to no length overlaps no turn, so whisperx
+        # gives it no speaker (seen under load, where CTranslate2's threads round apart).
+        timed = [w for w in segment["words"] if w["end"] > w["start"]]
+        assert len(timed) >= len(segment["words"]) - 1, segment
+        assert {w["speaker"] for w in timed} == {segment["speaker"]}
 
 
 @pytest.mark.whisperx
