@@ -22,7 +22,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 
 import aiohttp
 from redis.exceptions import RedisError
@@ -188,7 +188,7 @@ class WebhookSender:
             ok, detail = False, f"{type(exc).__name__}: {exc}"
         attempts = delivery.attempts + 1
         if ok:
-            await self.store.finish_webhook(delivery.id)
+            await _written_back(lambda: self.store.finish_webhook(delivery.id))
             return
         if refused or delivery.event != "completed" or attempts >= self.max_attempts:
             log.warning(
@@ -196,9 +196,22 @@ class WebhookSender:
                 delivery.id, delivery.namespace, delivery.prediction_id, delivery.event,
                 attempts, detail,
             )  # fmt: skip
-            await self.store.finish_webhook(delivery.id)
+            await _written_back(lambda: self.store.finish_webhook(delivery.id))
             return
         log.info("webhook %s failed (%s); retry %d", delivery.id, detail, attempts)
-        await self.store.retry_webhook(
-            delivery.id, attempts, time.time() + backoff_seconds(attempts)
-        )
+        due = time.time() + backoff_seconds(attempts)
+        await _written_back(lambda: self.store.retry_webhook(delivery.id, attempts, due))
+
+
+async def _written_back(write: Callable[[], Awaitable[None]], tries: int = 3) -> None:
+    """A delivery's outcome, written back to the outbox. A pooled connection that died
+    with a Redis restart fails once: the next try reconnects, rather than leaving the
+    delivery leased (and its retry a minute away) until the lease expires."""
+    for attempt in range(tries):
+        try:
+            await write()
+            return
+        except (RedisError, OSError):
+            if attempt == tries - 1:
+                raise
+            await asyncio.sleep(0.2 * (attempt + 1))
