@@ -82,6 +82,15 @@ def kopf_settings(config: OperatorConfig) -> kopf.OperatorSettings:
     settings.watching.field_selectors["v1", "events"] = (
         "involvedObject.kind=Job,reason=FailedCreate"
     )
+    # kopf starts a worker for every object with a watch event, without bound: under bulk
+    # creation thousands of them, each holding its object's body and kopf's state for its
+    # handlers (about 100 KB), waited for the handler slots. Bounded, an object waiting
+    # its turn holds only its raw event. A worker keeps its slot while it waits for its
+    # object's next event, so it waits briefly: kopf's own patches come back in
+    # milliseconds, and it keeps its worker until they do. Twice the handler slots, so
+    # that events needing no handler (most of them) pass while the slots are taken.
+    settings.queueing.worker_limit = 2 * config.max_concurrent_handlers
+    settings.queueing.idle_timeout = 0.5  # kopf: 5 s
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.watching.connect_timeout = 10

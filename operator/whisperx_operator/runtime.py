@@ -267,12 +267,17 @@ class Runtime:
         self, ref: jobs.PredictionRef, record: PredictionRecord
     ) -> None:
         token = prediction_token(self.config.report_key, ref.namespace, ref.name, ref.uid)
-        await self._create_owned(
-            _core_path(ref.namespace, "secrets"), jobs.runner_secret(ref, token), ref.uid
-        )
         profile = profile_for(ref.spec, self.config.profiles)
         job = jobs.runner_job(ref, profile, self.config)
-        if await self._create_owned(_job_path(ref.namespace), job, ref.uid):
+        # Both at once: the Job's pod needs the Secret only when a kubelet starts it,
+        # far later, and a kubelet waits for a missing Secret anyway.
+        _, job_created = await asyncio.gather(
+            self._create_owned(
+                _core_path(ref.namespace, "secrets"), jobs.runner_secret(ref, token), ref.uid
+            ),
+            self._create_owned(_job_path(ref.namespace), job, ref.uid),
+        )
+        if job_created:
             self.events.post(
                 involved_object(record),
                 "Normal",

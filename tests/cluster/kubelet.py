@@ -137,6 +137,7 @@ class Kubelet:
         self.plans: defaultdict[str, list[PodPlan]] = defaultdict(list)
         self.pods: dict[tuple[str, str], PodRun] = {}
         self._clients: dict[str, Cluster] = {}
+        self._version = ""  # the API server's, read when the first node registers
         self._tasks: list[asyncio.Task[None]] = []
         self._lost: set[str] = set()
         self._background: set[asyncio.Task[Any]] = set()
@@ -208,6 +209,8 @@ class Kubelet:
             await client.close()
 
     async def _register(self, node: str, client: Cluster) -> None:
+        # A kubelet runs the API server's release (the version skew policy allows older).
+        self._version = (await client.request("GET", "/version"))["gitVersion"]
         capacity = {"cpu": "16", "memory": "64Gi", "pods": "110", "ephemeral-storage": "100Gi"}
         labels = {"kubernetes.io/hostname": node, "kubernetes.io/os": "linux",
                   "kubernetes.io/arch": "amd64"}  # fmt: skip
@@ -229,7 +232,6 @@ class Kubelet:
         await client.patch_object(
             NODES, None, node, {"status": self._node_status(capacity)}, subresource="status"
         )
-        self._capacity = capacity
 
     def _node_status(self, capacity: dict[str, str] | None = None) -> dict[str, Any]:
         beat = now()
@@ -243,7 +245,7 @@ class Kubelet:
                   "message": "kubelet is posting ready status (stand-in)",
                   "lastHeartbeatTime": beat, "lastTransitionTime": beat}],
             "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}],
-            "nodeInfo": {"kubeletVersion": "v1.37.2-standin", "operatingSystem": "linux",
+            "nodeInfo": {"kubeletVersion": f"{self._version}-standin", "operatingSystem": "linux",
                          "architecture": "amd64", "containerRuntimeVersion": "process://",
                          "kernelVersion": "", "osImage": "", "machineID": "", "systemUUID": "",
                          "bootID": "", "kubeProxyVersion": ""},

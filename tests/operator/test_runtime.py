@@ -4,6 +4,7 @@ Redis pool that holds every command they and the rest of the operator have in fl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -12,6 +13,7 @@ import pytest
 
 from whisperx_operator import deadlines, handlers
 from whisperx_operator.config import OperatorConfig
+from whisperx_operator.main import kopf_settings
 from whisperx_operator.runtime import OTHER_REDIS_CONNECTIONS, Runtime
 
 KEY = b"k" * 32
@@ -92,3 +94,54 @@ def test_kopf_knows_the_handlers_by_their_own_names() -> None:
         "prediction_event", "job_event", "job_warning", "pod_event",
         "runner_job_event", "runner_pod_event",
     }  # fmt: skip
+
+
+async def test_kopf_runs_a_bounded_number_of_object_workers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under bulk creation, objects past kopf's worker limit wait as their raw events
+    only; each is still handled, in the order its events came."""
+    from kopf._cogs.clients import watching
+    from kopf._cogs.structs import references
+    from kopf._core.reactor import queueing
+
+    settings = kopf_settings(OperatorConfig(report_key=KEY, max_concurrent_handlers=3))
+    limit = 6
+    uids = [f"u{i}" for i in range(40)]
+    events = [{"type": "ADDED", "object": {"metadata": {"uid": uid}}} for uid in uids]
+
+    async def stream(**_: Any) -> Any:
+        for event in events:
+            yield event
+        await asyncio.Event().wait()  # the watch stays open
+
+    monkeypatch.setattr(watching, "infinite_watch", stream)
+    running, peak, handled = 0, 0, []
+    release, all_handled = asyncio.Event(), asyncio.Event()
+
+    async def processor(*, raw_event: Any, **_: Any) -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await release.wait()
+        handled.append(raw_event["object"]["metadata"]["uid"])
+        running -= 1
+        if len(handled) == len(events):
+            all_handled.set()
+
+    resource = references.Resource("whisperx.io", "v1alpha1", "predictions")
+    watcher = asyncio.create_task(
+        queueing.watcher(namespace=None, settings=settings, resource=resource, processor=processor)
+    )
+    try:
+        await asyncio.sleep(0.2)
+        assert running == peak == limit
+        release.set()
+        # Each worker gives its slot up 0.5 s after its object's last event.
+        await asyncio.wait_for(all_handled.wait(), 10)
+        assert peak == limit
+        assert handled == uids
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
