@@ -11,7 +11,9 @@ overlay), and measures in one run:
 2. The operator's resident memory with N live Predictions, for each N of `--counts`
    (bulk-created through the admin client, their Jobs and Secrets created, never run:
    the worst case, every prediction waiting to start). The baseline is the same operator
-   idle, right after startup.
+   idle, right after startup. By default the creation is a burst, as fast as the API
+   server takes it (the operator works off a backlog); `--ahead N` paces it so that at
+   most N Predictions are without a Job (the memory of the live Predictions themselves).
 
 No pods run: the operator is given a Kueue queue name (no Kueue is installed), so its
 Jobs are created suspended, as the baseline's are; the Job controller only records them.
@@ -182,15 +184,29 @@ class Step:
 
 
 async def bulk_create(
-    kube: RealKube, first: int, last: int, concurrency: int, within: float, started: float
+    kube: RealKube, first: int, last: int, args: argparse.Namespace, started: float
 ) -> None:
-    slots = asyncio.Semaphore(concurrency)
+    slots = asyncio.Semaphore(args.concurrency)
     done = 0
+    jobs = await count(kube, JOBS) if args.ahead else 0
+    counted = asyncio.Condition()
+
+    async def pace() -> None:
+        nonlocal jobs
+        while True:
+            await asyncio.sleep(1)
+            jobs = await count(kube, JOBS)
+            async with counted:
+                counted.notify_all()
 
     async def one(i: int) -> None:
         nonlocal done
         async with slots:
-            if time.perf_counter() - started > within:
+            # --ahead: no more Predictions without a Job than that (0: a burst).
+            if args.ahead:
+                async with counted:
+                    await counted.wait_for(lambda: first + done - jobs < args.ahead)
+            if time.perf_counter() - started > args.within:
                 return
             await create_prediction(kube, f"bulk-{i:06d}")
             done += 1
@@ -202,11 +218,14 @@ async def bulk_create(
             elapsed = time.perf_counter() - started
             print(f"  {elapsed:6.0f} s: {done} created, {jobs} Jobs", flush=True)
 
-    reporter = asyncio.create_task(progress())
+    helpers = [asyncio.create_task(progress())]
+    if args.ahead:
+        helpers.append(asyncio.create_task(pace()))
     try:
         await asyncio.gather(*(one(i) for i in range(first, last)))
     finally:
-        reporter.cancel()
+        for task in helpers:
+            task.cancel()
 
 
 async def settle(pid: int, least: float, most: float) -> tuple[float, bool]:
@@ -236,10 +255,11 @@ async def phase_sample(kube: RealKube, size: int = 500) -> dict[str, int]:
 async def fill(
     kube: RealKube, pid: int, created: int, step: Step, args: argparse.Namespace
 ) -> Step:
+    paced = f", at most {args.ahead} without a Job" if args.ahead else " (a burst)"
     print(f"whisperx-operator: up to {step.target} live predictions, "
-          f"{args.concurrency} in flight", flush=True)  # fmt: skip
+          f"{args.concurrency} in flight{paced}", flush=True)  # fmt: skip
     started = time.perf_counter()
-    await bulk_create(kube, created, step.target, args.concurrency, args.within, started)
+    await bulk_create(kube, created, step.target, args, started)
     while time.perf_counter() - started < args.within:
         step.jobs = await count(kube, JOBS)
         if step.jobs >= step.target:
@@ -415,6 +435,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gap", type=float, default=0.02,
                         help="seconds between latency samples")  # fmt: skip
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--ahead", type=int, default=0,
+                        help="bulk creation waits while this many Predictions have no Job "
+                             "(0: a burst, as fast as the API server takes them)")  # fmt: skip
     parser.add_argument("--settle", type=float, default=10.0, help="seconds before RSS, least")
     parser.add_argument(
         "--settle-max",
