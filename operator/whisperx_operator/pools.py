@@ -26,7 +26,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Literal
 
@@ -123,6 +123,9 @@ class Pools:
         self.kube = kube
         self.writer = writer
         self._queues: dict[Pool, list[_Queued]] = {}
+        # (namespace, name) -> its pool, for each queued prediction: kopf's repeated
+        # events and every status save ask whether one is queued.
+        self._queued_in: dict[tuple[str, str], Pool] = {}
         self._runners: dict[str, _Runner] = {}
         # When each pool last got a new runner (a count): the namespaces take turns.
         self._last_start: dict[Pool, int] = {}
@@ -164,7 +167,7 @@ class Pools:
         if self._holder(namespace, name) is not None or self._queued(namespace, name):
             return
         pool = (namespace, record.hardware)
-        bisect.insort(self._queues.setdefault(pool, []), _entry(body, record))
+        self._enqueue(pool, _entry(body, record))
         if self._idle(pool) < len(self._queues[pool]):
             await self.writer.apply(
                 namespace,
@@ -285,7 +288,11 @@ class Pools:
 
         def take() -> Awaitable[Assignment | None] | None:
             queue = self._queues.get(pool)
-            return self._assign(runner, queue.pop(0)) if queue else None
+            if not queue:
+                return None
+            entry = queue.pop(0)
+            del self._queued_in[runner.namespace, entry.name]
+            return self._assign(runner, entry)
 
         def idle(waiting: bool) -> None:
             runner.waiting = waiting
@@ -303,14 +310,17 @@ class Pools:
         )
 
     def _queued(self, namespace: str, name: str) -> bool:
-        return any(
-            e.name == name for (ns, _), q in self._queues.items() if ns == namespace for e in q
-        )
+        return (namespace, name) in self._queued_in
+
+    def _enqueue(self, pool: Pool, entry: _Queued) -> None:
+        bisect.insort(self._queues.setdefault(pool, []), entry)
+        self._queued_in[pool[0], entry.name] = pool
 
     def _unqueue(self, namespace: str, name: str) -> None:
-        for (ns, _), queue in self._queues.items():
-            if ns == namespace:
-                queue[:] = [e for e in queue if e.name != name]
+        pool = self._queued_in.pop((namespace, name), None)
+        if pool is not None:
+            queue = self._queues[pool]
+            queue[:] = [e for e in queue if e.name != name]
 
     def _pool_runners(self, pool: Pool) -> list[_Runner]:
         return [r for r in self._runners.values() if (r.namespace, r.hardware) == pool]
@@ -421,9 +431,10 @@ class Pools:
             await self.writer.apply(namespace, entry.name, failed)
             return None
         except BaseException:
-            # Cut off (the API server, or the runner's request gone): the next takes it.
+            # Cut off (the API server, or the runner's request gone): the next takes it,
+            # and its time queued goes on.
             runner.held = None
-            self._requeue(namespace, runner.hardware, entry)
+            self._enqueue((namespace, runner.hardware), entry)
             raise
         if record is None or record.state.terminal:
             runner.held = None
@@ -445,9 +456,6 @@ class Pools:
             attempt=uuid.uuid4().hex[:12],
         )
 
-    def _requeue(self, namespace: str, hardware: str, entry: _Queued) -> None:
-        bisect.insort(self._queues.setdefault((namespace, hardware), []), entry)
-
     async def _requeue_or_fail(
         self, runner: _Runner, held: _Queued, reason: str, message: str
     ) -> None:
@@ -461,10 +469,14 @@ class Pools:
         queued = lc.Queued(reason, f"{message}; waiting for another runner", lc.now_utc())
         record = await self.writer.apply(namespace, held.name, queued)
         if record is not None and not record.state.terminal:
-            self._requeue(namespace, runner.hardware, held)
+            # Its place by creation time, its time queued from now (not its first run's).
+            self._enqueue((namespace, runner.hardware), replace(held, since=time.monotonic()))
 
     async def _fail_queue(self, pool: Pool, reason: str, message: str) -> None:
-        for entry in self._queues.pop(pool, []):
+        entries = self._queues.pop(pool, [])
+        for entry in entries:
+            self._queued_in.pop((pool[0], entry.name), None)
+        for entry in entries:
             await self.writer.apply(pool[0], entry.name, lc.Failed(reason, message, lc.now_utc()))
 
     async def _secret_inputs(self, namespace: str, entry: _Queued) -> dict[str, str]:
