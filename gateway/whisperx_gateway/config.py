@@ -111,9 +111,12 @@ class GatewayConfig:
         return redis_pool_size(self.max_in_flight)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> GatewayConfig:
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, tokens: TokenMap | None = None
+    ) -> GatewayConfig:
+        """`tokens`: local mode's own; otherwise read from the environment."""
         env = os.environ if env is None else env
-        tokens = load_tokens(env)
+        tokens = tokens or load_tokens(env)
         if tokens is None:
             raise ConfigError("set WHISPERX_TOKENS_FILE or WHISPERX_TOKENS (token=namespace)")
         models = env.get("WHISPERX_MODELS", "").strip()

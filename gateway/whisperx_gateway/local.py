@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import secrets
@@ -21,13 +22,12 @@ from pathlib import Path
 import yarl
 from aiohttp import web
 
-from whisperx_api import webhooks
 from whisperx_api.hostport import join_host_port, loopback_url
 from whisperx_api.store import Store
 from whisperx_api.webhooks import generate_secret
 from whisperx_gateway.app import create_app
-from whisperx_gateway.auth import TokenMap
-from whisperx_gateway.config import GatewayConfig, load_tokens, redis_pool_size
+from whisperx_gateway.auth import TokenConfigError, TokenMap
+from whisperx_gateway.config import ConfigError, GatewayConfig, load_tokens
 from whisperx_gateway.files import FILES_PATH
 from whisperx_gateway.local_backend import (
     DEFAULT_IDLE_SECONDS,
@@ -35,6 +35,7 @@ from whisperx_gateway.local_backend import (
     LocalSettings,
     default_concurrency,
 )
+from whisperx_gateway.models import ModelConfigError
 from whisperx_gateway.private_redis import DataDir, PrivateRedis
 
 log = logging.getLogger("whisperx_gateway.local")
@@ -81,7 +82,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(runner as local processes, predictions in Redis).",
     )
     parser.add_argument("--host", default=env.get("WHISPERX_GATEWAY_HOST", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(env.get("WHISPERX_GATEWAY_PORT", "8000")))
+    # String defaults from the environment go through `type` as arguments do: a bad value
+    # is refused naming its option.
+    parser.add_argument("--port", type=int, default=env.get("WHISPERX_GATEWAY_PORT") or "8000")
     parser.add_argument(
         "--redis-url",
         default=env.get("REDIS_URL") or None,
@@ -113,20 +116,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--concurrency",
         type=int,
-        default=int(env.get("WHISPERX_LOCAL_CONCURRENCY", "0")) or default_concurrency(),
+        default=env.get("WHISPERX_LOCAL_CONCURRENCY") or None,
         help="runner processes at once (default: what the cores and memory hold)",
     )
     parser.add_argument(
         "--idle-seconds",
         type=float,
-        default=float(env.get("WHISPERX_LOCAL_IDLE_SECONDS") or DEFAULT_IDLE_SECONDS),
+        default=env.get("WHISPERX_LOCAL_IDLE_SECONDS") or str(DEFAULT_IDLE_SECONDS),
         help="how long a runner, its model loaded, waits for the next prediction before it "
         f"exits; 0: one prediction per runner (default: {DEFAULT_IDLE_SECONDS:g})",
     )
     parser.add_argument(
         "--max-predictions",
         type=int,
-        default=int(env.get("WHISPERX_LOCAL_MAX_PREDICTIONS") or 0),
+        default=env.get("WHISPERX_LOCAL_MAX_PREDICTIONS") or "0",
         help="the most predictions one runner serves before it exits (default: 0, no limit)",
     )
     parser.add_argument(
@@ -142,6 +145,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--log-level", default=env.get("WHISPERX_LOG_LEVEL", "INFO"))
     args = parser.parse_args(argv)
+    args.concurrency = args.concurrency or default_concurrency()
     if args.concurrency < 1:
         parser.error("--concurrency must be at least 1")
     if not args.idle_seconds >= 0:  # NaN too
@@ -154,6 +158,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             args.token = args.token_file.read_text().strip()
         except OSError as exc:
             parser.error(f"--token-file: {exc}")
+    tokens = TokenMap.from_mapping({args.token: DEFAULT_NAMESPACE}) if args.token else None
+    args.generated_token = None
+    try:
+        tokens = tokens or load_tokens(env)
+        if tokens is None:
+            args.generated_token = "wxl_" + secrets.token_urlsafe(24)
+            tokens = TokenMap.from_mapping({args.generated_token: DEFAULT_NAMESPACE})
+        # The gateway's own settings (limits, pages, uploads) as in a cluster.
+        args.gateway = GatewayConfig.from_env(env, tokens=tokens)
+    except (ConfigError, TokenConfigError, ModelConfigError, OSError) as exc:
+        parser.error(str(exc))
     return args
 
 
@@ -178,13 +193,8 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
 
 
 async def _serve(args: argparse.Namespace, stop: asyncio.Event, redis_url: str) -> None:
-    store = Store.from_url(redis_url, redis_pool_size(GatewayConfig.max_in_flight))
-    tokens = TokenMap.from_mapping({args.token: DEFAULT_NAMESPACE}) if args.token else None
-    tokens = tokens or load_tokens(os.environ)
-    generated = None
-    if tokens is None:
-        generated = "wxl_" + secrets.token_urlsafe(24)
-        tokens = TokenMap.from_mapping({generated: DEFAULT_NAMESPACE})
+    gateway: GatewayConfig = args.gateway
+    store = Store.from_url(redis_url, gateway.redis_pool_size)
     # Listening on every interface, it is still reached on loopback from here.
     public_url = os.environ.get("WHISPERX_PUBLIC_URL") or loopback_url(args.host, args.port)
     public_url = public_url.rstrip("/")
@@ -194,15 +204,13 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event, redis_url: str) 
     files_key = await _kept_secret(
         store, "WHISPERX_FILES_KEY", FILES_KEY, lambda: secrets.token_hex(32)
     )
-    webhook_allow = webhooks.allow_list()
-    config = GatewayConfig(
-        tokens=tokens,
+    config = dataclasses.replace(
+        gateway,
         redis_url=redis_url,
         public_url=public_url,
         host=args.host,
         port=args.port,
         webhook_secret=webhook_secret,
-        webhook_allow_hosts=webhook_allow,
         files_key=files_key.encode(),
     )
     command = args.runner_command.split() if args.runner_command else default_runner_command()
@@ -214,7 +222,7 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event, redis_url: str) 
         compute_type=args.compute_type,
         concurrency=args.concurrency,
         allow_hosts=args.allow_hosts or gateway_endpoint(public_url),
-        webhook_allow_hosts=webhook_allow,
+        webhook_allow_hosts=config.webhook_allow_hosts,
         idle_seconds=args.idle_seconds,
         max_predictions=args.max_predictions,
     )
@@ -234,8 +242,8 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event, redis_url: str) 
             "whisperx-local ready at %s (model %s, %d runner slot(s))",
             public_url, settings.model, settings.concurrency,
         )  # fmt: skip
-        if generated:
-            log.info("API token (namespace %s): %s", DEFAULT_NAMESPACE, generated)
+        if args.generated_token:
+            log.info("API token (namespace %s): %s", DEFAULT_NAMESPACE, args.generated_token)
         await stop.wait()
         log.info("stopping")
     finally:

@@ -7,12 +7,14 @@ import asyncio
 import os
 import re
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
 from replicate.client import Client
+from replicate.exceptions import ReplicateError
 
-from tests.gateway.conftest import STAND_IN_RUNNER, call, local_mode
+from tests.gateway.conftest import STAND_IN_RUNNER, WHISPERX_LOCAL, call, local_mode
 
 AUDIO = "data:audio/wav;base64,UklGRg=="
 
@@ -123,3 +125,41 @@ async def test_runners_die_with_a_killed_local_mode(tmp_path: Path, redis_url: s
                 break
             await asyncio.sleep(0.05)
         assert not _alive(runner), "the runner outlived local mode"
+
+
+async def test_the_gateways_settings_apply_in_local_mode(tmp_path: Path, redis_url: str) -> None:
+    args = ("--redis-url", redis_url, "--runner-command", " ".join(STAND_IN_RUNNER))
+    env = {**os.environ, "WHISPERX_PAGE_SIZE": "1", "WHISPERX_MAX_BODY_BYTES": "2048"}
+    async with local_mode(tmp_path / "local.log", *args, env=env) as local:
+        client = Client(api_token=local.token, base_url=local.url)
+        for _ in range(2):
+            created = await call(
+                client.predictions.create, version="whisperx", input={"audio_file": AUDIO}
+            )
+            await asyncio.wait_for(call(created.wait), 30)
+        page = await call(client.predictions.list)
+        assert len(page.results) == 1 and page.next is not None
+        big = {"audio_file": AUDIO, "initial_prompt": "x" * 4096}
+        with pytest.raises(ReplicateError) as refused:
+            await call(client.predictions.create, version="whisperx", input=big)
+        assert refused.value.status == 413
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "named"),
+    [
+        ("WHISPERX_PAGE_SIZE", "ten", "WHISPERX_PAGE_SIZE must be an integer"),
+        ("WHISPERX_MAX_IN_FLIGHT", "0", "WHISPERX_MAX_IN_FLIGHT must be at least 1"),
+        ("WHISPERX_GATEWAY_PORT", "http", "argument --port: invalid int value: 'http'"),
+        ("WHISPERX_LOCAL_IDLE_SECONDS", "soon", "argument --idle-seconds"),
+    ],
+)
+def test_a_bad_setting_stops_local_mode_naming_it(
+    tmp_path: Path, name: str, value: str, named: str
+) -> None:
+    env = {**os.environ, name: value, "XDG_STATE_HOME": str(tmp_path)}
+    ended = subprocess.run(
+        [WHISPERX_LOCAL], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert ended.returncode == 2 and named in ended.stderr, ended.stderr
+    assert not (tmp_path / "whisperx-local").exists()  # refused before anything started
