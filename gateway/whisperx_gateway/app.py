@@ -459,6 +459,55 @@ async def openapi(request: web.Request) -> web.Response:
 # --- errors, limits, metrics ---
 
 
+async def _answer(gw: Gateway, request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        response: web.StreamResponse = await handler(request)
+    except ApiError as exc:
+        response = from_api_error(exc)
+    except web.HTTPException as exc:
+        response = from_http_exception(exc, gw.config.max_body_bytes)
+    except BackendError as exc:
+        response = from_api_error(unavailable(str(exc), exc.retry_after))
+    except (RedisError, OSError) as exc:
+        log.warning("%s %s: Redis unavailable: %s", request.method, request.path, exc)
+        response = from_api_error(unavailable("Redis is unavailable; retry shortly"))
+    except Exception:
+        log.exception("%s %s failed", request.method, request.path)
+        response = problem_response(500, "internal error; the gateway log has the details")
+    return response
+
+
+async def _send(request: web.Request, response: web.StreamResponse, idle: float) -> None:
+    """Sends the response while its request still counts in flight: a body its client
+    does not take (a list page, a long transcript) is held against that client's share
+    instead of piling up in the gateway's memory once the handler has returned. A client
+    that takes none of it for `idle` seconds is disconnected."""
+
+    async def sent() -> None:
+        await response.prepare(request)
+        await response.write_eof()
+
+    sending = asyncio.ensure_future(sent())
+    unsent: int | None = None
+    try:
+        while not (await asyncio.wait({sending}, timeout=idle))[0]:
+            transport = request.transport
+            if transport is None:
+                break
+            now_unsent = transport.get_write_buffer_size()
+            if now_unsent == unsent:
+                log.info("%s %s: the client took nothing for %g s; disconnected",
+                         request.method, request.path, idle)  # fmt: skip
+                transport.abort()
+                break
+            unsent = now_unsent
+        await sending
+    except ConnectionError:
+        pass  # the client left (or was disconnected); aiohttp ends the exchange
+    finally:
+        sending.cancel()
+
+
 @web.middleware
 async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     gw = request.app[GATEWAY]
@@ -474,19 +523,9 @@ async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
         response = from_api_error(exc)
     else:
         try:
-            response = await handler(request)
-        except ApiError as exc:
-            response = from_api_error(exc)
-        except web.HTTPException as exc:
-            response = from_http_exception(exc, gw.config.max_body_bytes)
-        except BackendError as exc:
-            response = from_api_error(unavailable(str(exc), exc.retry_after))
-        except (RedisError, OSError) as exc:
-            log.warning("%s %s: Redis unavailable: %s", request.method, request.path, exc)
-            response = from_api_error(unavailable("Redis is unavailable; retry shortly"))
-        except Exception:
-            log.exception("%s %s failed", request.method, request.path)
-            response = problem_response(500, "internal error; the gateway log has the details")
+            response = await _answer(gw, request, handler)
+            if limited:
+                await _send(request, response, gw.config.body_timeout)
         finally:
             if limited:
                 gw.in_flight.release(tenant)

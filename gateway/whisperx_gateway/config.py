@@ -83,7 +83,8 @@ class GatewayConfig:
     max_in_flight: int = 1000
     # One token's share of them before answering it 429; None: a quarter of the total.
     max_in_flight_per_token: int | None = None
-    # Seconds to receive a whole request body (an upload included) before answering 408.
+    # Seconds to receive a whole request body (an upload included) before answering 408;
+    # also how long a client may take none of an answer before it is disconnected.
     body_timeout: int = 120
     max_wait_seconds: int = 60
     page_size: int = 100

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 from collections.abc import AsyncIterator
 
@@ -18,6 +19,7 @@ import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from tests.gateway.conftest import OTHER_TOKEN, TOKEN, Gateway, serve_local
+from tests.security.test_list_bounds import store_finished, transcript
 from whisperx_gateway.config import GatewayConfig
 from whisperx_gateway.errors import ApiError
 from whisperx_gateway.limits import InFlight
@@ -139,3 +141,79 @@ async def test_a_runner_report_gets_503_not_500_when_redis_fails(
         http.post(f"{backend.report_base_url}/reports/alpha/p", data=b"{}") as resp,
     ):
         assert resp.status == 503 and resp.headers["Retry-After"] == "1"
+
+
+@contextlib.asynccontextmanager
+async def unread_get(gw: Gateway, token: str, path: str) -> AsyncIterator[asyncio.StreamReader]:
+    """A GET whose client takes almost none of the answer: a receive buffer of 4 KiB,
+    never read until the caller reads it."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    port = int(gw.url.rsplit(":", 1)[1])
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 16)
+    writer.write(
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+    )
+    await writer.drain()
+    try:
+        yield reader
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def read_all(reader: asyncio.StreamReader) -> int:
+    """Bytes until the connection ends (closed or reset)."""
+    size = 0
+    with contextlib.suppress(ConnectionError):
+        while chunk := await reader.read(1 << 16):
+            size += len(chunk)
+    return size
+
+
+async def test_an_answer_its_client_does_not_take_counts_against_that_clients_share(
+    redis_url: str,
+) -> None:
+    """A 12 MB transcript that two clients of one token ask for and do not read: both
+    stay in flight (before, they left the count as soon as their answers were made, and
+    any number of unread answers piled up in the gateway's memory)."""
+    async with serve_local(redis_url, max_in_flight_per_token=2, body_timeout=60) as gw:
+        (prediction,) = await store_finished(gw.store, "alpha", [transcript(84_000)], {})
+        path = f"/v1/predictions/{prediction}"
+        async with (
+            unread_get(gw, TOKEN, path),
+            unread_get(gw, TOKEN, path),
+            aiohttp.ClientSession() as http,
+        ):
+            await asyncio.sleep(1)  # both answers made and stuck in sending
+            async with http.get(gw.url + path, headers=gw.auth()) as resp:
+                assert resp.status == 429
+            async with http.get(gw.url + "/v1/predictions", headers=gw.auth(OTHER_TOKEN)) as resp:
+                assert resp.status == 200
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(gw.url + path, headers=gw.auth()) as resp,
+        ):
+            assert resp.status == 200 and len(await resp.read()) > 10_000_000
+
+
+async def test_a_client_that_takes_nothing_is_disconnected_and_its_share_freed(
+    redis_url: str,
+) -> None:
+    async with serve_local(redis_url, max_in_flight_per_token=1, body_timeout=1) as gw:
+        (prediction,) = await store_finished(gw.store, "alpha", [transcript(84_000)], {})
+        path = f"/v1/predictions/{prediction}"
+        async with unread_get(gw, TOKEN, path) as reader:
+            await asyncio.sleep(4)
+            started = time.monotonic()
+            received = await asyncio.wait_for(read_all(reader), 10)
+            assert received < 10_000_000  # cut off, not the whole answer
+            assert time.monotonic() - started < 5
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(gw.url + path, headers=gw.auth()) as resp,
+        ):
+            assert resp.status == 200
