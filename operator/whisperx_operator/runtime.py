@@ -102,7 +102,7 @@ class Runtime:
             self.kube,
             self.events,
             on_saved=self._saved,
-            warm_profiles=frozenset(name for name, p in config.profiles.items() if p.warm),
+            own_job=lambda hardware: self.pools.profile(hardware) is None,
         )
         self.webhooks = WebhookSender(self.store, config.webhook_secret)
         self.writer = StatusWriter(

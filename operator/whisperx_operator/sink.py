@@ -45,13 +45,14 @@ class KubeStatusSink:
         kube: KubeClient,
         events: EventPoster | None = None,
         on_saved: SavedCallback | None = None,
-        warm_profiles: frozenset[str] = frozenset(),
+        own_job: Callable[[str], bool] = lambda hardware: True,
     ) -> None:
         self.kube = kube
         self.events = events
         self.on_saved = on_saved
-        # Hardware profiles whose predictions run on warm runners' Jobs.
-        self.warm_profiles = warm_profiles
+        # Whether a prediction of this hardware profile runs as a Job of its own (not on a
+        # warm runner's).
+        self.own_job = own_job
         # (namespace, id) -> (generation, state, whether the status held is the patch of
         # that state) as last loaded or saved.
         self._seen: dict[tuple[str, str], tuple[int | None, lc.PredictionState, bool]] = {}
@@ -60,7 +61,7 @@ class KubeStatusSink:
         self._seen.pop((namespace, prediction_id), None)
 
     def _patch(self, record: PredictionRecord, generation: int | None) -> dict[str, Any]:
-        return status_patch(record, generation, own_job=record.hardware not in self.warm_profiles)
+        return status_patch(record, generation, own_job=self.own_job(record.hardware))
 
     def remember(self, obj: dict[str, Any]) -> PredictionRecord:
         """The record of a Prediction body already at hand (a kopf handler's `body`)."""

@@ -12,7 +12,7 @@ import kopf
 import pytest
 
 from whisperx_operator import deadlines, handlers
-from whisperx_operator.config import OperatorConfig
+from whisperx_operator.config import OperatorConfig, parse_profiles
 from whisperx_operator.main import kopf_settings
 from whisperx_operator.runtime import OTHER_REDIS_CONNECTIONS, Runtime
 
@@ -145,3 +145,11 @@ async def test_kopf_runs_a_bounded_number_of_object_workers(
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
+
+
+async def test_only_predictions_of_a_profile_without_warm_runners_get_a_job_of_their_own() -> None:
+    profiles = parse_profiles({"warm": {"idleSeconds": 30}, "gpu": {}})
+    runtime = Runtime(OperatorConfig(report_key=KEY, profiles=profiles), identity="t")
+    assert not runtime.sink.own_job("warm")
+    assert runtime.sink.own_job("gpu") and runtime.sink.own_job("unknown")
+    await runtime.stop()

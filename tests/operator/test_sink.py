@@ -77,3 +77,17 @@ async def test_a_save_that_changes_nothing_is_not_sent() -> None:
     queued = lc.apply(again.state, lc.Queued("Suspended", "waiting", AT)).state
     await sink.save(dataclasses.replace(again, state=queued))
     assert kube.patches == 2
+
+
+async def test_a_prediction_for_a_warm_runner_names_only_the_runner_job_that_takes_it() -> None:
+    meta = {"name": "p1", "namespace": "ns", "uid": "u1", "generation": 1}
+    kube = CountingKube({"metadata": meta, "spec": {"input": {}, "hardware": "warm"}})
+    sink = KubeStatusSink(cast(KubeClient, kube), own_job=lambda hardware: hardware != "warm")
+    record = await sink.load("ns", "p1")
+    assert record is not None
+    queued = lc.apply(record.state, lc.Queued("WaitingForRunner", "waiting", AT)).state
+    await sink.save(dataclasses.replace(record, state=queued))
+    assert "jobName" not in kube.obj["status"]
+    taken = lc.apply(queued, lc.Admitted(AT, job="whisperx-warm-abc123", pod="pod-1")).state
+    await sink.save(dataclasses.replace(record, state=taken))
+    assert kube.obj["status"]["jobName"] == "whisperx-warm-abc123"
