@@ -481,31 +481,35 @@ async def _send(request: web.Request, response: web.StreamResponse, idle: float)
     """Sends the response while its request still counts in flight: a body its client
     does not take (a list page, a long transcript) is held against that client's share
     instead of piling up in the gateway's memory once the handler has returned. A client
-    that takes none of it for `idle` seconds is disconnected."""
+    that took none of it between two checks `idle` seconds apart is disconnected (a
+    timer, not a task: this runs for every request)."""
+    loop = asyncio.get_running_loop()
+    transport = request.transport
+    unsent: int | None = None
+    timer: asyncio.TimerHandle | None = None
 
-    async def sent() -> None:
+    def check() -> None:
+        nonlocal unsent, timer
+        if transport is None or transport.is_closing():
+            return
+        now_unsent = transport.get_write_buffer_size()
+        if now_unsent == unsent:
+            log.info("%s %s: the client took nothing for %g s; disconnected",
+                     request.method, request.path, idle)  # fmt: skip
+            transport.abort()
+            return
+        unsent = now_unsent
+        timer = loop.call_later(idle, check)
+
+    timer = loop.call_later(idle, check)
+    try:
         await response.prepare(request)
         await response.write_eof()
-
-    sending = asyncio.ensure_future(sent())
-    unsent: int | None = None
-    try:
-        while not (await asyncio.wait({sending}, timeout=idle))[0]:
-            transport = request.transport
-            if transport is None:
-                break
-            now_unsent = transport.get_write_buffer_size()
-            if now_unsent == unsent:
-                log.info("%s %s: the client took nothing for %g s; disconnected",
-                         request.method, request.path, idle)  # fmt: skip
-                transport.abort()
-                break
-            unsent = now_unsent
-        await sending
     except ConnectionError:
         pass  # the client left (or was disconnected); aiohttp ends the exchange
     finally:
-        sending.cancel()
+        if timer is not None:
+            timer.cancel()
 
 
 @web.middleware
