@@ -166,7 +166,8 @@ class WebhookSender:
                     continue
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+                    async with asyncio.timeout(self.poll_interval):
+                        await self._wake.wait()
 
     async def _deliver(self, session: aiohttp.ClientSession, delivery: WebhookDelivery) -> None:
         secret = tenant_secret(self.secret, delivery.namespace)

@@ -151,7 +151,8 @@ class WorkWaiter:
             try:
                 async with self._work:
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._work.wait(), remaining)
+                        async with asyncio.timeout(remaining):
+                            await self._work.wait()
             finally:
                 idle(False)
         return STOP

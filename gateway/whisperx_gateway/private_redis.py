@@ -191,7 +191,8 @@ class PrivateRedis:
             return
         self.process.terminate()
         try:
-            await asyncio.wait_for(self.process.wait(), 10)
+            async with asyncio.timeout(10):
+                await self.process.wait()
         except TimeoutError:
             self.process.kill()
             await self.process.wait()

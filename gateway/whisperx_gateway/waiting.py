@@ -39,7 +39,8 @@ class Watch:
     async def wait(self, seconds: float) -> bool:
         """True when woken within `seconds`."""
         try:
-            await asyncio.wait_for(self._event.wait(), seconds)
+            async with asyncio.timeout(seconds):
+                await self._event.wait()
         except TimeoutError:
             return False
         self._event.clear()
@@ -64,7 +65,8 @@ class EventHub:
         self._task = asyncio.create_task(self._run(), name="wx-event-hub")
         with contextlib.suppress(TimeoutError):
             # Serving before subscribing is safe (waiters re-read on connect), only slower.
-            await asyncio.wait_for(self.subscribed.wait(), subscribe_within)
+            async with asyncio.timeout(subscribe_within):
+                await self.subscribed.wait()
 
     async def close(self) -> None:
         if self._task is not None:
@@ -130,7 +132,8 @@ class EventHub:
                 # Bounded: closing a pub/sub connection whose listener was just canceled
                 # can wait on that listener forever (seen as a rare hang at shutdown).
                 with contextlib.suppress(RedisError, OSError, TimeoutError):
-                    await asyncio.wait_for(pubsub.aclose(), 2)  # type: ignore[no-untyped-call]
+                    async with asyncio.timeout(2):
+                        await pubsub.aclose()  # type: ignore[no-untyped-call]
             await asyncio.sleep(delay)
 
 

@@ -190,7 +190,8 @@ class Deadlines:
                 else:
                     timeout = 1.0  # a standby replica checks again when it may be active
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout)
+                    async with asyncio.timeout(timeout):
+                        await self._wake.wait()
         finally:
             for task in self._running:
                 task.cancel()

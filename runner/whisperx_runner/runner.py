@@ -173,7 +173,8 @@ class PredictionRun:
             # The run had already ended and was reporting it: that report stands.
             report, code = self._ending
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(report), CANCEL_REPORT_SECONDS)
+                async with asyncio.timeout(CANCEL_REPORT_SECONDS):
+                    await asyncio.shield(report)
             return code
         self.log(f"Canceled ({signal.Signals(signum).name})")
         await self.reporter.completed(

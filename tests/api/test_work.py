@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -10,13 +11,13 @@ from typing import Literal
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from tests.conftest import free_port
+from tests.conftest import REPO_ROOT, free_port
 from whisperx_api.records import PredictionRecord
 from whisperx_api.reports import SIGNATURE_HEADER, prediction_token, sign
 from whisperx_api.runner_endpoint import runner_app
 from whisperx_api.status_writer import StatusWriter
 from whisperx_api.store import Store
-from whisperx_api.work import STOP, Assignment, FairQueue, WorkRequest, runner_token
+from whisperx_api.work import STOP, Assignment, FairQueue, WorkRequest, WorkWaiter, runner_token
 
 KEY = b"signing-key"
 
@@ -146,3 +147,29 @@ async def test_a_standby_replica_or_a_redis_outage_answers_503() -> None:
             assert resp.status == 503
     assert source.asked == []
     await down.close()
+
+
+async def test_a_poll_canceled_as_work_is_announced_ends() -> None:
+    """A cancel that lands as the wait it interrupts is woken is not lost: with
+    `asyncio.wait_for` (Python 3.11) the poll went on waiting, and whatever awaited its
+    end (a shutdown) hung; the same held for every such wait in the services."""
+    waiter = WorkWaiter()
+    for n in range(400):
+        poll = asyncio.create_task(
+            waiter.poll(30, take=lambda: None, alive=lambda: True, idle=lambda waiting: None)
+        )
+        await asyncio.sleep(0)
+        await waiter.announce()
+        for _ in range(n % 4):
+            await asyncio.sleep(0)
+        poll.cancel()
+        done, _ = await asyncio.wait({poll}, timeout=1)
+        assert done, f"poll {n} went on after its cancel"
+
+
+def test_no_service_waits_with_asyncio_wait_for() -> None:
+    """Each wait in the services is `asyncio.timeout`, for the reason above."""
+    sources = [
+        p for d in ("api", "operator", "gateway", "runner") for p in (REPO_ROOT / d).rglob("*.py")
+    ]
+    assert [str(p) for p in sources if "asyncio.wait_for(" in p.read_text()] == []
