@@ -477,6 +477,18 @@ async def _answer(gw: Gateway, request: web.Request, handler: Any) -> web.Stream
     return response
 
 
+# asyncio's write buffer takes this much at once (its high-water mark): a smaller answer
+# is handed to the socket without waiting, and aiohttp sends it after the handler as usual.
+_SENT_AT_ONCE_BYTES = 64 * 1024
+
+
+def _may_wait_for_its_client(response: web.StreamResponse) -> bool:
+    if response.prepared:  # streamed by its handler (server-sent events): sent already
+        return False
+    size = response.content_length
+    return size is None or size > _SENT_AT_ONCE_BYTES
+
+
 async def _send(request: web.Request, response: web.StreamResponse, idle: float) -> None:
     """Sends the response while its request still counts in flight: a body its client
     does not take (a list page, a long transcript) is held against that client's share
@@ -528,7 +540,7 @@ async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     else:
         try:
             response = await _answer(gw, request, handler)
-            if limited:
+            if limited and _may_wait_for_its_client(response):
                 await _send(request, response, gw.config.body_timeout)
         finally:
             if limited:
