@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import os
 import statistics
 import subprocess
@@ -191,13 +192,18 @@ async def bulk_create(
     jobs = await count(kube, JOBS) if args.ahead else 0
     counted = asyncio.Condition()
 
-    async def pace() -> None:
+    async def count_jobs() -> None:
+        """Every second when pacing (a burst: only for the progress line, every 30 s)."""
         nonlocal jobs
-        while True:
-            await asyncio.sleep(1)
+        every = 1 if args.ahead else 30
+        for tick in itertools.count(1):
+            await asyncio.sleep(every)
             jobs = await count(kube, JOBS)
             async with counted:
                 counted.notify_all()
+            if tick * every % 30 == 0:
+                elapsed = time.perf_counter() - started
+                print(f"  {elapsed:6.0f} s: {done} created, {jobs} Jobs", flush=True)
 
     async def one(i: int) -> None:
         nonlocal done
@@ -211,21 +217,11 @@ async def bulk_create(
             await create_prediction(kube, f"bulk-{i:06d}")
             done += 1
 
-    async def progress() -> None:
-        while True:
-            await asyncio.sleep(30)
-            jobs = await count(kube, JOBS)
-            elapsed = time.perf_counter() - started
-            print(f"  {elapsed:6.0f} s: {done} created, {jobs} Jobs", flush=True)
-
-    helpers = [asyncio.create_task(progress())]
-    if args.ahead:
-        helpers.append(asyncio.create_task(pace()))
+    counter = asyncio.create_task(count_jobs())
     try:
         await asyncio.gather(*(one(i) for i in range(first, last)))
     finally:
-        for task in helpers:
-            task.cancel()
+        counter.cancel()
 
 
 async def settle(pid: int, least: float, most: float) -> tuple[float, bool]:

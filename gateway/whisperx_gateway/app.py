@@ -493,8 +493,7 @@ async def _send(request: web.Request, response: web.StreamResponse, idle: float)
     """Sends the response while its request still counts in flight: a body its client
     does not take (a list page, a long transcript) is held against that client's share
     instead of piling up in the gateway's memory once the handler has returned. A client
-    that took none of it between two checks `idle` seconds apart is disconnected (a
-    timer, not a task: this runs for every request)."""
+    that took none of it between two checks `idle` seconds apart is disconnected."""
     loop = asyncio.get_running_loop()
     transport = request.transport
     unsent: int | None = None

@@ -63,12 +63,9 @@ def gateway_endpoint(public_url: str) -> str:
     return endpoint + url.path.rstrip("/") + FILES_PATH
 
 
-async def _kept_secret(store: Store, env_name: str, key: str, make: Callable[[], str]) -> str:
-    """A secret from the environment, else made once and kept with the data, so that
-    webhook receivers and download links stay valid across restarts."""
-    configured = os.environ.get(env_name, "").strip()
-    if configured:
-        return configured
+async def _kept_secret(store: Store, key: str, make: Callable[[], str]) -> str:
+    """A secret made once and kept with the data (when the environment sets none), so
+    that webhook receivers and download links stay valid across restarts."""
     await store.redis.set(key, make(), nx=True)
     return str(await store.redis.get(key))
 
@@ -196,13 +193,13 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event, redis_url: str) 
     gateway: GatewayConfig = args.gateway
     store = Store.from_url(redis_url, gateway.redis_pool_size)
     # Listening on every interface, it is still reached on loopback from here.
-    public_url = os.environ.get("WHISPERX_PUBLIC_URL") or loopback_url(args.host, args.port)
-    public_url = public_url.rstrip("/")
-    webhook_secret = await _kept_secret(
-        store, "WHISPERX_WEBHOOK_SECRET", WEBHOOK_SECRET_KEY, generate_secret
+    public_url = gateway.public_url or loopback_url(args.host, args.port).rstrip("/")
+    webhook_secret = gateway.webhook_secret or await _kept_secret(
+        store, WEBHOOK_SECRET_KEY, generate_secret
     )
-    files_key = await _kept_secret(
-        store, "WHISPERX_FILES_KEY", FILES_KEY, lambda: secrets.token_hex(32)
+    files_key = (
+        gateway.files_key
+        or (await _kept_secret(store, FILES_KEY, lambda: secrets.token_hex(32))).encode()
     )
     config = dataclasses.replace(
         gateway,
@@ -211,7 +208,7 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event, redis_url: str) 
         host=args.host,
         port=args.port,
         webhook_secret=webhook_secret,
-        files_key=files_key.encode(),
+        files_key=files_key,
     )
     command = args.runner_command.split() if args.runner_command else default_runner_command()
     settings = LocalSettings(

@@ -474,6 +474,7 @@ class Pools:
 
     async def _fail_queue(self, pool: Pool, reason: str, message: str) -> None:
         entries = self._queues.pop(pool, [])
+        # Out of the index before the first save: each one's `saved` unqueues it.
         for entry in entries:
             self._queued_in.pop((pool[0], entry.name), None)
         for entry in entries:

@@ -106,7 +106,7 @@ async def test_kopf_runs_a_bounded_number_of_object_workers(
     from kopf._core.reactor import queueing
 
     settings = kopf_settings(OperatorConfig(report_key=KEY, max_concurrent_handlers=3))
-    limit = 6
+    limit = settings.queueing.worker_limit
     uids = [f"u{i}" for i in range(40)]
     events = [{"type": "ADDED", "object": {"metadata": {"uid": uid}}} for uid in uids]
 

@@ -56,16 +56,19 @@ def test_the_share_and_the_pool_derive_from_the_in_flight_limit() -> None:
 
 
 @contextlib.asynccontextmanager
-async def half_sent(
-    gw: Gateway, token: str, path: str = "/v1/predictions", content_type: str = "application/json"
+async def raw_request(
+    gw: Gateway, head: str, receive_buffer: int | None = None
 ) -> AsyncIterator[asyncio.StreamReader]:
-    """A request whose headers promise a body that never fully arrives."""
+    """`head` sent as it is on a connection of its own; its answer left to the caller
+    (`receive_buffer`: the socket's, in bytes, when small)."""
+    sock = socket.socket()
+    if receive_buffer is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    sock.setblocking(False)
     port = int(gw.url.rsplit(":", 1)[1])
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(
-        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
-        f"Content-Type: {content_type}\r\nContent-Length: 100000\r\n\r\n{{".encode()
-    )
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 16)
+    writer.write(head.encode())
     await writer.drain()
     try:
         yield reader
@@ -73,6 +76,17 @@ async def half_sent(
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
+
+
+def half_sent(
+    gw: Gateway, token: str, path: str = "/v1/predictions", content_type: str = "application/json"
+) -> contextlib.AbstractAsyncContextManager[asyncio.StreamReader]:
+    """A request whose headers promise a body that never fully arrives."""
+    return raw_request(
+        gw,
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
+        f"Content-Type: {content_type}\r\nContent-Length: 100000\r\n\r\n{{",
+    )
 
 
 @pytest.mark.parametrize(
@@ -143,26 +157,13 @@ async def test_a_runner_report_gets_503_not_500_when_redis_fails(
         assert resp.status == 503 and resp.headers["Retry-After"] == "1"
 
 
-@contextlib.asynccontextmanager
-async def unread_get(gw: Gateway, token: str, path: str) -> AsyncIterator[asyncio.StreamReader]:
+def unread_get(
+    gw: Gateway, token: str, path: str
+) -> contextlib.AbstractAsyncContextManager[asyncio.StreamReader]:
     """A GET whose client takes almost none of the answer: a receive buffer of 4 KiB,
     never read until the caller reads it."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.setblocking(False)
-    port = int(gw.url.rsplit(":", 1)[1])
-    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-    reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 16)
-    writer.write(
-        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
-    )
-    await writer.drain()
-    try:
-        yield reader
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
+    head = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\r\n"
+    return raw_request(gw, head, receive_buffer=4096)
 
 
 async def read_all(reader: asyncio.StreamReader) -> int:
