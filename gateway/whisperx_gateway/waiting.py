@@ -133,7 +133,7 @@ class EventHub:
                 # can wait on that listener forever (seen as a rare hang at shutdown).
                 with contextlib.suppress(RedisError, OSError, TimeoutError):
                     async with asyncio.timeout(2):
-                        await pubsub.aclose()  # type: ignore[no-untyped-call]
+                        await pubsub.aclose()
             await asyncio.sleep(delay)
 
 
