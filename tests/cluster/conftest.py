@@ -1,2 +1,3 @@
 from tests.cluster.fixtures import cluster, node_agent  # noqa: F401
+from tests.cluster.pod_stack import pod_stack  # noqa: F401
 from tests.cluster.stack_fixtures import *  # noqa: F403

@@ -291,6 +291,15 @@ const sections = {
     };
   },
 
+  // One real transcription of WHISPERX_AUDIO_FILE, uploaded by the client (the pods suite).
+  async cluster_transcribe() {
+    const audio = await readFile(process.env.WHISPERX_AUDIO_FILE);
+    const output = await replicate.run("whisperx/whisperx", {
+      input: { audio_file: audio, align_output: false },
+    });
+    return { output };
+  },
+
   // Errors surface as the client's ApiError with the HTTP status and the detail.
   async errors() {
     const stranger = new Replicate({ auth: "not-a-valid-token", baseUrl });

@@ -1,0 +1,223 @@
+"""The whole stack as pods on the real node, deployed as a user deploys it.
+
+The project's images (scripts/build-images.sh, cached by content) are imported into the
+node's containerd; the Secrets are made as manifests/secret-templates/README.md says;
+the model cache is a pre-made local volume; then `kubectl apply -k` of an overlay that is
+manifests/overlays/kind with only the API server's address (this node's, on the plane's
+port) added to the `allow-apiserver` NetworkPolicy. The operator, the gateway and Redis
+run from their Deployments and StatefulSet with the manifests' probes, security contexts
+and NetworkPolicies; runner Jobs run the CPU runner image. Clients reach the gateway
+through its Service's cluster IP, which kube-proxy routes from this machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.cluster.controlplane import REPO_ROOT
+from tests.cluster.node import CACHE, RealNode, wait_for
+
+IMAGES_SCRIPT = REPO_ROOT / "scripts" / "build-images.sh"
+IMAGES_DIR = Path(os.environ.get("WHISPERX_IMAGES_DIR") or CACHE / "images")
+KIND_OVERLAY = REPO_ROOT / "manifests" / "overlays" / "kind"
+# The images the kind overlay runs, as scripts/build-images.sh names them.
+STACK_IMAGES = ("redis", "control-plane", "runner-cpu")
+SYSTEM = "whisperx-system"
+TENANT = "whisperx-demo"
+RUNNER_UID = 1000
+COMPONENTS = ("deployment/whisperx-operator", "deployment/whisperx-gateway",
+              "statefulset/whisperx-redis")  # fmt: skip
+
+
+def build_images(*names: str) -> dict[str, dict[str, Any]]:
+    """The images' index entries by reference (`docker.io/whisperx/...`), built first
+    where their inputs changed."""
+    done = subprocess.run(
+        ["bash", str(IMAGES_SCRIPT), "--no-report", *names],
+        capture_output=True, text=True, timeout=3600,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"building the images failed:\n{done.stderr[-4000:]}")
+    images: dict[str, dict[str, Any]] = json.loads((IMAGES_DIR / "index.json").read_text())[
+        "images"
+    ]
+    return images
+
+
+@dataclass
+class PodStack:
+    """The deployed stack: how to reach the gateway, and the tenant's API token."""
+
+    node: RealNode
+    gateway_url: str
+    token: str
+    workdir: Path
+
+    def kubectl(self, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        return self.node.kubectl(*args, **kwargs)
+
+    def get(self, kind: str, name: str, namespace: str = TENANT) -> dict[str, Any]:
+        out = self.kubectl("get", kind, name, "-n", namespace, "-o", "json").stdout
+        obj: dict[str, Any] = json.loads(out)
+        return obj
+
+    def items(self, kind: str, *selectors: str, namespace: str = TENANT) -> list[dict[str, Any]]:
+        args = ["get", kind, "-n", namespace, "-o", "json", *(f"-l{s}" for s in selectors)]
+        listed: list[dict[str, Any]] = json.loads(self.kubectl(*args).stdout)["items"]
+        return listed
+
+    def prediction_pods(self, prediction: str) -> list[dict[str, Any]]:
+        """The pods that ran a prediction: its own Job's, or the warm runner's it names."""
+        status = self.get("prediction", prediction).get("status") or {}
+        pod = status.get("podName")
+        return [self.get("pod", pod)] if pod else []
+
+    def rollout(self, timeout: int = 240) -> None:
+        for component in COMPONENTS:
+            self.kubectl("rollout", "status", "-n", SYSTEM, component, f"--timeout={timeout}s",
+                         timeout=timeout + 10)  # fmt: skip
+
+    def set_profiles(self, profiles: dict[str, Any]) -> None:
+        """Replaces the hardware profiles, as an admin edits the ConfigMap, and restarts
+        the operator, which reads them at start."""
+        (name,) = [
+            cm["metadata"]["name"]
+            for cm in self.items("configmap", namespace=SYSTEM)
+            if cm["metadata"]["name"].startswith("whisperx-profiles")
+        ]
+        data = {"data": {"profiles.yaml": yaml.safe_dump(profiles)}}
+        self.kubectl("patch", "configmap", name, "-n", SYSTEM, "--type=merge", "-p",
+                     json.dumps(data))  # fmt: skip
+        self.restart_operator()
+
+    def restart_operator(self) -> None:
+        self.kubectl("rollout", "restart", "-n", SYSTEM, "deployment/whisperx-operator")
+        self.rollout()
+
+    def set_operator_env(self, **env: str) -> None:
+        pairs = [f"{k}={v}" for k, v in env.items()]
+        self.kubectl("set", "env", "-n", SYSTEM, "deployment/whisperx-operator", *pairs)
+        self.rollout()
+
+    def exec_python(self, pod: str, code: str, namespace: str, timeout: float = 60) -> str:
+        """Runs Python in a pod's container (the project's images have it)."""
+        done = self.kubectl("exec", "-n", namespace, pod, "--", "python3", "-c", code,
+                            check=False, timeout=timeout)  # fmt: skip
+        return done.stdout.strip() + done.stderr.strip()
+
+
+def _secrets(stack_token: str) -> list[dict[str, Any]]:
+    """The Secrets of manifests/secret-templates, with values made here."""
+
+    def secret(name: str, **data: str) -> dict[str, Any]:
+        meta = {"name": name, "namespace": SYSTEM}
+        return {"apiVersion": "v1", "kind": "Secret", "metadata": meta, "stringData": data}
+
+    return [
+        secret("whisperx-redis", password=secrets.token_hex(32)),
+        secret("whisperx-report-key", key=secrets.token_hex(32)),
+        secret("whisperx-webhook-secret", secret="whsec_" + secrets.token_urlsafe(32)),
+        secret("whisperx-files-key", key=secrets.token_hex(32)),
+        secret("whisperx-gateway-tokens", **{"tokens.yaml": f"{stack_token}: {TENANT}\n"}),
+    ]
+
+
+def _model_volume(folder: Path) -> dict[str, Any]:
+    """The tenant's model cache: a pre-made volume on the node (as an NFS export or a
+    local PersistentVolume would be), owned by the runner's uid like a provisioned one."""
+    folder.mkdir(parents=True, exist_ok=True)
+    os.chown(folder, RUNNER_UID, RUNNER_UID)
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolume",
+        "metadata": {"name": f"whisperx-models-{TENANT}"},
+        "spec": {
+            "capacity": {"storage": "2Gi"},
+            "accessModes": ["ReadWriteOnce"],
+            "persistentVolumeReclaimPolicy": "Retain",
+            "hostPath": {"path": str(folder), "type": "Directory"},
+            "claimRef": {"namespace": TENANT, "name": "whisperx-models"},
+        },
+    }
+
+
+def overlay(workdir: Path, node_ip: str, port: int) -> Path:
+    """manifests/overlays/kind with the API server's address: the one change a user makes
+    for their cluster (manifests/README.md)."""
+    folder = workdir / "overlay"
+    folder.mkdir(parents=True, exist_ok=True)
+    to = {"ipBlock": {"cidr": f"{node_ip}/32"}}
+    patch = [
+        {"op": "add", "path": "/spec/egress/0/to/-", "value": to},
+        {"op": "add", "path": "/spec/egress/0/ports/-", "value": {"protocol": "TCP", "port": port}},
+    ]
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [os.path.relpath(KIND_OVERLAY, folder)],
+        "patches": [
+            {
+                "target": {"kind": "NetworkPolicy", "name": "allow-apiserver"},
+                "patch": yaml.safe_dump(patch),
+            }
+        ],
+    }
+    (folder / "kustomization.yaml").write_text(yaml.safe_dump(kustomization, sort_keys=False))
+    return folder
+
+
+def deploy(node: RealNode, workdir: Path) -> PodStack:
+    images = build_images(*STACK_IMAGES)
+    for ref, entry in images.items():
+        if entry["name"] in STACK_IMAGES:
+            node.import_image(Path(entry["archive"]), ref)
+    token = "r8_" + secrets.token_hex(20)
+    node.kubectl("apply", "--server-side", "-f", "-", stdin=json.dumps(
+        _model_volume(workdir / "models")))  # fmt: skip
+    node.kubectl(
+        "apply", "--server-side",
+        "-f", str(REPO_ROOT / "crds" / "prediction.yaml"),
+        "-f", str(REPO_ROOT / "manifests" / "base" / "kopf" / "peering-crds.yaml"),
+    )  # fmt: skip
+    node.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
+    node.kubectl("create", "namespace", SYSTEM)
+    for secret in _secrets(token):
+        node.kubectl("apply", "--server-side", "-f", "-", stdin=json.dumps(secret))
+    node.kubectl("apply", "--server-side", "-k",
+                 str(overlay(workdir, node.node_ip, node.plane.port)))  # fmt: skip
+    stack = PodStack(node, "", token, workdir)
+    stack.rollout()
+    ip = stack.get("service", "whisperx-gateway", SYSTEM)["spec"]["clusterIP"]
+    stack.gateway_url = f"http://{ip}:8000"
+    # The prefetch Job fills the model cache (its punkt data; tiny.en is in the image).
+    node.kubectl("wait", "-n", TENANT, "--for=condition=Complete", "job",
+                 "-l", "app.kubernetes.io/name=whisperx-prefetch", "--timeout=240s",
+                 timeout=250)  # fmt: skip
+    return stack
+
+
+def eventually(what: str, check: Callable[[], Any], within: float = 120) -> Any:
+    """`check()`'s first truthy value, polled until `within` seconds have passed."""
+    return wait_for(what, check, within)
+
+
+@pytest.fixture(scope="session")
+def pod_stack(real_node: RealNode, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PodStack]:
+    began = time.monotonic()
+    stack = deploy(real_node, tmp_path_factory.mktemp("pod-stack"))
+    print(f"pod stack deployed in {time.monotonic() - began:.1f} s")
+    yield stack
+
+
+__all__ = ["PodStack", "build_images", "eventually", "pod_stack"]
