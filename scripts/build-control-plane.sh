@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Builds the real Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager,
-# kube-scheduler) and Kueue's controller from the Go module proxy, at pinned versions,
-# into a cache keyed by version. A second run on the same machine returns at once.
+# kube-scheduler), Kueue's controller and a node's kubelet and kube-proxy from the Go
+# module proxy, at pinned versions, into a cache keyed by version. A second run on the
+# same machine returns at once.
 # Prints the folder holding the binaries on its last line.
-# Usage: build-control-plane.sh [all|k8s|kueue]   (default: all)
+# Usage: build-control-plane.sh [all|k8s|kueue|node]   (default: all)
 set -euo pipefail
 PART=${1:-all}
 
@@ -17,13 +18,15 @@ BIN="$CACHE/k8s-$K8S_VERSION-kueue-$KUEUE_VERSION/bin"
 case "$PART" in
   k8s) want=(etcd kube-apiserver kube-controller-manager kube-scheduler) ;;
   kueue) want=(kueue) ;;
-  all) want=(etcd kube-apiserver kube-controller-manager kube-scheduler kueue) ;;
-  *) echo "build-control-plane: unknown part $PART (all, k8s or kueue)" >&2; exit 2 ;;
+  node) want=(kubelet kube-proxy) ;;
+  all) want=(etcd kube-apiserver kube-controller-manager kube-scheduler kueue kubelet kube-proxy) ;;
+  *) echo "build-control-plane: unknown part $PART (all, k8s, kueue or node)" >&2; exit 2 ;;
 esac
 
 missing() { for b in "${want[@]}"; do [ -x "$BIN/$b" ] || echo "$b"; done; }
+with_kueue() { [[ " ${want[*]} " == *" kueue "* ]]; }
 # Kueue's CRDs are copied beside its binary once it is built.
-kueue_crds_missing() { [ "$PART" != k8s ] && [ ! -d "$BIN/../kueue-crds" ]; }
+kueue_crds_missing() { with_kueue && [ ! -d "$BIN/../kueue-crds" ]; }
 if [ -z "$(missing)" ] && ! kueue_crds_missing; then echo "$BIN"; exit 0; fi
 command -v go >/dev/null || { echo "build-control-plane: Go is needed (go 1.26)" >&2; exit 1; }
 
@@ -62,6 +65,8 @@ import (
 	_ "k8s.io/kubernetes/cmd/kube-apiserver"
 	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
 	_ "k8s.io/kubernetes/cmd/kube-scheduler"
+	_ "k8s.io/kubernetes/cmd/kube-proxy"
+	_ "k8s.io/kubernetes/cmd/kubelet"
 	_ "sigs.k8s.io/kueue/cmd/kueue"
 )
 GO
@@ -77,7 +82,7 @@ for b in $(missing); do
   esac
 done
 ((${#targets[@]} == 0)) || go build -trimpath -ldflags "$(ldflags)" -o "$BIN/" "${targets[@]}"
-if [ "$PART" != k8s ]; then
+if with_kueue; then
   # Kueue's CRDs ship in its module; keep them beside the binary.
   dir=$(go list -m -f '{{.Dir}}' sigs.k8s.io/kueue)
   rm -rf "$BIN/../kueue-crds"; mkdir -p "$BIN/../kueue-crds"
