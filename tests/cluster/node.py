@@ -14,9 +14,9 @@ node, all on this machine (root, Debian packages below).
   `imagePullPolicy: Never`. containerd's image store lives in the machine's cache and
   outlives the node, so an image imported once (runner images are several GB) is not
   imported again.
-- Nothing leaves the machine: a guard drops forwarded pod traffic to the external
-  interface, and the Service range is routed to a device that drops what kube-proxy did
-  not translate (the default route leads off the machine).
+- Nothing leaves the machine: a guard drops pod traffic forwarded anywhere but the
+  bridge, and the Service range is routed to a device that drops what kube-proxy did not
+  translate (the default route leads off the machine).
 
 `python -m tests.cluster.node DIR` starts a control plane and a node by hand and prints
 the admin kubeconfig (Ctrl-C or SIGTERM stops both).
@@ -64,6 +64,7 @@ NODE_NAME = "whisperx-node"
 # Pods get addresses on this bridge; nothing is masqueraded, so they have no way out.
 POD_CIDR = "10.244.77.0/24"
 BRIDGE = "wxnode0"
+CNI_NETWORK = "whisperx-node"
 # The Service range's route leads here (an ifb drops what is not redirected to it: this
 # kernel has no `dummy` driver), not to the default gateway.
 SERVICE_GUARD_LINK = "wxsvc0"
@@ -561,6 +562,44 @@ def _remove_kube_chains() -> None:
                 _run(tool, "-w", "-t", table, "-X", chain, check=False)
 
 
+def _bound_sockets() -> set[str]:
+    return {line.split()[-1] for line in Path("/proc/net/unix").read_text().splitlines()[1:]
+            if len(line.split()) == 8}  # fmt: skip
+
+
+def _prune(folder: Path, workdir: str) -> list[str]:
+    """Removes from a hard-coded folder the node created what is the node's, then the
+    folders that leaves empty: sockets nothing listens on any more (the kubelet's, the
+    shims'), links into the run's folder (/var/log/containers), the CNI plugins' results
+    for the node's network. Others' files stay (another containerd's or podman's, made
+    since the node started); what stays is returned, less sockets in use."""
+    if not folder.exists():
+        return []
+    bound = _bound_sockets()
+    entries = sorted(folder.rglob("*"), key=lambda p: -len(p.parts))
+    network, loopback = f"{CNI_NETWORK}-", "cni-loopback-"  # then <container id>-<interface>
+    ours = {p.name.removeprefix(network).split("-")[0] for p in entries
+            if p.name.startswith(network)}  # fmt: skip
+    for path in entries:
+        if path.is_symlink():
+            if os.readlink(path).startswith(workdir.rstrip("/") + "/"):
+                path.unlink()
+        elif path.is_socket():
+            if str(path) not in bound:
+                path.unlink()
+        elif path.is_dir():
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        elif path.name.startswith(network) or (
+            path.name.startswith(loopback)
+            and path.name.removeprefix(loopback).split("-")[0] in ours
+        ):
+            path.unlink()
+    with contextlib.suppress(OSError):
+        folder.rmdir()
+    return [str(p) for p in folder.rglob("*") if not p.is_dir() and str(p) not in bound]
+
+
 def restore_host(state: HostState) -> list[str]:
     """Undoes what a node changed on the host (its pods already gone, or not: their
     processes are killed here); returns what could not be undone."""
@@ -580,7 +619,7 @@ def restore_host(state: HostState) -> list[str]:
         done = _run(*state.kube_proxy_cleanup, check=False, timeout=60)
         if done.returncode != 0:
             problems.append(f"kube-proxy --cleanup: {done.stderr[-500:]}")
-    roots = [state.workdir, str(CONTAINERD_ROOT), "/run/containerd"]
+    roots = [state.workdir, str(CONTAINERD_ROOT)]
     problems += [f"still mounted: {p}" for p in _unmount_under(*roots)]
     deadline = time.monotonic() + 10
     for group in _kubepods_cgroups():
@@ -620,7 +659,7 @@ def restore_host(state: HostState) -> list[str]:
     for name, value in state.sysctls.items():
         _sysctl_path(name).write_text(value)
     for path in state.new_paths:
-        shutil.rmtree(path, ignore_errors=True)
+        problems += [f"left in {path}: {item}" for item in _prune(Path(path), state.workdir)]
     problems += [f"left on the host: {item}" for item in _leftovers()]
     return problems
 
@@ -806,7 +845,9 @@ class RealNode:
             for kind in ("containers", "sandboxes"):
                 folder = CONTAINERD_ROOT / "io.containerd.grpc.v1.cri" / kind
                 shutil.rmtree(folder, ignore_errors=True)
-            HOST_STATE.unlink(missing_ok=True)
+            if not problems:
+                # Else kept: the next run tries again before it starts.
+                HOST_STATE.unlink(missing_ok=True)
             self._state = None
         if self._lock:
             self._lock.close()
@@ -894,7 +935,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         (base / "config.toml").write_text(config)
         conflist = {
             "cniVersion": "1.0.0",
-            "name": "whisperx-node",
+            "name": CNI_NETWORK,
             "plugins": [{
                 "type": "bridge", "bridge": BRIDGE, "isGateway": True,
                 # Nothing NATed: pods cannot leave the machine through the host.
@@ -938,7 +979,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         name = name or (ref if full_ref else "")
         if not ref or not name:
             raise ValueError(f"{archive} names no image (ref {ref!r}): pass a name")
-        if self._image_digest(name) == entry["digest"]:
+        before = self._image_digest(name)
+        if before == entry["digest"]:
             return name
         # ctr names an image by its ref annotation: a full one as it is, a bare tag
         # under --base-name. Then the image takes the name asked for.
@@ -950,7 +992,20 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             self.ctr("images", "tag", "--force", imported, name)
             if not existed:
                 self.ctr("images", "rm", imported)
+        if before:
+            self._forget(before)
         return name
+
+    def _forget(self, manifest: str) -> None:
+        """Lets containerd collect an image no name points at any more: the CRI plugin
+        keeps a `sha256:<config>` name for each image it saw, which would otherwise keep
+        every replaced version (several GB for a runner image) in the lasting store."""
+        listed = [line.split() for line in self.ctr("images", "ls").splitlines()[1:]]
+        if any(f[2] == manifest and not f[0].startswith("sha256:") for f in listed if f):
+            return
+        content = json.loads(self.ctr("content", "get", manifest))
+        if config := (content.get("config") or {}).get("digest"):
+            self.ctr("images", "rm", "--sync", config, check=False)
 
     # --- the kubelet ---
 

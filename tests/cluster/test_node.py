@@ -318,21 +318,27 @@ def test_extended_resource_on_the_node_lets_a_pod_schedule(
         real_node.advertise("nvidia.com/gpu", 0)
 
 
-def test_lost_kubelet_makes_the_node_not_ready_and_its_pods_evicted(
+def test_lost_node_out_of_service_has_its_pods_evicted(
     real_node: RealNode,  # noqa: F811
     busybox: str,  # noqa: F811
     namespace: str,
 ) -> None:
     apply(real_node, namespace, pod("bystander", busybox, SLEEP))
     until_ready(real_node, namespace, "bystander")
+    out_of_service = "node.kubernetes.io/out-of-service"
     real_node.stop_kubelet()
     try:
-        # The plane's short node timings: NotReady 6 s after the last Lease renewal, then
-        # the pods' default 3 s toleration of an unreachable node.
+        # NotReady 6 s after the Lease's last renewal (the plane's short node timings).
         wait_for("the Node NotReady", lambda: not real_node.is_ready(), 30)
+        # With every node of the cluster down, the node lifecycle controller evicts
+        # nothing (full disruption): an admin marks the node out of service, as after a
+        # non-graceful shutdown, and its pods are evicted at once.
+        real_node.kubectl("taint", "node", real_node.name,
+                          f"{out_of_service}=nodeshutdown:NoExecute")  # fmt: skip
         until_pod(real_node, namespace, "bystander", "evicted",
                   lambda p: p["metadata"].get("deletionTimestamp"), 30)  # fmt: skip
     finally:
+        real_node.kubectl("taint", "node", real_node.name, f"{out_of_service}-", check=False)
         real_node.start_kubelet()
     # Back, the kubelet stops what was evicted while it was away.
     wait_for("the evicted pod gone", lambda: not get_pod(real_node, namespace, "bystander"), 60)
