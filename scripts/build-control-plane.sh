@@ -11,8 +11,10 @@ PART=${1:-all}
 # Kueue's release builds against one Kubernetes minor (v0.17: the v0.35 libraries), and
 # the control plane is built at that minor's newest patch release, in one Go module with
 # Kueue: the k8s.io libraries both use then compile once, not twice.
-K8S_VERSION=${K8S_VERSION:-v1.35.4}
-KUEUE_VERSION=${KUEUE_VERSION:-v0.17.0}
+# Versions: versions.env, the one place for them; one set in the environment wins.
+while IFS== read -r key value; do
+  [ -n "${!key:-}" ] || declare "$key=$value"
+done < <(grep -E '^[A-Z0-9_]+=' "$(dirname "$0")/../versions.env")
 CACHE=${WHISPERX_CONTROL_PLANE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/whisperx-operator/control-plane}
 BIN="$CACHE/k8s-$K8S_VERSION-kueue-$KUEUE_VERSION/bin"
 case "$PART" in

@@ -9,8 +9,10 @@ PART=${1:-all}
 
 # Each has a go.mod without replace lines, so `go install pkg@version` builds it in its own
 # module. kube-router: v2.1.0 is the only version the module proxy here serves.
-COREDNS_VERSION=${COREDNS_VERSION:-v1.15.0}
-KUBE_ROUTER_VERSION=${KUBE_ROUTER_VERSION:-v2.1.0}
+# Versions: versions.env, the one place for them; one set in the environment wins.
+while IFS== read -r key value; do
+  [ -n "${!key:-}" ] || declare "$key=$value"
+done < <(grep -E '^[A-Z0-9_]+=' "$(dirname "$0")/../versions.env")
 CACHE=${WHISPERX_CONTROL_PLANE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/whisperx-operator/control-plane}
 case "$PART" in
   coredns) want=(coredns) ;;
