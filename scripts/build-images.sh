@@ -131,6 +131,12 @@ image_key() {
 # --- podman, private to these builds -----------------------------------------------------
 PODMAN_DIR=$CACHE/podman
 mkdir -p "$PODMAN_DIR/tmp"
+# One build at a time (setup, the tests and people may start it together).
+exec 9>"$CACHE/.lock"
+if ! flock -n 9; then
+  log "waiting for another build-images.sh to finish"
+  flock 9
+fi
 export CONTAINERS_CONF=$PODMAN_DIR/containers.conf
 export CONTAINERS_STORAGE_CONF=$PODMAN_DIR/storage.conf
 export CONTAINERS_REGISTRIES_CONF=$PODMAN_DIR/registries.conf
@@ -254,9 +260,12 @@ archive_of() {  # name, key
 
 CA_BUNDLE=${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
 
+declare -A KEY_USED  # name -> the key this run built or found, for the index
+
 build_image() {
   local name=$1 key archive ref start
   key=$(image_key "$name")
+  KEY_USED[$name]=$key
   archive=$(archive_of "$name" "$key")
   ref=${REF[$name]}
   if [ -s "$archive" ] && [ -s "$archive.json" ]; then
@@ -275,12 +284,22 @@ build_image() {
     mkdir -p "$UV_CACHE"
     args+=(--build-arg UV_CACHE_DIR=/var/cache/host-uv -v "$UV_CACHE:/var/cache/host-uv")
   fi
+  # Stages that only other stages use (build, tools) are tagged
+  # (localhost/whisperx-cache/DIR:STAGE): the prune below then keeps them, and with them
+  # the layer cache of the dependencies, while what older builds left goes.
+  local stage
+  for stage in $(sed -n 's/^FROM .* AS \(build\|tools\)$/\1/p' "${FILE[$name]}"); do
+    nice -n 19 podman build --network host --pull=never --layers \
+      -f "${FILE[$name]}" "${args[@]}" --secret "id=hostca,src=$CA_BUNDLE" --target "$stage" \
+      -t "localhost/whisperx-cache/$(basename "$(dirname "${FILE[$name]}")"):$stage" . >&2
+  done
   nice -n 19 podman build --network host --pull=never --layers \
     -f "${FILE[$name]}" "${args[@]}" \
     --secret "id=hostca,src=$CA_BUNDLE" \
     --label "io.whisperx.build-key=$key" \
     --label "org.opencontainers.image.version=$VERSION" \
     -t "$ref" . >&2
+  podman image prune -f >/dev/null
   local seconds=$((SECONDS - start))
   log "$name: built in $seconds s; saving $archive"
   nice -n 19 podman save -q --format oci-archive -o "$archive.part" "$ref"
@@ -294,7 +313,7 @@ build_image() {
   podman image unmount "$ref" >/dev/null
   python3 - "$archive.part" "$archive" "$name" "$ref" "$key" "$seconds" \
     "$(podman image inspect --format '{{.Id}}' "$ref")" "$info" > "$archive.json.part" <<'PYEOF'
-import json, os, sys, tarfile, zlib
+import json, os, re, sys, tarfile, zlib
 part, archive, name, ref, key, seconds, image_id, info = sys.argv[1:]
 sizes = os.path.join(os.path.dirname(archive), "layer-gzip-sizes")
 def measure(f, gzipped):
@@ -307,7 +326,10 @@ def measure(f, gzipped):
     return n + len(z.flush())
 def composition():
     history = json.load(open(info + ".history"))
-    steps = sorted(({"size": h.get("size", 0), "created_by": (h.get("CreatedBy") or h.get("createdBy") or "")[:160]}
+    def step(h):  # the instruction, without build arguments, mounts and the shell
+        text = re.sub(r"^\|\d+ (\S+=\S* )*", "", h.get("CreatedBy") or h.get("createdBy") or "")
+        return " ".join(re.sub(r"--mount=\S+|#\(nop\)|/bin/sh -c", "", text).split())[:240]
+    steps = sorted(({"size": h.get("size", 0), "created_by": step(h)}
                     for h in history if h.get("size", 0) > 0), key=lambda h: -h["size"])
     top, site = [], []
     for line in open(info + ".du"):
@@ -381,7 +403,8 @@ write_index() {
   local name key archive jsons=()
   for name in "${ALL[@]}"; do
     [ "$name" = base ] && continue
-    key=$(image_key "$name")
+    # What this run built (its inputs may have changed since), else what they say now.
+    key=${KEY_USED[$name]:-$(image_key "$name")}
     archive=$(archive_of "$name" "$key")
     [ -s "$archive.json" ] && jsons+=("$archive.json")
   done
@@ -402,7 +425,7 @@ PYEOF
 # Each image: its size, where it comes from, and what makes it up.
 print_report() {
   python3 - "$CACHE/index.json" "$@" <<'PYEOF'
-import json, sys
+import json, re, sys
 index, *refs = sys.argv[1:]
 images = json.load(open(index))["images"]
 def h(n):
@@ -419,7 +442,8 @@ for ref in refs:
           f"{len(e['layers'])} layers, built in {e['built_seconds']} s")
     print(f"  archive {e['archive']} ({h(e['archive_size'])}), manifest {e['manifest_digest'][:19]}")
     for layer in c.get("layers", [])[:4]:
-        step = " ".join(layer["created_by"].replace("/bin/sh -c ", "").split())[:90]
+        step = re.sub(r"^\|\d+ (\S+=\S* )*", "", layer["created_by"])
+        step = " ".join(re.sub(r"--mount=\S+|#\(nop\)|/bin/sh -c", "", step).split())[:90]
         print(f"  layer {h(layer['size']):>9}  {step}")
     if c.get("top_dirs"):
         print("  folders: " + ", ".join(f"{p} {h(n)}" for p, n in c["top_dirs"][:6]))

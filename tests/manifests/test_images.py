@@ -185,5 +185,5 @@ def test_runner_flavours() -> None:
         env = " ".join(rest for kind, rest in steps if kind == "ENV")
         assert f"WHISPERX_DEVICE={device}" in env
         assert [rest for kind, rest in steps if kind == "CMD"] == ['["whisperx-runner", "run"]']
-    build = " ".join(rest for kind, rest in by_stage["build"] if kind == "RUN")
-    assert "scripts/runner-fixups.sh" in build
+    common = " ".join(rest for kind, rest in by_stage["common"] if kind == "RUN")
+    assert "scripts/runner-fixups.sh" in common
