@@ -137,6 +137,9 @@ if ! flock -n 9; then
   log "waiting for another build-images.sh to finish"
   flock 9
 fi
+# What an interrupted build or save left in podman's temporary folder (GBs for a runner);
+# buildah-cache holds the cache mounts.
+find "$PODMAN_DIR/tmp" -mindepth 1 -maxdepth 1 ! -name buildah-cache -exec rm -rf {} +
 export CONTAINERS_CONF=$PODMAN_DIR/containers.conf
 export CONTAINERS_STORAGE_CONF=$PODMAN_DIR/storage.conf
 export CONTAINERS_REGISTRIES_CONF=$PODMAN_DIR/registries.conf
