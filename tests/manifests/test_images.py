@@ -175,7 +175,7 @@ def test_control_plane_image_has_no_ml_stack() -> None:
 def test_runner_flavours() -> None:
     by_stage = stages(RUNNER)
     for flavour, extras, device in (
-        ("gpu", ["runner"], "cuda"),
+        ("gpu", ["runner", "gpu"], "cuda"),
         ("cpu", ["runner", "cpu-models"], "cpu"),
     ):
         steps = by_stage[flavour]
@@ -187,3 +187,16 @@ def test_runner_flavours() -> None:
         assert [rest for kind, rest in steps if kind == "CMD"] == ['["whisperx-runner", "run"]']
     common = " ".join(rest for kind, rest in by_stage["common"] if kind == "RUN")
     assert "scripts/runner-fixups.sh" in common
+
+
+def test_gpu_extra_brings_the_cublas_ctranslate2_opens() -> None:
+    """CTranslate2 dlopens cuBLAS of one CUDA major by soname; torch's wheels may bring
+    another. The `gpu` extra (the GPU image's) must carry the one CTranslate2 names."""
+    import ctranslate2
+
+    folder = Path(ctranslate2.__file__).parent.parent / "ctranslate2.libs"
+    (library,) = folder.glob("libctranslate2*.so*")
+    (major,) = set(re.findall(rb"libcublas\.so\.(\d+)", library.read_bytes()))
+    project: dict[str, Any] = tomllib.loads((support.REPO / "pyproject.toml").read_text())
+    gpu = project["project"]["optional-dependencies"]["gpu"]
+    assert any(r.startswith(f"nvidia-cublas-cu{major.decode()}") for r in gpu), gpu
