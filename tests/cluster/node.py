@@ -73,6 +73,8 @@ CLUSTER_DOMAIN = "cluster.local"
 CLUSTER_DNS = str(ipaddress.ip_network(SERVICE_CIDR)[10])
 PAUSE_IMAGE = "localhost/pause:3.10"
 BUSYBOX_IMAGE = "localhost/busybox:test"
+# Where containerd is told every registry is: the discard port on loopback.
+NO_REGISTRY = "http://127.0.0.1:9"
 CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "whisperx-operator"
 IMAGE_CACHE = CACHE / "node-images"
 # containerd's root (content, snapshots, image metadata) persists across runs; its
@@ -885,6 +887,17 @@ class RealNode:
 
     # --- containerd and images ---
 
+    @staticmethod
+    def _registry_hosts(folder: Path) -> Path:
+        hosts = (
+            f'server = "{NO_REGISTRY}"\n'
+            f'[host."{NO_REGISTRY}"]\n  capabilities = ["pull", "resolve"]\n'
+        )
+        for registry in ("_default", "docker.io"):
+            (folder / registry).mkdir(parents=True, exist_ok=True)
+            (folder / registry / "hosts.toml").write_text(hosts)
+        return folder
+
     def _start_containerd(self, timeout: float) -> None:
         base = self.workdir / "containerd"
         cni = self.workdir / "cni"
@@ -926,6 +939,11 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         BinaryName = "/usr/bin/runc"
         Root = {q(str(base / "runc"))}
         SystemdCgroup = false
+
+  # Every registry is this machine's discard port: a pull (a tag that was not imported,
+  # `imagePullPolicy: Always`) fails at once instead of leaving the machine.
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = {q(str(self._registry_hosts(base / "certs.d")))}
 
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/usr/lib/cni"

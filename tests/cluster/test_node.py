@@ -292,6 +292,21 @@ def test_image_not_imported_is_never_pulled(
     assert "localhost/not-imported:1" in waiting["message"]
 
 
+def test_a_pull_never_leaves_the_machine(
+    real_node: RealNode,  # noqa: F811
+    namespace: str,
+) -> None:
+    always = {"imagePullPolicy": "Always"}
+    apply(real_node, namespace, pod("pulled", "whisperx/absent:1", SLEEP, container=always))
+
+    def pulling(p: dict[str, Any]) -> dict[str, Any] | None:
+        waiting: dict[str, Any] = container_state(p).get("waiting") or {}
+        return waiting if waiting.get("reason") in ("ErrImagePull", "ImagePullBackOff") else None
+
+    waiting = until_pod(real_node, namespace, "pulled", "failing to pull", pulling)
+    assert "127.0.0.1:9" in waiting.get("message", ""), waiting
+
+
 def test_extended_resource_on_the_node_lets_a_pod_schedule(
     real_node: RealNode,  # noqa: F811
     busybox: str,  # noqa: F811
