@@ -1,7 +1,8 @@
 """pytest fixtures for the real node (tests/cluster/node.py): a control plane on the node's
 address and one real node registered to it, for the whole test session.
 
-In a test module or conftest.py: `from tests.cluster.node_fixtures import real_node  # noqa: F401`.
+Loaded once, by tests/cluster/conftest.py: a fixture imported into each test module would
+be a fixture of its own there, and a second node would start (one runs per machine).
 """
 
 from __future__ import annotations

@@ -16,7 +16,6 @@ import pytest
 
 from tests.cluster.controlplane import SERVICE_CIDR
 from tests.cluster.node import CLUSTER_DNS, RealNode, wait_for
-from tests.cluster.node_fixtures import busybox, real_node  # noqa: F401
 
 SLEEP = ["sleep", "3600"]
 # busybox httpd serving one page; TCP readiness, so the Service has an endpoint.
@@ -26,7 +25,7 @@ API_SERVICE = str(ipaddress.ip_network(SERVICE_CIDR)[1])
 
 
 @pytest.fixture
-def namespace(real_node: RealNode, request: pytest.FixtureRequest) -> Iterator[str]:  # noqa: F811
+def namespace(real_node: RealNode, request: pytest.FixtureRequest) -> Iterator[str]:
     name = "node-" + request.node.name.removeprefix("test_").replace("_", "-")[:40]
     real_node.kubectl("create", "namespace", name)
     yield name
@@ -129,8 +128,8 @@ def until_ok(what: str, attempt: Callable[[], tuple[int, str]], timeout: float =
 
 
 def test_restricted_pod_runs_as_non_root_with_read_only_root(
-    real_node: RealNode,  # noqa: F811
-    busybox: str,  # noqa: F811
+    real_node: RealNode,
+    busybox: str,
     namespace: str,
 ) -> None:
     real_node.kubectl("label", "namespace", namespace,
@@ -167,7 +166,7 @@ def test_restricted_pod_runs_as_non_root_with_read_only_root(
     assert rc == 0 and "Seccomp:\t2" in out and "CapEff:\t0000000000000000" in out, out
 
 
-def test_logs(real_node: RealNode, busybox: str, namespace: str) -> None:  # noqa: F811
+def test_logs(real_node: RealNode, busybox: str, namespace: str) -> None:
     script = "echo one; echo two; echo on-stderr >&2"
     apply(real_node, namespace, pod("talker", busybox, ["sh", "-c", script],
                                     restartPolicy="Never"))  # fmt: skip
@@ -179,8 +178,8 @@ def test_logs(real_node: RealNode, busybox: str, namespace: str) -> None:  # noq
 
 
 def test_service_resolved_by_name_through_coredns(
-    real_node: RealNode,  # noqa: F811
-    busybox: str,  # noqa: F811
+    real_node: RealNode,
+    busybox: str,
     namespace: str,
 ) -> None:
     service = {
@@ -208,8 +207,8 @@ def test_service_resolved_by_name_through_coredns(
 
 
 def test_kubernetes_service_reaches_the_api_server(
-    real_node: RealNode,  # noqa: F811
-    busybox: str,  # noqa: F811
+    real_node: RealNode,
+    busybox: str,
     namespace: str,
 ) -> None:
     apply(real_node, namespace, pod("client", busybox, SLEEP))
@@ -225,8 +224,8 @@ def test_kubernetes_service_reaches_the_api_server(
 
 
 def test_network_policy_default_deny_then_allow_one_pod(
-    real_node: RealNode,  # noqa: F811
-    busybox: str,  # noqa: F811
+    real_node: RealNode,
+    busybox: str,
     namespace: str,
 ) -> None:
     apply(real_node, namespace, web_pod(busybox),
@@ -267,8 +266,8 @@ def test_network_policy_default_deny_then_allow_one_pod(
 
 
 def test_memory_limit_ends_in_oom_killed(
-    real_node: RealNode,  # noqa: F811
-    busybox: str,  # noqa: F811
+    real_node: RealNode,
+    busybox: str,
     namespace: str,
 ) -> None:
     # dd's 256 MiB buffer, filled from /dev/zero, in a 64 MiB cgroup.
@@ -282,7 +281,7 @@ def test_memory_limit_ends_in_oom_killed(
 
 
 def test_image_not_imported_is_never_pulled(
-    real_node: RealNode,  # noqa: F811
+    real_node: RealNode,
     namespace: str,
 ) -> None:
     apply(real_node, namespace, pod("absent", "localhost/not-imported:1", SLEEP))
@@ -293,7 +292,7 @@ def test_image_not_imported_is_never_pulled(
 
 
 def test_a_pull_never_leaves_the_machine(
-    real_node: RealNode,  # noqa: F811
+    real_node: RealNode,
     namespace: str,
 ) -> None:
     always = {"imagePullPolicy": "Always"}
@@ -308,8 +307,8 @@ def test_a_pull_never_leaves_the_machine(
 
 
 def test_extended_resource_on_the_node_lets_a_pod_schedule(
-    real_node: RealNode,  # noqa: F811
-    busybox: str,  # noqa: F811
+    real_node: RealNode,
+    busybox: str,
     namespace: str,
 ) -> None:
     limits = {"resources": {"limits": {"nvidia.com/gpu": "1"}}}
@@ -334,8 +333,8 @@ def test_extended_resource_on_the_node_lets_a_pod_schedule(
 
 
 def test_lost_node_out_of_service_has_its_pods_evicted(
-    real_node: RealNode,  # noqa: F811
-    busybox: str,  # noqa: F811
+    real_node: RealNode,
+    busybox: str,
     namespace: str,
 ) -> None:
     apply(real_node, namespace, pod("bystander", busybox, SLEEP))

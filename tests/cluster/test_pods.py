@@ -18,7 +18,6 @@ import pytest
 import yaml
 from replicate.client import Client
 
-from tests.cluster.node_fixtures import real_node  # noqa: F401
 from tests.cluster.pod_stack import SYSTEM, TENANT, PodStack, eventually
 from tests.flow.conftest import FOX_WORDS, stems
 
