@@ -190,26 +190,6 @@ async def test_out_of_memory_ends_the_prediction_with_that_reason(
         pod_stack.set_profiles(kind_profiles())
 
 
-async def test_a_runner_image_that_is_not_there_fails_the_prediction(
-    pod_stack: PodStack, fox_wav: Path
-) -> None:
-    # The kubelet's pull of a tag nobody imported fails (every registry is the loopback
-    # discard port here), backs off, and the operator ends the prediction.
-    pod_stack.set_operator_env(WHISPERX_RUNNER_IMAGE="whisperx/runner:0.0.0-missing")
-    try:
-        with fox_wav.open("rb") as audio:
-            prediction = await asyncio.to_thread(
-                client(pod_stack).predictions.create,
-                model="whisperx/whisperx",
-                input={"audio_file": audio, "align_output": False},
-            )
-        await asyncio.to_thread(prediction.wait)
-        assert prediction.status == "failed"
-        assert status(pod_stack, prediction.id)["reason"] == "ImagePullFailed"
-    finally:
-        pod_stack.set_operator_env(WHISPERX_RUNNER_IMAGE=RUNNER_IMAGE)
-
-
 async def test_operator_pod_killed_mid_run_loses_nothing(
     pod_stack: PodStack, long_wav: Path
 ) -> None:
@@ -261,64 +241,6 @@ def connects(stack: PodStack, pod: str, namespace: str, host: str, port: int) ->
     out = stack.exec_python(pod, code, namespace)
     assert out.startswith(("open", "blocked")), out
     return out.startswith("open")
-
-
-@pytest.fixture(scope="module")
-def runner_like_pods(pod_stack: PodStack) -> Iterator[dict[str, str]]:
-    """A pod carrying the runner's labels in the tenant namespace (the runner image,
-    idle), and one in another tenant's namespace."""
-    restricted = {
-        "runAsNonRoot": True,
-        "seccompProfile": {"type": "RuntimeDefault"},
-    }
-    container = {
-        "name": "idle",
-        "image": RUNNER_IMAGE,
-        "command": ["sleep", "3600"],
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
-    }
-    pods = {TENANT: "runner-like", "other-tenant": "other"}
-    pod_stack.kubectl("create", "namespace", "other-tenant")
-    for namespace, name in pods.items():
-        pod = {
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": namespace,
-                         "labels": {"app.kubernetes.io/name": "whisperx-runner"}},
-            "spec": {"securityContext": restricted, "containers": [container],
-                     "automountServiceAccountToken": False,
-                     "terminationGracePeriodSeconds": 0},
-        }  # fmt: skip
-        pod_stack.kubectl("apply", "-f", "-", stdin=json.dumps(pod))
-        pod_stack.kubectl("wait", "-n", namespace, "--for=condition=Ready", f"pod/{name}",
-                          "--timeout=120s", timeout=130)  # fmt: skip
-    try:
-        yield pods
-    finally:
-        pod_stack.kubectl("delete", "namespace", "other-tenant", "--wait=false")
-        pod_stack.kubectl("delete", "pod", "-n", TENANT, pods[TENANT], "--wait=false")
-
-
-def test_network_policies_hold_for_runners(
-    pod_stack: PodStack, runner_like_pods: dict[str, str]
-) -> None:
-    pod = runner_like_pods[TENANT]
-    system = f"{SYSTEM}.svc.cluster.local"
-    assert connects(pod_stack, pod, TENANT, f"whisperx-operator.{system}", 8081)
-    assert connects(pod_stack, pod, TENANT, f"whisperx-gateway.{system}", 8000)
-    assert not connects(pod_stack, pod, TENANT, f"whisperx-redis.{system}", 6379)
-    assert not connects(pod_stack, pod, TENANT, "kubernetes.default.svc.cluster.local", 443)
-    other = pod_stack.get("pod", runner_like_pods["other-tenant"], "other-tenant")
-    # Another tenant's pod: no ingress reaches a runner (nor this one, deny-all there).
-    assert not connects(pod_stack, pod, TENANT, other["status"]["podIP"], 8080)
-    (gateway,) = pod_stack.items("pod", "app.kubernetes.io/name=whisperx-gateway",
-                                 namespace=SYSTEM)  # fmt: skip
-    (redis,) = pod_stack.items("pod", "app.kubernetes.io/name=whisperx-redis", namespace=SYSTEM)
-    assert not connects(pod_stack, pod, TENANT, redis["status"]["podIP"], 6379)
-    assert connects(pod_stack, pod, TENANT, gateway["status"]["podIP"], 8000)
 
 
 def test_network_policies_hold_for_the_gateway(pod_stack: PodStack) -> None:
