@@ -1,8 +1,8 @@
 """The whole stack as pods on the real node (tests/cluster/pod_stack.py), seen as a user
 sees it: the official clients through the gateway's Service, the real runner image in
 runner Jobs under runc, and what a kubelet and containerd enforce (SIGTERM on cancel, the
-OOM killer, images that are not there, evictions, a killed operator pod, NetworkPolicies
-applied by kube-router's policy controller)."""
+OOM killer, evictions, a killed operator pod, the gateway's NetworkPolicy applied by
+kube-router's policy controller)."""
 
 from __future__ import annotations
 
