@@ -243,6 +243,58 @@ def connects(stack: PodStack, pod: str, namespace: str, host: str, port: int) ->
     return out.startswith("open")
 
 
+@pytest.fixture(scope="module")
+def runner_like_pods(pod_stack: PodStack) -> Iterator[dict[str, str]]:
+    """A pod carrying the runner's labels in the tenant namespace (the runner image,
+    idle)."""
+    restricted = {
+        "runAsNonRoot": True,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    container = {
+        "name": "idle",
+        "image": RUNNER_IMAGE,
+        "command": ["sleep", "3600"],
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    pods = {TENANT: "runner-like"}
+    for namespace, name in pods.items():
+        pod = {
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": namespace,
+                         "labels": {"app.kubernetes.io/name": "whisperx-runner"}},
+            "spec": {"securityContext": restricted, "containers": [container],
+                     "automountServiceAccountToken": False,
+                     "terminationGracePeriodSeconds": 0},
+        }  # fmt: skip
+        pod_stack.kubectl("apply", "-f", "-", stdin=json.dumps(pod))
+        pod_stack.kubectl("wait", "-n", namespace, "--for=condition=Ready", f"pod/{name}",
+                          "--timeout=120s", timeout=130)  # fmt: skip
+    try:
+        yield pods
+    finally:
+        pod_stack.kubectl("delete", "pod", "-n", TENANT, pods[TENANT], "--wait=false")
+
+
+def test_network_policies_hold_for_runners(
+    pod_stack: PodStack, runner_like_pods: dict[str, str]
+) -> None:
+    pod = runner_like_pods[TENANT]
+    system = f"{SYSTEM}.svc.cluster.local"
+    assert connects(pod_stack, pod, TENANT, f"whisperx-operator.{system}", 8081)
+    assert connects(pod_stack, pod, TENANT, f"whisperx-gateway.{system}", 8000)
+    # Redis listens (the gateway reaches it): only the policy refuses a runner.
+    assert not connects(pod_stack, pod, TENANT, f"whisperx-redis.{system}", 6379)
+    (redis,) = pod_stack.items("pod", "app.kubernetes.io/name=whisperx-redis", namespace=SYSTEM)
+    assert not connects(pod_stack, pod, TENANT, redis["status"]["podIP"], 6379)
+    # Not checked: the API server. The runners' policy allows every address outside the
+    # private ranges, and this node's (the API server's) is one of those here.
+
+
 def test_network_policies_hold_for_the_gateway(pod_stack: PodStack) -> None:
     (gateway,) = pod_stack.items("pod", "app.kubernetes.io/name=whisperx-gateway",
                                  namespace=SYSTEM)  # fmt: skip
