@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import yaml
 from replicate.client import Client
+from replicate.prediction import Prediction
 
 from tests.cluster.pod_stack import SYSTEM, TENANT, PodStack, eventually
 from tests.flow.conftest import FOX_WORDS, stems
@@ -38,6 +39,17 @@ def long_wav(fox_wav: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def client(stack: PodStack) -> Client:
     return Client(api_token=stack.token, base_url=stack.gateway_url)
+
+
+async def create(stack: PodStack, wav: Path) -> Prediction:
+    """A prediction of `wav` made by the official client, which uploads the file."""
+    with wav.open("rb") as audio:
+        prediction: Prediction = await asyncio.to_thread(
+            client(stack).predictions.create,
+            model="whisperx/whisperx",
+            input={"audio_file": audio, "align_output": False},
+        )
+    return prediction
 
 
 def words(output: Any) -> list[str]:
@@ -100,12 +112,7 @@ def until_processing(stack: PodStack, prediction: str) -> None:
 
 
 async def test_python_client_one_shot(pod_stack: PodStack, fox_wav: Path) -> None:
-    with fox_wav.open("rb") as audio:
-        prediction = await asyncio.to_thread(
-            client(pod_stack).predictions.create,
-            model="whisperx/whisperx",
-            input={"audio_file": audio, "align_output": False},
-        )
+    prediction = await create(pod_stack, fox_wav)
     await asyncio.to_thread(prediction.wait)
     assert prediction.status == "succeeded", (prediction.error, prediction.logs)
     assert words(prediction.output) == stems(FOX_WORDS)
@@ -135,12 +142,7 @@ async def test_javascript_client(pod_stack: PodStack, fox_wav: Path) -> None:
 async def test_warm_runner_serves_both_clients_predictions(warm: PodStack, fox_wav: Path) -> None:
     ids = []
     for _ in range(2):
-        with fox_wav.open("rb") as audio:
-            prediction = await asyncio.to_thread(
-                client(warm).predictions.create,
-                model="whisperx/whisperx",
-                input={"audio_file": audio, "align_output": False},
-            )
+        prediction = await create(warm, fox_wav)
         await asyncio.to_thread(prediction.wait)
         assert prediction.status == "succeeded", (prediction.error, prediction.logs)
         assert words(prediction.output) == stems(FOX_WORDS)
@@ -151,12 +153,7 @@ async def test_warm_runner_serves_both_clients_predictions(warm: PodStack, fox_w
 
 
 async def test_cancel_stops_the_runner_with_sigterm(pod_stack: PodStack, long_wav: Path) -> None:
-    with long_wav.open("rb") as audio:
-        prediction = await asyncio.to_thread(
-            client(pod_stack).predictions.create,
-            model="whisperx/whisperx",
-            input={"audio_file": audio, "align_output": False},
-        )
+    prediction = await create(pod_stack, long_wav)
     await asyncio.to_thread(until_processing, pod_stack, prediction.id)
     await asyncio.to_thread(prediction.cancel)
     # runc delivers SIGTERM to the runner (PID 1 of its container): it reports the
@@ -175,12 +172,7 @@ async def test_out_of_memory_ends_the_prediction_with_that_reason(
     small = {"requests": {"cpu": "200m", "memory": "150Mi"}, "limits": {"memory": "150Mi"}}
     pod_stack.set_profiles(kind_profiles(resources=small))
     try:
-        with fox_wav.open("rb") as audio:
-            prediction = await asyncio.to_thread(
-                client(pod_stack).predictions.create,
-                model="whisperx/whisperx",
-                input={"audio_file": audio, "align_output": False},
-            )
+        prediction = await create(pod_stack, fox_wav)
         await asyncio.to_thread(prediction.wait)
         assert prediction.status == "failed"
         assert status(pod_stack, prediction.id)["reason"] == "OOMKilled"
@@ -193,12 +185,7 @@ async def test_out_of_memory_ends_the_prediction_with_that_reason(
 async def test_operator_pod_killed_mid_run_loses_nothing(
     pod_stack: PodStack, long_wav: Path
 ) -> None:
-    with long_wav.open("rb") as audio:
-        prediction = await asyncio.to_thread(
-            client(pod_stack).predictions.create,
-            model="whisperx/whisperx",
-            input={"audio_file": audio, "align_output": False},
-        )
+    prediction = await create(pod_stack, long_wav)
     await asyncio.to_thread(until_processing, pod_stack, prediction.id)
     (old,) = pod_stack.items("pod", "app.kubernetes.io/name=whisperx-operator", namespace=SYSTEM)
     pod_stack.kubectl("delete", "pod", "-n", SYSTEM, old["metadata"]["name"],
@@ -211,12 +198,7 @@ async def test_operator_pod_killed_mid_run_loses_nothing(
 
 
 async def test_an_evicted_runner_is_retried(pod_stack: PodStack, long_wav: Path) -> None:
-    with long_wav.open("rb") as audio:
-        prediction = await asyncio.to_thread(
-            client(pod_stack).predictions.create,
-            model="whisperx/whisperx",
-            input={"audio_file": audio, "align_output": False},
-        )
+    prediction = await create(pod_stack, long_wav)
     await asyncio.to_thread(until_processing, pod_stack, prediction.id)
     (pod,) = pod_stack.prediction_pods(prediction.id)
     name = pod["metadata"]["name"]
