@@ -82,7 +82,7 @@ async def on_the_node(stack: PodStack, uris: list[str], cold: int) -> dict[str, 
     async with Cluster(plane.url, plane.admin.token, plane.ssl_context()) as kube:
         await kube.track(PREDICTIONS, PODS)
         colds = [await timed(kube, f"cold-{n}", uris[n % len(uris)]) for n in range(cold)]
-        stack.set_profiles(kind_profiles(idleSeconds=300, maxRunners=1))
+        stack.configure_operator(kind_profiles(idleSeconds=300, maxRunners=1))
         warm = [await timed(kube, f"warm-{n}", uri) for n, uri in enumerate(uris)]
     return {"cold": colds, "warm": warm}
 

@@ -45,7 +45,13 @@ from whisperx_api.work import (
 )
 from whisperx_operator import jobs
 from whisperx_operator.config import HardwareProfile, OperatorConfig
-from whisperx_operator.pods import JOB_NAME_LABEL, pod_event, pod_failure, runner_output
+from whisperx_operator.pods import (
+    JOB_NAME_LABEL,
+    RETRIED_WAITING,
+    pod_event,
+    pod_failure,
+    runner_output,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +81,10 @@ class _Runner:
     held_ended: bool = False
     served: int = 0
     waiting: bool = False  # in a request for work right now
+    # Its pod's container waits on what a kubelet retries (an image pull back-off): the
+    # latest such event, and the timer that gives the runner up after the grace.
+    stuck: lc.Waiting | None = None
+    give_up: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @property
     def holding(self) -> str | None:
@@ -239,12 +249,15 @@ class Pools:
             await self._requeue_or_fail(runner, held, reason, message)
         if gone:
             self._runners.pop(runner.id, None)
+            if runner.give_up is not None:
+                runner.give_up.cancel()
             log.info("runner %s ended after %d prediction(s)", runner.id, runner.served)
         await self.scale(runner.hardware)
 
     async def pod_changed(self, pod: dict[str, Any]) -> None:
-        """A runner pod that will never start (an image that cannot be pulled) fails
-        what waits for its pool, rather than leaving it to the start deadline."""
+        """A runner pod that will never start (an image that is not there) fails what
+        waits for its pool, rather than leaving it to the start deadline; one that waits
+        on a kubelet's retries (an image pull back-off) does so after the waiting grace."""
         meta = pod["metadata"]
         namespace = meta.get("namespace") or "default"
         job = (meta.get("labels") or {}).get(JOB_NAME_LABEL)
@@ -255,6 +268,24 @@ class Pools:
         event = pod_event(pod, lc.now_utc())
         if isinstance(event, lc.Failed):
             await self.runner_not_started(runner, event.reason, event.message)
+        elif isinstance(event, lc.Waiting):
+            # What the kubelet retries may heal (a registry's hiccup); past the grace a
+            # one-shot prediction would fail, and so does what waits for this runner.
+            runner.stuck = event
+            if runner.give_up is None:
+                runner.give_up = asyncio.create_task(self._give_up_after_grace(runner))
+        elif runner.give_up is not None:
+            runner.give_up.cancel()
+            runner.give_up, runner.stuck = None, None
+
+    async def _give_up_after_grace(self, runner: _Runner) -> None:
+        grace = self.config.waiting_grace_seconds
+        await asyncio.sleep(grace)
+        stuck = runner.stuck
+        if stuck is None or self._runners.get(runner.id) is not runner:
+            return
+        message = f"{stuck.message} (still {stuck.reason} after {grace} s)"
+        await self.runner_not_started(runner, RETRIED_WAITING[stuck.reason], message)
 
     async def runner_not_started(self, runner: _Runner, reason: str, message: str) -> None:
         log.warning("runner %s cannot start: %s: %s", runner.id, reason, message)

@@ -102,26 +102,25 @@ class PodStack:
             parts.append(f"--- {name}\n{logs.stdout}{logs.stderr}")
         return "\n".join(parts)
 
-    def set_profiles(self, profiles: dict[str, Any]) -> None:
-        """Replaces the hardware profiles, as an admin edits the ConfigMap, and restarts
-        the operator, which reads them at start."""
-        (name,) = [
-            cm["metadata"]["name"]
-            for cm in self.items("configmap", namespace=SYSTEM)
-            if cm["metadata"]["name"].startswith("whisperx-profiles")
-        ]
-        data = {"data": {"profiles.yaml": yaml.safe_dump(profiles)}}
-        self.kubectl("patch", "configmap", name, "-n", SYSTEM, "--type=merge", "-p",
-                     json.dumps(data))  # fmt: skip
-        self.restart_operator()
-
-    def restart_operator(self) -> None:
-        self.kubectl("rollout", "restart", "-n", SYSTEM, "deployment/whisperx-operator")
-        self.rollout()
-
-    def set_operator_env(self, **env: str) -> None:
-        pairs = [f"{k}={v}" for k, v in env.items()]
-        self.kubectl("set", "env", "-n", SYSTEM, "deployment/whisperx-operator", *pairs)
+    def configure_operator(self, profiles: dict[str, Any] | None = None, **env: str | None) -> None:
+        """Changes the operator's settings as an admin would, in one rollout: replaces
+        the hardware profiles in their ConfigMap, and sets (or, given None, removes)
+        environment variables on its Deployment; the operator reads both at start."""
+        if profiles is not None:
+            (name,) = [
+                cm["metadata"]["name"]
+                for cm in self.items("configmap", namespace=SYSTEM)
+                if cm["metadata"]["name"].startswith("whisperx-profiles")
+            ]
+            data = {"data": {"profiles.yaml": yaml.safe_dump(profiles)}}
+            self.kubectl("patch", "configmap", name, "-n", SYSTEM, "--type=merge", "-p",
+                         json.dumps(data))  # fmt: skip
+        deployment = ("-n", SYSTEM, "deployment/whisperx-operator")
+        if env:
+            pairs = [f"{k}-" if v is None else f"{k}={v}" for k, v in env.items()]
+            self.kubectl("set", "env", *deployment, *pairs)
+        # Unchanged variables would roll nothing, and the profiles are read at start.
+        self.kubectl("rollout", "restart", *deployment)
         self.rollout()
 
     def exec_python(self, pod: str, code: str, namespace: str, timeout: float = 60) -> str:

@@ -41,12 +41,12 @@ def client(stack: PodStack) -> Client:
     return Client(api_token=stack.token, base_url=stack.gateway_url)
 
 
-async def create(stack: PodStack, wav: Path) -> Prediction:
+async def create(stack: PodStack, wav: Path, model: str = "whisperx/whisperx") -> Prediction:
     """A prediction of `wav` made by the official client, which uploads the file."""
     with wav.open("rb") as audio:
         prediction: Prediction = await asyncio.to_thread(
             client(stack).predictions.create,
-            model="whisperx/whisperx",
+            model=model,
             input={"audio_file": audio, "align_output": False},
         )
     return prediction
@@ -68,11 +68,11 @@ def kind_profiles(**changes: Any) -> dict[str, Any]:
 @pytest.fixture
 def warm(pod_stack: PodStack) -> Iterator[PodStack]:
     """The kind overlay's profiles with runners kept warm for a minute."""
-    pod_stack.set_profiles(kind_profiles(idleSeconds=60))
+    pod_stack.configure_operator(kind_profiles(idleSeconds=60))
     try:
         yield pod_stack
     finally:
-        pod_stack.set_profiles(kind_profiles())
+        pod_stack.configure_operator(kind_profiles())
 
 
 def ran(stack: PodStack, prediction: str) -> dict[str, Any]:
@@ -170,7 +170,7 @@ async def test_out_of_memory_ends_the_prediction_with_that_reason(
     pod_stack: PodStack, fox_wav: Path
 ) -> None:
     small = {"requests": {"cpu": "200m", "memory": "150Mi"}, "limits": {"memory": "150Mi"}}
-    pod_stack.set_profiles(kind_profiles(resources=small))
+    pod_stack.configure_operator(kind_profiles(resources=small))
     try:
         prediction = await create(pod_stack, fox_wav)
         await asyncio.to_thread(prediction.wait)
@@ -179,7 +179,37 @@ async def test_out_of_memory_ends_the_prediction_with_that_reason(
         ended = terminated(pod_stack, f"batch.kubernetes.io/job-name={prediction.id}", 10)
         assert ended["reason"] == "OOMKilled" and ended["exitCode"] == 137, ended
     finally:
-        pod_stack.set_profiles(kind_profiles())
+        pod_stack.configure_operator(kind_profiles())
+
+
+async def test_a_runner_image_that_is_not_there_fails_one_shot_and_warm_predictions(
+    pod_stack: PodStack, fox_wav: Path
+) -> None:
+    # The kubelet's pull of a tag nobody imported fails (every registry is the loopback
+    # discard port here) and backs off; after the waiting grace the operator ends the
+    # one-shot prediction, and deletes the warm runner Job and fails what waits for it.
+    profiles = kind_profiles()
+    profiles["whisperx-a40-large"] = {**profiles["whisperx"], "idleSeconds": 60}
+    pod_stack.configure_operator(
+        profiles,
+        WHISPERX_RUNNER_IMAGE="whisperx/runner:0.0.0-missing",
+        WHISPERX_WAITING_GRACE_SECONDS="15",
+    )
+    try:
+        one_shot = await create(pod_stack, fox_wav)
+        warm = await create(pod_stack, fox_wav, model="whisperx/whisperx-a40-large")
+        for prediction in (one_shot, warm):
+            await asyncio.to_thread(prediction.wait)
+            assert prediction.status == "failed"
+            assert status(pod_stack, prediction.id)["reason"] == "ImagePullFailed"
+            assert "cannot pull image" in (prediction.error or ""), prediction.error
+            assert "after 15 s" in (prediction.error or ""), prediction.error
+        runners = "whisperx.io/runner"
+        eventually("the warm runner Job deleted", lambda: not pod_stack.items("job", runners))
+    finally:
+        pod_stack.configure_operator(
+            kind_profiles(), WHISPERX_RUNNER_IMAGE=None, WHISPERX_WAITING_GRACE_SECONDS=None
+        )
 
 
 async def test_operator_pod_killed_mid_run_loses_nothing(

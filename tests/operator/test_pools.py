@@ -36,6 +36,7 @@ class Api:
 
     def __init__(self) -> None:
         self.jobs: list[dict[str, Any]] = []
+        self.deleted: list[str] = []
 
     async def create(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         if "/namespaces/denied/" in path:
@@ -50,7 +51,7 @@ class Api:
         return []
 
     async def delete(self, path: str) -> None:
-        return None
+        self.deleted.append(path)
 
 
 class Writer:
@@ -157,3 +158,53 @@ async def test_a_namespace_where_no_runner_may_start_fails_its_queue() -> None:
     state = writer.records["denied", "p1"].state
     assert state.phase is lc.Phase.FAILED and state.reason == "NamespaceNotServed"
     assert not pools._queued("denied", "p1")
+
+
+def runner_pod(job: dict[str, Any], waiting: str | None) -> dict[str, Any]:
+    """The runner Job's pod, its container waiting for `waiting` (or running)."""
+    state = {"waiting": {"reason": waiting, "message": "pull failed"}} if waiting else {}
+    meta = job["metadata"]
+    return {
+        "metadata": {"name": meta["name"] + "-x", "namespace": meta["namespace"],
+                     "labels": {"batch.kubernetes.io/job-name": meta["name"]}},
+        "status": {"phase": "Pending" if waiting else "Running",
+                   "containerStatuses": [{"image": "runner:gone", "state": state}]},
+    }  # fmt: skip
+
+
+async def test_a_runner_stuck_on_image_pull_back_off_fails_its_queue_after_the_grace() -> None:
+    api, writer = Api(), Writer()
+    pools = Pools(
+        dataclasses.replace(CONFIG, waiting_grace_seconds=1),
+        cast(KubeClient, api),
+        cast(StatusWriter, writer),
+    )
+    writer.on_saved = pools.saved
+    await submit(pools, writer, "a", "p1")
+    (job,) = api.jobs
+    await pools.pod_changed(runner_pod(job, "ErrImagePull"))
+    await pools.pod_changed(runner_pod(job, "ImagePullBackOff"))
+    await asyncio.sleep(1.3)
+    state = writer.records["a", "p1"].state
+    assert state.phase is lc.Phase.FAILED and state.reason == "ImagePullFailed"
+    assert "cannot pull image runner:gone" in (state.error or "")
+    assert "still ImagePullBackOff after 1 s" in (state.error or "")
+    assert api.deleted == [f"/apis/batch/v1/namespaces/a/jobs/{job['metadata']['name']}"]
+
+
+async def test_a_runner_whose_pull_recovers_within_the_grace_is_kept() -> None:
+    api, writer = Api(), Writer()
+    pools = Pools(
+        dataclasses.replace(CONFIG, waiting_grace_seconds=1),
+        cast(KubeClient, api),
+        cast(StatusWriter, writer),
+    )
+    writer.on_saved = pools.saved
+    await submit(pools, writer, "a", "p1")
+    (job,) = api.jobs
+    await pools.pod_changed(runner_pod(job, "ImagePullBackOff"))
+    await pools.pod_changed(runner_pod(job, None))
+    await asyncio.sleep(1.3)
+    assert not writer.records["a", "p1"].state.terminal
+    assert api.deleted == []
+    assert (await take(pools, job)).id == "p1"
