@@ -38,6 +38,9 @@ _MISSING_VOLUME = "persistentvolumeclaim"  # `persistentvolumeclaim "x" not foun
 _UNBOUND_VOLUME = "unbound immediate PersistentVolumeClaims"
 # A Job controller's FailedCreate for want of quota heals when quota frees up.
 _QUOTA = "exceeded quota"
+# The taint eviction controller's reason on the pods it deletes for a NoExecute taint.
+_TAINT_DELETION = "DeletionByTaintManager"
+NODE_LOST = "NodeLost"
 
 
 def _conditions(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -145,8 +148,35 @@ def _admitted(pod: dict[str, Any], at: datetime) -> lc.Admitted:
     return lc.Admitted(at, job=job, pod=meta.get("name"))
 
 
+def node_lost(pod: dict[str, Any]) -> str | None:
+    """Why the pod's run is lost with its node, or None. When a node stops reporting, the
+    node lifecycle controller marks its pods not Ready (their containers still count as
+    ready: no kubelet said otherwise), and past their toleration of the NotReady or
+    unreachable taint (300 s by default) the taint eviction controller deletes them. No
+    kubelet stops such a pod and its Job does not replace it while the node is gone. An
+    admin's NoExecute taint on a live node deletes pods too, but its kubelet stops them
+    (and the Job, ignoring the disruption, runs another): their Ready stays True."""
+    conditions = _conditions(pod)
+    disruption = _true(conditions, "DisruptionTarget")
+    ready = conditions.get("Ready") or {}
+    if (
+        disruption is None
+        or disruption.get("reason") != _TAINT_DELETION
+        or ready.get("status") != "False"
+        or ready.get("reason")
+        or not _true(conditions, "ContainersReady")
+    ):
+        return None
+    node = (pod.get("spec") or {}).get("nodeName") or "its node"
+    return f"node {node} stopped responding and its pods are being deleted; the run was lost"
+
+
 def pod_event(pod: dict[str, Any], at: datetime) -> lc.Event | None:
-    """The lifecycle event of a pod that is stuck before the runner starts, if any."""
+    """The lifecycle event of a pod that is stuck before the runner starts, or whose
+    node was lost, if any."""
+    lost = node_lost(pod)
+    if lost is not None:
+        return lc.Failed(NODE_LOST, lost, at)
     status = pod.get("status") or {}
     if status.get("phase") != "Pending":
         if status.get("phase") == "Running":

@@ -47,6 +47,7 @@ from whisperx_operator import jobs
 from whisperx_operator.config import HardwareProfile, OperatorConfig
 from whisperx_operator.pods import (
     JOB_NAME_LABEL,
+    NODE_LOST,
     RETRIED_WAITING,
     pod_event,
     pod_failure,
@@ -57,7 +58,7 @@ log = logging.getLogger(__name__)
 
 Pool = tuple[str, str]  # (namespace, hardware profile)
 # A runner pod that ended for these did nothing wrong: what it held is queued again.
-_REQUEUED = ("Evicted", "Preempted", "RunnerLost")
+_REQUEUED = ("Evicted", "Preempted", "RunnerLost", NODE_LOST)
 
 
 @dataclass(order=True, frozen=True)
@@ -266,7 +267,9 @@ class Pools:
             return
         runner.pod = meta.get("name")
         event = pod_event(pod, lc.now_utc())
-        if isinstance(event, lc.Failed):
+        if isinstance(event, lc.Failed) and event.reason == NODE_LOST:
+            await self._runner_lost(runner, event.message)
+        elif isinstance(event, lc.Failed):
             await self.runner_not_started(runner, event.reason, event.message)
         elif isinstance(event, lc.Waiting):
             # What the kubelet retries may heal (a registry's hiccup); past the grace a
@@ -277,6 +280,18 @@ class Pools:
         elif runner.give_up is not None:
             runner.give_up.cancel()
             runner.give_up, runner.stuck = None, None
+
+    async def _runner_lost(self, runner: _Runner, message: str) -> None:
+        """Its node is gone: what it held is queued again for another runner, and it no
+        longer counts against the profile's limit (its Job is deleted; the pod goes when
+        the node comes back or is removed)."""
+        log.warning("runner %s lost: %s", runner.id, message)
+        self._runners.pop(runner.id, None)
+        held, runner.held = runner.held, None
+        if held is not None and not runner.held_ended:
+            await self._requeue_or_fail(runner, held, NODE_LOST, message)
+        await self.kube.delete(_job_path(runner.namespace, runner.job))
+        await self.scale(runner.hardware)
 
     async def _give_up_after_grace(self, runner: _Runner) -> None:
         grace = self.config.waiting_grace_seconds

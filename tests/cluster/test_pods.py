@@ -37,6 +37,14 @@ def long_wav(fox_wav: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def longer_wav(fox_wav: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """About eighteen minutes of speech: a run that lasts a minute or more."""
+    path = tmp_path_factory.mktemp("longer") / "longer.wav"
+    subprocess.run(["sox", str(fox_wav), str(path), "repeat", "400"], check=True)
+    return path
+
+
 def client(stack: PodStack) -> Client:
     return Client(api_token=stack.token, base_url=stack.gateway_url)
 
@@ -337,3 +345,38 @@ def test_probes_and_security_contexts_as_the_manifests_say(pod_stack: PodStack) 
             assert out.split() == [str(uid), "refused"], out
         else:
             assert pod_stack.exec_python(name, code, SYSTEM) == f"{uid} 30"  # EROFS
+
+
+async def test_a_lost_node_ends_its_run_with_that_reason(
+    pod_stack: PodStack, longer_wav: Path
+) -> None:
+    # Last in this module: it takes the node down and brings it back. The kubelet stops
+    # and the runner's process dies, as when a machine goes dark. The node turns
+    # NotReady and, past the pods' toleration, the taint eviction controller deletes
+    # every pod on it (the stack's own too: their containers run on meanwhile, but their
+    # Services lose their endpoints). No kubelet will end the runner's pod, so its Job
+    # would wait for the node for ever: the operator ends the prediction instead.
+    prediction = await create(pod_stack, longer_wav)
+    await asyncio.to_thread(until_processing, pod_stack, prediction.id)
+    (pod,) = pod_stack.prediction_pods(prediction.id)
+    (runner,) = pod["status"]["containerStatuses"]
+    node = pod_stack.node
+    node.stop_kubelet()
+    try:
+        container = runner["containerID"].removeprefix("containerd://")
+        node.ctr("tasks", "kill", "--signal", "SIGKILL", container)
+
+        def lost() -> dict[str, Any] | None:
+            found = status(pod_stack, prediction.id)
+            return found if found.get("reason") == "NodeLost" else None
+
+        ended = await asyncio.to_thread(eventually, "the prediction ended NodeLost", lost, 90)
+        assert ended["phase"] == "failed"
+    finally:
+        node.start_kubelet(timeout=120)
+        # The kubelet stops the deleted pods; their replacements start.
+        pod_stack.rollout()
+    # What API callers see once the gateway is back.
+    await asyncio.to_thread(prediction.wait)
+    assert prediction.status == "failed"
+    assert "stopped responding" in (prediction.error or ""), prediction.error

@@ -215,3 +215,53 @@ def test_a_job_that_has_had_pods_is_past_its_failed_creates() -> None:
     assert not has_had_pods({}) and not has_had_pods({"status": {"active": 0}})
     for count in ("active", "succeeded", "failed"):
         assert has_had_pods({"status": {count: 1}})
+
+
+def running_pod(*conditions: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "metadata": {"name": "p"},
+        "spec": {"nodeName": "gpu-7"},
+        "status": {"phase": "Running", "conditions": list(conditions)},
+    }
+
+
+TAINT_DELETION = condition(
+    "DisruptionTarget", "DeletionByTaintManager", "Taint manager: deleting due to NoExecute taint"
+)
+
+
+def test_a_pod_whose_node_stopped_responding_is_lost() -> None:
+    # What the node lifecycle and taint eviction controllers leave on a lost node's pod.
+    lost = running_pod(
+        condition("Ready", status="False"), condition("ContainersReady"), TAINT_DELETION
+    )
+    event = pod_event(lost, AT)
+    assert isinstance(event, lc.Failed) and event.reason == "NodeLost"
+    assert "node gpu-7 stopped responding" in event.message
+
+
+@pytest.mark.parametrize(
+    "conditions",
+    [
+        # An admin's NoExecute taint on a live node: its kubelet stops the pod (and the
+        # Job runs another), the pod still Ready meanwhile.
+        [condition("Ready"), condition("ContainersReady"), TAINT_DELETION],
+        # The kubelet reports its containers stopped.
+        [
+            condition("Ready", "ContainersNotReady", status="False"),
+            condition("ContainersReady", "ContainersNotReady", status="False"),
+            TAINT_DELETION,
+        ],
+        # Evicted through the API on a node that is fine.
+        [
+            condition("Ready"),
+            condition("ContainersReady"),
+            condition("DisruptionTarget", "EvictionByEvictionAPI"),
+        ],
+        # A node that is NotReady for a moment, before any toleration has run out.
+        [condition("Ready", status="False"), condition("ContainersReady")],
+    ],
+)
+def test_a_pod_on_a_node_that_reports_is_not_lost(conditions: list[dict[str, Any]]) -> None:
+    event = pod_event(running_pod(*conditions), AT)
+    assert not isinstance(event, lc.Failed)

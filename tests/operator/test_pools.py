@@ -208,3 +208,26 @@ async def test_a_runner_whose_pull_recovers_within_the_grace_is_kept() -> None:
     assert not writer.records["a", "p1"].state.terminal
     assert api.deleted == []
     assert (await take(pools, job)).id == "p1"
+
+
+async def test_a_runner_on_a_lost_node_gives_back_what_it_held_and_is_replaced() -> None:
+    api, writer = Api(), Writer()
+    pools = pools_with(api, writer)
+    await submit(pools, writer, "a", "p1")
+    (job,) = api.jobs
+    assert (await take(pools, job)).id == "p1"
+    lost = runner_pod(job, None)
+    lost["spec"] = {"nodeName": "gpu-7"}
+    lost["status"]["conditions"] = [
+        {"type": "Ready", "status": "False"},
+        {"type": "ContainersReady", "status": "True"},
+        {"type": "DisruptionTarget", "status": "True", "reason": "DeletionByTaintManager"},
+    ]
+    await pools.pod_changed(lost)
+    queued = writer.records["a", "p1"].state.condition("Queued")
+    assert queued is not None and queued.status == "True" and queued.reason == "NodeLost"
+    assert "node gpu-7 stopped responding" in queued.message
+    assert api.deleted == [f"/apis/batch/v1/namespaces/a/jobs/{job['metadata']['name']}"]
+    # A new runner (the lost one no longer counts) takes it.
+    _, replacement = api.jobs
+    assert (await take(pools, replacement)).id == "p1"
