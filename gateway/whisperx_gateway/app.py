@@ -26,7 +26,15 @@ from whisperx_gateway.errors import (
     problem_response,
     unavailable,
 )
-from whisperx_gateway.files import FileStore, QuotaExceeded, download_headers, valid_download
+from whisperx_gateway.files import (
+    FileStore,
+    FileTooLarge,
+    QuotaExceeded,
+    StoredFile,
+    Upload,
+    download_headers,
+    valid_download,
+)
 from whisperx_gateway.limits import InFlight
 from whisperx_gateway.metrics import GatewayMetrics
 from whisperx_gateway.models import ModelRef, model_json, version_json
@@ -324,7 +332,18 @@ async def upload_file(request: web.Request) -> web.Response:
 
 
 async def _upload(gw: Gateway, request: web.Request, namespace: str, key: bytes) -> web.Response:
-    content: bytes | None = None
+    upload = gw.files.upload(namespace, new_prediction_id(), gw.config.max_file_bytes)
+    try:
+        stored = await _read_upload(request, upload)
+    except BaseException:
+        await upload.abort()
+        raise
+    return _json(stored.to_replicate(gw.base_url(request), key), status=201)
+
+
+async def _read_upload(request: web.Request, upload: Upload) -> StoredFile:
+    """The form's parts: `content` goes to the file store as it arrives."""
+    content = False
     name, content_type = "file", "application/octet-stream"
     metadata: Any = {}
     reader = await request.multipart()
@@ -332,9 +351,18 @@ async def _upload(gw: Gateway, request: web.Request, namespace: str, key: bytes)
         if not isinstance(part, BodyPartReader):
             raise ApiError(422, "nested multipart bodies are not supported")
         if part.name == "content":
+            if content:
+                raise ApiError(422, "content: sent twice; send one file per upload")
+            content = True
             name = part.filename or name
             content_type = part.headers.get("Content-Type", content_type)
-            content = await _read_part(part, gw.config.max_file_bytes)
+            try:
+                while chunk := await part.read_chunk():
+                    await upload.write(chunk)
+            except FileTooLarge as exc:
+                raise ApiError(413, f"content: larger than {exc.limit} bytes") from None
+            except QuotaExceeded as exc:
+                raise _over_quota(exc, upload.size) from None
         elif part.name == "metadata":
             raw = await _read_part(part, MAX_METADATA_BYTES, "metadata")
             try:
@@ -346,25 +374,23 @@ async def _upload(gw: Gateway, request: web.Request, namespace: str, key: bytes)
         else:
             field_name = part.name or "(a part without a name)"
             raise ApiError(422, f"{field_name}: unknown form field; send `content`, `metadata`")
-    if content is None:
+    if not content:
         raise ApiError(422, "content: Field required (the file)")
     try:
-        stored = await gw.files.put(
-            namespace,
-            new_prediction_id(),
-            name=name[:255],
-            content_type=content_type[:255],
-            content=content,
-            metadata=metadata,
+        return await upload.finish(
+            name=name[:255], content_type=content_type[:255], metadata=metadata
         )
     except QuotaExceeded as exc:
-        raise ApiError(
-            413,
-            f"content: this token's files take {exc.used} bytes and this one {len(content)}; "
-            f"the quota is {exc.quota} (WHISPERX_FILES_QUOTA_BYTES): delete files or wait "
-            "for them to expire",
-        ) from None
-    return _json(stored.to_replicate(gw.base_url(request), key), status=201)
+        raise _over_quota(exc, upload.size) from None
+
+
+def _over_quota(exc: QuotaExceeded, size: int) -> ApiError:
+    return ApiError(
+        413,
+        f"content: this token's files take {exc.used} bytes and this one {size} or more; "
+        f"the quota is {exc.quota} (WHISPERX_FILES_QUOTA_BYTES): delete files or wait "
+        "for them to expire",
+    )
 
 
 async def list_files(request: web.Request) -> web.Response:
@@ -402,7 +428,7 @@ async def delete_file(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
-async def download_file(request: web.Request) -> web.Response:
+async def download_file(request: web.Request) -> web.StreamResponse:
     """The signed URL a prediction's input points at: no token, the signature instead."""
     gw = request.app[GATEWAY]
     key = _files_key(gw)
@@ -417,11 +443,28 @@ async def download_file(request: web.Request) -> web.Response:
     )
     if not signed:
         raise ApiError(403, "this download link is invalid or has expired")
-    found = await gw.files.content(namespace, file_id)
-    if found is None:
+    stored = await gw.files.get(namespace, file_id)
+    if stored is None:
         raise ApiError(404, f"file {file_id!r} not found (expired or deleted)")
-    stored, content = found
-    return web.Response(body=content, headers=download_headers(stored))
+    response = web.StreamResponse(headers=download_headers(stored))
+    response.content_length = stored.size
+    await response.prepare(request)
+    # A piece at a time, each taken by the client within the body time-out: a file
+    # never sits whole in the gateway's memory, nor does a stalled download stay.
+    idle = gw.config.body_timeout
+    try:
+        async with asyncio.timeout(idle) as deadline:
+            async for piece in gw.files.pieces(namespace, file_id):
+                await response.write(piece)
+                deadline.reschedule(asyncio.get_running_loop().time() + idle)
+    except TimeoutError:
+        log.info("download of %s/%s: the client took nothing for %g s; disconnected",
+                 namespace, file_id, idle)  # fmt: skip
+        if request.transport is not None:
+            request.transport.abort()
+        return response
+    await response.write_eof()
+    return response
 
 
 # --- operations ---

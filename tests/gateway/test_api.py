@@ -4,7 +4,9 @@ cancellation and listing (local mode's backend, stand-in runner, real Redis)."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import os
 import re
 import time
 from datetime import UTC, datetime, timedelta
@@ -12,6 +14,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 
 from tests.gateway.conftest import OTHER_TOKEN, Gateway, process_holding, serve_local
 from whisperx_api import lifecycle as lc
@@ -517,6 +520,40 @@ async def test_bad_uploads_get_the_right_status_and_a_detail(redis_url: str) -> 
         expired = re.sub(r"expires=\d+", "expires=1", link)
         async with http.get(expired) as resp:
             assert resp.status == 403
+
+
+async def test_a_large_upload_comes_back_byte_for_byte_and_leaves_nothing_staged(
+    redis_url: str,
+) -> None:
+    # Several of the pieces a file travels to and from Redis in, and not a multiple of 3.
+    content = os.urandom(2 * 1024 * 1024 + 1001)
+    redis = aioredis.Redis.from_url(redis_url)
+    async with (
+        serve_local(redis_url, max_file_bytes=len(content)) as gw,
+        aiohttp.ClientSession() as http,
+    ):
+        url = gw.url + "/v1/files"
+        async with http.post(url, headers=gw.auth(), data=_form(content=content)) as resp:
+            assert resp.status == 201, await resp.text()
+            uploaded = await resp.json()
+        assert uploaded["size"] == len(content)
+        assert uploaded["checksums"]["sha256"] == hashlib.sha256(content).hexdigest()
+        async with http.get(uploaded["urls"]["get"]) as resp:
+            assert resp.status == 200
+            assert resp.content_length == len(content)
+            assert await resp.read() == content
+        # One byte more than allowed: refused once that byte arrives, and what was staged
+        # before it is dropped.
+        too_large = _form(content=content + b"!")
+        async with http.post(url, headers=gw.auth(), data=too_large) as resp:
+            assert resp.status == 413
+        assert [key async for key in redis.scan_iter("wx:file:*:upload")] == []
+        async with http.delete(f"{url}/{uploaded['id']}", headers=gw.auth()) as resp:
+            assert resp.status == 204
+        assert [key async for key in redis.scan_iter(f"wx:file:*:{uploaded['id']}*")] == []
+        async with http.get(uploaded["urls"]["get"]) as resp:
+            assert resp.status == 404
+    await redis.aclose()
 
 
 def _form(**fields: str | bytes) -> aiohttp.FormData:

@@ -432,7 +432,7 @@ def test_rendering_splices_the_stored_output_into_replicates_object() -> None:
     segment = {"start": 0.0, "end": 1.0, "text": 'hi "there"'}
     output = {"segments": [segment], "detected_language": "en"}
     view = RawPredictionView(json.dumps(record.to_json()), json.dumps(output), "log\n")
-    renderer = Renderer(size=2)
+    renderer = Renderer()
     text = renderer.render(view, "http://gw")
     assert json.loads(text) == to_replicate(record, output, "log\n", "http://gw")
     assert json.loads(renderer.render(view, "http://gw", "starting"))["status"] == "starting"
@@ -443,16 +443,33 @@ def test_rendering_splices_the_stored_output_into_replicates_object() -> None:
     assert json.loads(renderer.render(fresh, "http://gw"))["output"] is None
 
 
-def test_rendering_reuses_only_identical_records_and_stays_bounded() -> None:
+def test_rendering_reuses_only_identical_records_and_stays_bounded_by_size() -> None:
     record = _finished_record()
     raw = json.dumps(record.to_json())
-    renderer = Renderer(size=2)
+    one = len(Renderer().render(RawPredictionView(raw, None, "a"), "http://gw"))
+    # Room for eight renderings of this size, not nine.
+    renderer = Renderer(max_chars=8 * one + 20)
     first = renderer.render(RawPredictionView(raw, None, "a"), "http://gw")
     assert renderer.render(RawPredictionView(raw, None, "a"), "http://gw") == first
-    changed = renderer.render(RawPredictionView(raw, None, "a and more"), "http://gw")
-    assert json.loads(changed)["logs"] == "a and more"
+    assert len(renderer._heads) == 1
+    changed = renderer.render(RawPredictionView(raw, None, "b"), "http://gw")
+    assert json.loads(changed)["logs"] == "b"
     renderer.render(RawPredictionView(raw, None, "b"), "http://other")
-    assert len(renderer._heads) == 2
+    assert len(renderer._heads) == 3
+    for logs in "cdefghij":
+        renderer.render(RawPredictionView(raw, None, logs), "http://gw")
+    assert len(renderer._heads) == 8
+    assert renderer.kept_chars <= 8 * one + 20
+
+
+def test_a_large_rendering_is_not_kept() -> None:
+    # A megabyte of data URI in the input: answered every time, never held.
+    record = dataclasses.replace(_finished_record(), input={"audio_file": "data:," + "a" * 2**20})
+    raw = json.dumps(record.to_json())
+    renderer = Renderer(max_chars=4 * 2**20)
+    text = renderer.render(RawPredictionView(raw, None, ""), "http://gw")
+    assert json.loads(text)["input"]["audio_file"].startswith("data:,aaa")
+    assert renderer.kept_chars == 0
 
 
 def test_uploaded_file_links_are_routed_to_the_internal_url() -> None:
