@@ -180,11 +180,22 @@ SERVERS = {"gateway": serve_gateway, "ceiling": serve_ceiling, "kube": serve_kub
 
 
 class Server:
-    def __init__(self, kind: str, redis_url: str, kube_url: str = "") -> None:
+    """`script serve KIND PORT REDIS_URL KUBE_URL` in a process of its own."""
+
+    def __init__(
+        self,
+        kind: str,
+        redis_url: str,
+        kube_url: str = "",
+        *,
+        script: str = __file__,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
-            [sys.executable, __file__, "serve", kind, str(self.port), redis_url, kube_url],
+            [sys.executable, script, "serve", kind, str(self.port), redis_url, kube_url],
+            env=env,
         )
 
     def wait_ready(self) -> None:
