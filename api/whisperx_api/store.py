@@ -87,6 +87,31 @@ return ids
 """
 
 
+# What a prediction's logs may take in Redis (and in every answer that carries them):
+# runners write progress lines, a few KiB per run; past this only a marker is added.
+MAX_LOGS_BYTES = 1 << 20
+LOGS_TRUNCATED = "\n[logs truncated: more than {} bytes]\n"
+
+# Appends to the logs up to the cap, cutting at a UTF-8 character boundary (the
+# connection decodes replies as text), and adds the marker once when it cuts.
+_APPEND_LOGS = """
+local len, cap, text = redis.call('STRLEN', KEYS[1]), tonumber(ARGV[1]), ARGV[2]
+if len >= cap then
+  return len
+end
+if len + #text > cap then
+  local n = cap - len
+  local next = string.byte(text, n + 1)
+  while n > 0 and next >= 128 and next < 192 do
+    n = n - 1
+    next = string.byte(text, n + 1)
+  end
+  text = string.sub(text, 1, n) .. ARGV[3]
+end
+return redis.call('APPEND', KEYS[1], text)
+"""
+
+
 @dataclass
 class PredictionView:
     record: PredictionRecord
@@ -133,6 +158,7 @@ class Store:
         self._order_report = client.register_script(_ORDER_REPORT)
         self._lease_due = client.register_script(_LEASE_DUE)
         self._enqueue_once = client.register_script(_ENQUEUE_ONCE)
+        self._append_logs = client.register_script(_APPEND_LOGS)
 
     @classmethod
     def from_url(cls, url: str, max_connections: int | None = None) -> Store:
@@ -228,8 +254,12 @@ class Store:
         await self.redis.set(output_key(namespace, prediction_id), json.dumps(output))
 
     async def append_logs(self, namespace: str, prediction_id: str, text: str) -> None:
+        """Appends to the logs, which stop at MAX_LOGS_BYTES (then a marker says so)."""
         if text:
-            await self.redis.append(_key(namespace, prediction_id, "logs"), text)
+            await self._append_logs(
+                keys=[_key(namespace, prediction_id, "logs")],
+                args=[MAX_LOGS_BYTES, text, LOGS_TRUNCATED.format(MAX_LOGS_BYTES)],
+            )
 
     async def order_report(
         self, namespace: str, prediction_id: str, attempt: str, seq: int

@@ -237,3 +237,16 @@ async def test_webhooks_are_signed_filtered_and_the_terminal_one_is_queued_once(
     finally:
         task.cancel()
         await runner.cleanup()
+
+
+async def test_logs_stop_at_their_cap_on_a_character_boundary(store: Store) -> None:
+    from whisperx_api.store import LOGS_TRUNCATED, MAX_LOGS_BYTES
+
+    await store.put_record(new_record("logs1"))
+    await store.append_logs(NS, "logs1", "a" * (MAX_LOGS_BYTES - 1))
+    # "é" is two bytes: only its first would fit, so neither goes in.
+    await store.append_logs(NS, "logs1", "é and more")
+    await store.append_logs(NS, "logs1", "and still more")
+    view = await store.get_view(NS, "logs1")
+    assert view is not None
+    assert view.logs == "a" * (MAX_LOGS_BYTES - 1) + LOGS_TRUNCATED.format(MAX_LOGS_BYTES)

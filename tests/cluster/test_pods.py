@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -263,10 +264,13 @@ def connects(stack: PodStack, pod: str, namespace: str, host: str, port: int) ->
     return out.startswith("open")
 
 
+OTHER_TENANT = "other-tenant"
+
+
 @pytest.fixture(scope="module")
 def runner_like_pods(pod_stack: PodStack) -> Iterator[dict[str, str]]:
     """A pod carrying the runner's labels in the tenant namespace (the runner image,
-    idle)."""
+    idle), and one listening on port 8080 in another namespace."""
     restricted = {
         "runAsNonRoot": True,
         "seccompProfile": {"type": "RuntimeDefault"},
@@ -274,29 +278,36 @@ def runner_like_pods(pod_stack: PodStack) -> Iterator[dict[str, str]]:
     container = {
         "name": "idle",
         "image": RUNNER_IMAGE,
-        "command": ["sleep", "3600"],
         "securityContext": {
             "allowPrivilegeEscalation": False,
             "readOnlyRootFilesystem": True,
             "capabilities": {"drop": ["ALL"]},
         },
     }
-    pods = {TENANT: "runner-like"}
+    pods = {TENANT: "runner-like", OTHER_TENANT: "listener"}
+    commands = {
+        TENANT: ["sleep", "3600"],
+        OTHER_TENANT: ["python3", "-m", "http.server", "8080", "--directory", "/tmp"],
+    }
+    pod_stack.kubectl("create", "namespace", OTHER_TENANT)
     for namespace, name in pods.items():
         pod = {
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": name, "namespace": namespace,
                          "labels": {"app.kubernetes.io/name": "whisperx-runner"}},
-            "spec": {"securityContext": restricted, "containers": [container],
+            "spec": {"securityContext": restricted,
+                     "containers": [{**container, "command": commands[namespace]}],
                      "automountServiceAccountToken": False,
                      "terminationGracePeriodSeconds": 0},
         }  # fmt: skip
         pod_stack.kubectl("apply", "-f", "-", stdin=json.dumps(pod))
+    for namespace, name in pods.items():
         pod_stack.kubectl("wait", "-n", namespace, "--for=condition=Ready", f"pod/{name}",
                           "--timeout=120s", timeout=130)  # fmt: skip
     try:
         yield pods
     finally:
+        pod_stack.kubectl("delete", "namespace", OTHER_TENANT, "--wait=false")
         pod_stack.kubectl("delete", "pod", "-n", TENANT, pods[TENANT], "--wait=false")
 
 
@@ -311,6 +322,12 @@ def test_network_policies_hold_for_runners(
     assert not connects(pod_stack, pod, TENANT, f"whisperx-redis.{system}", 6379)
     (redis,) = pod_stack.items("pod", "app.kubernetes.io/name=whisperx-redis", namespace=SYSTEM)
     assert not connects(pod_stack, pod, TENANT, redis["status"]["podIP"], 6379)
+    # Another namespace's pod listens (the node reaches it; the engine lets the node's own
+    # traffic pass), and the runner's policy refuses it.
+    listener = pod_stack.get("pod", runner_like_pods[OTHER_TENANT], OTHER_TENANT)
+    address = listener["status"]["podIP"]
+    socket.create_connection((address, 8080), timeout=3).close()
+    assert not connects(pod_stack, pod, TENANT, address, 8080)
     # Not checked: the API server. The runners' policy allows every address outside the
     # private ranges, and this node's (the API server's) is one of those here.
 
