@@ -1019,11 +1019,12 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         keeps a `sha256:<config>` name for each image it saw, which would otherwise keep
         every replaced version (several GB for a runner image) in the lasting store."""
         listed = [line.split() for line in self.ctr("images", "ls").splitlines()[1:]]
-        if any(f[2] == manifest and not f[0].startswith("sha256:") for f in listed if f):
+        pointing = [f[0] for f in listed if f and f[2] == manifest]
+        if any(not name.startswith("sha256:") for name in pointing):
             return
-        content = json.loads(self.ctr("content", "get", manifest))
-        if config := (content.get("config") or {}).get("digest"):
-            self.ctr("images", "rm", "--sync", config, check=False)
+        # Found by what they point at: the manifest's own content may be gone already.
+        for name in pointing:
+            self.ctr("images", "rm", "--sync", name, check=False)
 
     # --- the kubelet ---
 
