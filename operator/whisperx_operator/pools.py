@@ -86,6 +86,15 @@ class _Runner:
     # latest such event, and the timer that gives the runner up after the grace.
     stuck: lc.Waiting | None = None
     give_up: asyncio.Task[None] | None = field(default=None, repr=False)
+    # Whether it has asked for work (its model loaded), and the timer that deletes its
+    # Job if it has not within the start deadline (never admitted, never scheduled).
+    asked: bool = False
+    start_bound: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    def stop_timers(self) -> None:
+        for task in (self.give_up, self.start_bound):
+            if task is not None:
+                task.cancel()
 
     @property
     def holding(self) -> str | None:
@@ -169,6 +178,8 @@ class Pools:
             hardware = (meta.get("annotations") or {}).get(jobs.HARDWARE_ANNOTATION, "")
             runner = _Runner(namespace, name, hardware)
             self._runners[runner.id] = runner
+            created = lc.parse_time(meta.get("creationTimestamp")) or lc.now_utc()
+            runner.start_bound = asyncio.create_task(self._bound_start(runner, created))
         return runner
 
     async def submit(self, body: dict[str, Any], record: PredictionRecord) -> None:
@@ -250,8 +261,7 @@ class Pools:
             await self._requeue_or_fail(runner, held, reason, message)
         if gone:
             self._runners.pop(runner.id, None)
-            if runner.give_up is not None:
-                runner.give_up.cancel()
+            runner.stop_timers()
             log.info("runner %s ended after %d prediction(s)", runner.id, runner.served)
         await self.scale(runner.hardware)
 
@@ -287,9 +297,26 @@ class Pools:
         the node comes back or is removed)."""
         log.warning("runner %s lost: %s", runner.id, message)
         self._runners.pop(runner.id, None)
+        runner.stop_timers()
         held, runner.held = runner.held, None
         if held is not None and not runner.held_ended:
             await self._requeue_or_fail(runner, held, NODE_LOST, message)
+        await self.kube.delete(_job_path(runner.namespace, runner.job))
+        await self.scale(runner.hardware)
+
+    async def _bound_start(self, runner: _Runner, created: datetime) -> None:
+        """A runner that has not asked for work within the start deadline of its Job's
+        creation (Kueue never admits it, no node fits it) will not serve: its Job goes,
+        and with it the quota and the `maxRunners` slot it held. What waits keeps its
+        own start deadline."""
+        bound = self.config.default_start_deadline_seconds
+        await asyncio.sleep(max(0.0, created.timestamp() + bound - time.time()))
+        if runner.asked or self._runners.get(runner.id) is not runner:
+            return
+        log.warning("runner %s did not start within %d s; deleting its Job", runner.id, bound)
+        self._runners.pop(runner.id, None)
+        if runner.give_up is not None:
+            runner.give_up.cancel()
         await self.kube.delete(_job_path(runner.namespace, runner.job))
         await self.scale(runner.hardware)
 
@@ -321,6 +348,10 @@ class Pools:
         if request.setup_seconds is not None:
             self.metrics.setup.observe(request.setup_seconds)
             log.info("runner %s ready in %.1f s", runner.id, request.setup_seconds)
+        if not runner.asked:
+            runner.asked = True
+            if runner.start_bound is not None:
+                runner.start_bound.cancel()
         await self._release(runner)
         profile = self.profile(runner.hardware)
         if profile is None:
@@ -372,8 +403,9 @@ class Pools:
         return [r for r in self._runners.values() if (r.namespace, r.hardware) == pool]
 
     def _idle(self, pool: Pool) -> int:
-        """Runners of the pool that hold nothing (starting ones included)."""
-        return sum(r.holding is None for r in self._pool_runners(pool))
+        """Runners of the pool that hold nothing (starting ones included, not those whose
+        container waits on the kubelet's retries: they may never serve)."""
+        return sum(r.holding is None and r.stuck is None for r in self._pool_runners(pool))
 
     def _slot_wanted_elsewhere(self, runner: _Runner, profile: HardwareProfile) -> bool:
         """The profile is at its runner limit and another namespace's predictions wait

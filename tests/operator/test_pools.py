@@ -231,3 +231,37 @@ async def test_a_runner_on_a_lost_node_gives_back_what_it_held_and_is_replaced()
     # A new runner (the lost one no longer counts) takes it.
     _, replacement = api.jobs
     assert (await take(pools, replacement)).id == "p1"
+
+
+async def test_a_runner_that_never_starts_is_deleted_at_the_start_deadline() -> None:
+    # Kueue never admits its Job, or no node fits it: it never asks for work.
+    api, writer = Api(), Writer()
+    pools = Pools(
+        dataclasses.replace(CONFIG, default_start_deadline_seconds=1),
+        cast(KubeClient, api),
+        cast(StatusWriter, writer),
+    )
+    writer.on_saved = pools.saved
+    await submit(pools, writer, "a", "p1")
+    stuck = api.jobs[0]
+    await asyncio.sleep(1.3)
+    assert api.deleted == [f"/apis/batch/v1/namespaces/a/jobs/{stuck['metadata']['name']}"]
+    # Its slot is free again: the prediction, still queued, gets a new runner, which
+    # asks for work in time and is kept.
+    assert not writer.records["a", "p1"].state.terminal
+    _, started = api.jobs
+    assert (await take(pools, started)).id == "p1"
+    await asyncio.sleep(1.3)
+    assert len(api.deleted) == 1
+
+
+async def test_a_runner_stuck_on_a_pull_does_not_count_as_free() -> None:
+    api, writer = Api(), Writer()
+    pools = pools_with(api, writer)
+    await submit(pools, writer, "a", "p1")
+    (job,) = api.jobs
+    await pools.pod_changed(runner_pod(job, "ImagePullBackOff"))
+    # The queued prediction does not count on it: another runner starts (the profile
+    # allows two).
+    await pools.scale(WARM)
+    assert len(api.jobs) == 2
