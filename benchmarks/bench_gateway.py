@@ -32,10 +32,13 @@ import tempfile
 import time
 import uuid
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import aiohttp
 from aiohttp import web
+
+if TYPE_CHECKING:
+    from whisperx_api.records import PredictionRecord
 
 TOKEN = "bench-token-0123456789"
 NAMESPACE = "bench"
@@ -69,12 +72,11 @@ def transcript(seconds: int = 60) -> dict[str, Any]:
     return {"segments": segments, "detected_language": "en"}
 
 
-async def seed(redis_url: str) -> None:
+def finished_record(prediction_id: str, input: dict[str, Any]) -> PredictionRecord:
+    """A prediction that succeeded just now, on a minute of audio."""
     from whisperx_api import lifecycle as lc
     from whisperx_api.records import PredictionRecord
-    from whisperx_api.store import Store
 
-    store = Store.from_url(redis_url)
     at = datetime.now(UTC)
     state = lc.PredictionState()
     for event in (
@@ -83,12 +85,17 @@ async def seed(redis_url: str) -> None:
         lc.Completed(status=lc.Phase.SUCCEEDED, at=at, predict_time=3.2, audio_duration=60.0),
     ):
         state = lc.apply(state, event).state
-    record = PredictionRecord(
-        id=PREDICTION_ID,
-        namespace=NAMESPACE,
-        uid=uuid.uuid4().hex,
-        input={"audio_file": "https://example.com/minute.wav", "align_output": True},
-        state=state,
+    return PredictionRecord(
+        id=prediction_id, namespace=NAMESPACE, uid=uuid.uuid4().hex, input=input, state=state
+    )
+
+
+async def seed(redis_url: str) -> None:
+    from whisperx_api.store import Store
+
+    store = Store.from_url(redis_url)
+    record = finished_record(
+        PREDICTION_ID, {"audio_file": "https://example.com/minute.wav", "align_output": True}
     )
     await store.put_output(NAMESPACE, PREDICTION_ID, transcript())
     await store.append_logs(NAMESPACE, PREDICTION_ID, "Transcribing\nAligning\n")
@@ -99,7 +106,8 @@ async def seed(redis_url: str) -> None:
 # --- servers (each runs in its own process: `bench_gateway.py serve KIND PORT ...`) ---
 
 
-def serve_gateway(port: int, redis_url: str, kube_url: str) -> None:
+def serve_gateway(port: int, redis_url: str, kube_url: str, **settings: Any) -> None:
+    """The gateway with the Kubernetes backend; `settings` are more GatewayConfig fields."""
     from whisperx_api.kube import KubeClient
     from whisperx_api.store import Store
     from whisperx_gateway.app import create_app
@@ -112,6 +120,7 @@ def serve_gateway(port: int, redis_url: str, kube_url: str) -> None:
             tokens=TokenMap.from_mapping({TOKEN: NAMESPACE}),
             redis_url=redis_url,
             public_url=f"http://127.0.0.1:{port}",
+            **settings,
         )
         backend = KubeBackend(KubeClient(kube_url))
         return create_app(config, Store.from_url(redis_url), backend)
@@ -304,6 +313,18 @@ def run_wrk(
     }
 
 
+def redis_server(data_dir: str) -> tuple[subprocess.Popen[bytes], str]:
+    """A private redis-server on loopback (with an AOF, as deployed), and its URL."""
+    port = free_port()
+    process = subprocess.Popen(
+        [shutil.which("redis-server") or "redis-server", "--port", str(port),
+         "--bind", "127.0.0.1", "--dir", data_dir, "--save", "", "--appendonly", "yes"],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    time.sleep(0.5)
+    return process, f"redis://127.0.0.1:{port}/0"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0)
@@ -314,14 +335,7 @@ def main() -> None:
     redis_process = None
     data_dir = tempfile.mkdtemp(prefix="bench-redis-")
     if not redis_url:
-        port = free_port()
-        redis_process = subprocess.Popen(
-            [shutil.which("redis-server") or "redis-server", "--port", str(port),
-             "--bind", "127.0.0.1", "--dir", data_dir, "--save", "", "--appendonly", "yes"],
-            stdout=subprocess.DEVNULL,
-        )  # fmt: skip
-        redis_url = f"redis://127.0.0.1:{port}/0"
-        time.sleep(0.5)
+        redis_process, redis_url = redis_server(data_dir)
     kube = Server("kube", redis_url)
     try:
         kube.wait_ready()

@@ -19,13 +19,10 @@ import asyncio
 import base64
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
-import uuid
-from datetime import UTC, datetime
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -39,34 +36,12 @@ from benchmarks.bench_gateway import (  # noqa: E402
     NAMESPACE,
     TOKEN,
     Server,
-    free_port,
+    finished_record,
+    redis_server,
+    serve_gateway,
 )
 
 FILES_KEY = "bench-files-key-0123456789abcdef"
-
-
-def serve_gateway(port: int, redis_url: str, kube_url: str) -> None:
-    """The gateway with uploads on (bench_gateway.py's, plus a files key)."""
-    from aiohttp import web
-
-    from whisperx_api.kube import KubeClient
-    from whisperx_api.store import Store
-    from whisperx_gateway.app import create_app
-    from whisperx_gateway.auth import TokenMap
-    from whisperx_gateway.config import GatewayConfig
-    from whisperx_gateway.kube_backend import KubeBackend
-
-    async def build() -> web.Application:
-        config = GatewayConfig(
-            tokens=TokenMap.from_mapping({TOKEN: NAMESPACE}),
-            redis_url=redis_url,
-            public_url=f"http://127.0.0.1:{port}",
-            files_key=FILES_KEY.encode(),
-            max_file_bytes=1 << 30,
-        )
-        return create_app(config, Store.from_url(redis_url), KubeBackend(KubeClient(kube_url)))
-
-    web.run_app(build(), host="127.0.0.1", port=port, access_log=None, print=None)
 
 
 def memory(pid: int) -> dict[str, float]:
@@ -81,29 +56,15 @@ def memory(pid: int) -> dict[str, float]:
 
 async def seed(redis_url: str, count: int) -> list[str]:
     """Finished predictions whose input holds a 1 MB data URI."""
-    from whisperx_api import lifecycle as lc
-    from whisperx_api.records import PredictionRecord
     from whisperx_api.store import Store
 
     store = Store.from_url(redis_url)
-    at = datetime.now(UTC)
-    state = lc.PredictionState()
-    for event in (
-        lc.Created(at=at),
-        lc.Started(at=at),
-        lc.Completed(status=lc.Phase.SUCCEEDED, at=at, predict_time=1.0, audio_duration=5.0),
-    ):
-        state = lc.apply(state, event).state
     audio = "data:audio/wav;base64," + base64.b64encode(os.urandom(750_000)).decode()
     ids = []
     for n in range(count):
         pid = f"benchlarge{n:015d}"
-        record = PredictionRecord(
-            id=pid, namespace=NAMESPACE, uid=uuid.uuid4().hex,
-            input={"audio_file": audio}, state=state,
-        )  # fmt: skip
         await store.put_output(NAMESPACE, pid, {"segments": [], "detected_language": "en"})
-        await store.put_record(record)
+        await store.put_record(finished_record(pid, {"audio_file": audio}))
         ids.append(pid)
     await store.close()
     return ids
@@ -154,13 +115,7 @@ def main() -> None:
         before = earlier_tree(args.before, Path(tmp) / "before")
         trees = {f"before ({args.before})": before, "this tree": None}
         for label, tree in trees.items():
-            port = free_port()
-            redis = subprocess.Popen(
-                [shutil.which("redis-server") or "redis-server", "--port", str(port),
-                 "--bind", "127.0.0.1", "--dir", tmp, "--save", "", "--appendonly", "no"],
-                stdout=subprocess.DEVNULL,
-            )  # fmt: skip
-            redis_url = f"redis://127.0.0.1:{port}/0"
+            redis, redis_url = redis_server(tempfile.mkdtemp(dir=tmp))
             env = dict(os.environ)
             if tree is not None:
                 env["PYTHONPATH"] = f"{tree / 'api'}:{tree / 'gateway'}"
@@ -193,6 +148,8 @@ def main() -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "serve":
-        serve_gateway(int(sys.argv[3]), sys.argv[4], sys.argv[5])
+        # The gateway with uploads on.
+        serve_gateway(int(sys.argv[3]), sys.argv[4], sys.argv[5],
+                      files_key=FILES_KEY.encode(), max_file_bytes=1 << 30)  # fmt: skip
     else:
         main()

@@ -85,8 +85,11 @@ class Writer:
         return "token"
 
 
-def pools_with(api: Api, writer: Writer) -> Pools:
-    pools = Pools(CONFIG, cast(KubeClient, api), cast(StatusWriter, writer))
+def pools_with(api: Api, writer: Writer, **config: Any) -> Pools:
+    """Pools over `api` and `writer`, with CONFIG's settings changed as given."""
+    pools = Pools(
+        dataclasses.replace(CONFIG, **config), cast(KubeClient, api), cast(StatusWriter, writer)
+    )
     writer.on_saved = pools.saved
     return pools
 
@@ -174,12 +177,7 @@ def runner_pod(job: dict[str, Any], waiting: str | None) -> dict[str, Any]:
 
 async def test_a_runner_stuck_on_image_pull_back_off_fails_its_queue_after_the_grace() -> None:
     api, writer = Api(), Writer()
-    pools = Pools(
-        dataclasses.replace(CONFIG, waiting_grace_seconds=1),
-        cast(KubeClient, api),
-        cast(StatusWriter, writer),
-    )
-    writer.on_saved = pools.saved
+    pools = pools_with(api, writer, waiting_grace_seconds=1)
     await submit(pools, writer, "a", "p1")
     (job,) = api.jobs
     await pools.pod_changed(runner_pod(job, "ErrImagePull"))
@@ -194,12 +192,7 @@ async def test_a_runner_stuck_on_image_pull_back_off_fails_its_queue_after_the_g
 
 async def test_a_runner_whose_pull_recovers_within_the_grace_is_kept() -> None:
     api, writer = Api(), Writer()
-    pools = Pools(
-        dataclasses.replace(CONFIG, waiting_grace_seconds=1),
-        cast(KubeClient, api),
-        cast(StatusWriter, writer),
-    )
-    writer.on_saved = pools.saved
+    pools = pools_with(api, writer, waiting_grace_seconds=1)
     await submit(pools, writer, "a", "p1")
     (job,) = api.jobs
     await pools.pod_changed(runner_pod(job, "ImagePullBackOff"))
@@ -236,12 +229,7 @@ async def test_a_runner_on_a_lost_node_gives_back_what_it_held_and_is_replaced()
 async def test_a_runner_that_never_starts_is_deleted_at_the_start_deadline() -> None:
     # Kueue never admits its Job, or no node fits it: it never asks for work.
     api, writer = Api(), Writer()
-    pools = Pools(
-        dataclasses.replace(CONFIG, default_start_deadline_seconds=1),
-        cast(KubeClient, api),
-        cast(StatusWriter, writer),
-    )
-    writer.on_saved = pools.saved
+    pools = pools_with(api, writer, default_start_deadline_seconds=1)
     await submit(pools, writer, "a", "p1")
     stuck = api.jobs[0]
     await asyncio.sleep(1.3)
