@@ -102,9 +102,14 @@ def resource_path(
 class KubeClient:
     """Loads its configuration on first use (`server`: see `load_configuration`)."""
 
-    def __init__(self, server: str | None = None, *, timeout: float = 30.0) -> None:
+    def __init__(
+        self, server: str | None = None, *, timeout: float = 30.0, field_manager: str = ""
+    ) -> None:
         self.server = server
         self.timeout = timeout
+        # Names its writes in managedFields (server-side apply's owners, `kubectl get
+        # --show-managed-fields`), not the client library's user agent.
+        self.field_manager = field_manager
         self._api: Any = None  # kubernetes_asyncio.client.ApiClient
         self._lock = asyncio.Lock()
 
@@ -180,12 +185,19 @@ class KubeClient:
         data = await self.request("GET", path, params=params or None)
         return list(data.get("items") or [])
 
+    def _writes(self) -> dict[str, str] | None:
+        return {"fieldManager": self.field_manager} if self.field_manager else None
+
     async def create(self, path: str, obj: dict[str, Any]) -> dict[str, Any]:
-        return await self.request("POST", path, body=obj)
+        return await self.request("POST", path, body=obj, params=self._writes())
 
     async def merge_patch(self, path: str, patch: dict[str, Any]) -> dict[str, Any]:
         return await self.request(
-            "PATCH", path, body=patch, content_type="application/merge-patch+json"
+            "PATCH",
+            path,
+            body=patch,
+            content_type="application/merge-patch+json",
+            params=self._writes(),
         )
 
     async def delete(self, path: str, *, propagation: str = "Background") -> None:

@@ -42,7 +42,9 @@ def main() -> None:
     async def build() -> web.Application:
         # WHISPERX_KUBE_SERVER: an API server URL without credentials (development,
         # tests); otherwise the in-cluster service account, else $KUBECONFIG.
-        kube = KubeClient(server=os.environ.get("WHISPERX_KUBE_SERVER"))
+        kube = KubeClient(
+            server=os.environ.get("WHISPERX_KUBE_SERVER"), field_manager="whisperx-gateway"
+        )
         return create_app(
             config, Store.from_url(config.redis_url, config.redis_pool_size), KubeBackend(kube)
         )

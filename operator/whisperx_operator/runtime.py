@@ -82,7 +82,7 @@ def prediction_of(obj: dict[str, Any]) -> str | None:
 class Runtime:
     def __init__(self, config: OperatorConfig, *, identity: str) -> None:
         self.config = config
-        self.kube = KubeClient()
+        self.kube = KubeClient(field_manager=jobs.MANAGED_BY)
         self.store = Store.from_url(config.redis_url, redis_pool_size(config))
         # Taken by every kopf handler (handlers.py) for its whole run.
         self.handler_slots = asyncio.Semaphore(config.max_concurrent_handlers)

@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -1056,6 +1057,52 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         """Stops the kubelet only, as a crash would: containers keep running, the Node's
         Lease stops being renewed (NotReady after the plane's grace period)."""
         self._stop_process("kubelet")
+
+    @contextlib.contextmanager
+    def standing_peer(self, name: str = "standing-peer") -> Iterator[str]:
+        """A second Node that stays Ready (its Lease renewed from here) and takes no pods
+        (a NoSchedule taint). With it, this node going dark is a partial disruption of
+        the zone, in which the node lifecycle controller evicts its pods as in any
+        cluster of several nodes; with every node down it evicts nothing."""
+
+        def now() -> str:
+            return time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())
+
+        node = {"apiVersion": "v1", "kind": "Node",
+                "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
+                "spec": {"taints": [{"key": "whisperx.test/standing-peer",
+                                     "effect": "NoSchedule"}]}}  # fmt: skip
+        self.kubectl("apply", "--server-side", "-f", "-", stdin=json.dumps(node))
+        ready = {"type": "Ready", "status": "True", "reason": "KubeletReady",
+                 "message": "renewed by the tests", "lastHeartbeatTime": now()[:19] + "Z",
+                 "lastTransitionTime": now()[:19] + "Z"}  # fmt: skip
+        self.kubectl("patch", "node", name, "--subresource=status", "--type=merge", "-p",
+                     json.dumps({"status": {"conditions": [ready]}}))  # fmt: skip
+
+        def renew() -> None:
+            lease = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                     "metadata": {"name": name, "namespace": "kube-node-lease"},
+                     "spec": {"holderIdentity": name, "leaseDurationSeconds": 40,
+                              "renewTime": now()}}  # fmt: skip
+            self.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-",
+                         stdin=json.dumps(lease), check=False)  # fmt: skip
+
+        renew()
+        stop = threading.Event()
+
+        def keep_renewing() -> None:
+            while not stop.wait(2):
+                renew()
+
+        renewing = threading.Thread(target=keep_renewing, daemon=True)
+        renewing.start()
+        try:
+            yield name
+        finally:
+            stop.set()
+            renewing.join()
+            self.kubectl("delete", "node", name, "--wait=false", check=False)
+            self.kubectl("delete", "lease", "-n", "kube-node-lease", name, check=False)
 
     def is_ready(self) -> bool:
         """Whether the Node's Ready condition is True."""

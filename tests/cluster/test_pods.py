@@ -7,6 +7,7 @@ kube-router's policy controller)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import socket
@@ -27,6 +28,8 @@ pytestmark = pytest.mark.whisperx
 
 KIND_PROFILES = Path(__file__).resolve().parents[2] / "manifests/overlays/kind/profiles.yaml"
 RUNNER_IMAGE = "whisperx/runner:0.1.0-cpu"
+# A tag nobody imported.
+MISSING_IMAGE = "whisperx/runner:0.0.0-missing"
 JS_DIR = Path(__file__).resolve().parents[1] / "js"
 
 
@@ -201,7 +204,7 @@ async def test_a_runner_image_that_is_not_there_fails_one_shot_and_warm_predicti
     profiles["whisperx-a40-large"] = {**profiles["whisperx"], "idleSeconds": 60}
     pod_stack.configure_operator(
         profiles,
-        WHISPERX_RUNNER_IMAGE="whisperx/runner:0.0.0-missing",
+        WHISPERX_RUNNER_IMAGE=MISSING_IMAGE,
         WHISPERX_WAITING_GRACE_SECONDS="15",
     )
     try:
@@ -213,8 +216,15 @@ async def test_a_runner_image_that_is_not_there_fails_one_shot_and_warm_predicti
             assert status(pod_stack, prediction.id)["reason"] == "ImagePullFailed"
             assert "cannot pull image" in (prediction.error or ""), prediction.error
             assert "after 15 s" in (prediction.error or ""), prediction.error
-        runners = "whisperx.io/runner"
-        eventually("the warm runner Job deleted", lambda: not pod_stack.items("job", runners))
+
+        def stuck_runners() -> list[str]:
+            return [
+                job["metadata"]["name"]
+                for job in pod_stack.items("job", "whisperx.io/runner")
+                if job["spec"]["template"]["spec"]["containers"][0]["image"] == MISSING_IMAGE
+            ]
+
+        eventually("the warm runner Job deleted", lambda: not stuck_runners())
     finally:
         pod_stack.configure_operator(
             kind_profiles(), WHISPERX_RUNNER_IMAGE=None, WHISPERX_WAITING_GRACE_SECONDS=None
@@ -370,9 +380,9 @@ async def test_a_lost_node_ends_its_run_with_that_reason(
     pod_stack: PodStack, longer_wav: Path
 ) -> None:
     # Last in this module: it takes the node down and brings it back. The kubelet stops
-    # and the runner's process dies, as when a machine goes dark. The node turns
-    # NotReady and, past the pods' toleration, the taint eviction controller deletes
-    # every pod on it (the stack's own too: their containers run on meanwhile, but their
+    # and the runner's process dies, as when one machine of several goes dark. The node
+    # turns NotReady and, past the pods' toleration, the taint eviction controller
+    # deletes every pod on it (the stack's own too: their containers run on meanwhile, but their
     # Services lose their endpoints). No kubelet will end the runner's pod, so its Job
     # would wait for the node for ever: the operator ends the prediction instead.
     prediction = await create(pod_stack, longer_wav)
@@ -380,8 +390,14 @@ async def test_a_lost_node_ends_its_run_with_that_reason(
     (pod,) = pod_stack.prediction_pods(prediction.id)
     (runner,) = pod["status"]["containerStatuses"]
     node = pod_stack.node
-    node.stop_kubelet()
-    try:
+    with contextlib.ExitStack() as down:
+        # Another node stays up, as in any cluster of several (with all down, nothing is
+        # evicted).
+        down.enter_context(node.standing_peer())
+        node.stop_kubelet()
+        # Back at the end: the kubelet stops the deleted pods; their replacements start.
+        down.callback(pod_stack.rollout)
+        down.callback(node.start_kubelet, timeout=120)
         container = runner["containerID"].removeprefix("containerd://")
         node.ctr("tasks", "kill", "--signal", "SIGKILL", container)
 
@@ -391,10 +407,6 @@ async def test_a_lost_node_ends_its_run_with_that_reason(
 
         ended = await asyncio.to_thread(eventually, "the prediction ended NodeLost", lost, 90)
         assert ended["phase"] == "failed"
-    finally:
-        node.start_kubelet(timeout=120)
-        # The kubelet stops the deleted pods; their replacements start.
-        pod_stack.rollout()
     # What API callers see once the gateway is back.
     await asyncio.to_thread(prediction.wait)
     assert prediction.status == "failed"

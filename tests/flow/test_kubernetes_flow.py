@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+from typing import Any
 
 import aiohttp
 import pytest
@@ -91,6 +92,13 @@ async def test_speech_through_the_cluster_path(
     page = await call(client.predictions.list)
     assert [(p.id, p.status) for p in page.results] == [(prediction.id, "succeeded")]
     assert kube.get(PREDICTIONS, NS, prediction.id) is not None
+
+    # Who wrote what, as `kubectl get --show-managed-fields` shows it.
+    def managers(obj: dict[str, Any]) -> set[str]:
+        return {entry["manager"] for entry in obj["metadata"]["managedFields"]}
+
+    assert {"whisperx-gateway", "whisperx-operator"} <= managers(obj)
+    assert "whisperx-operator" in managers(job)
 
 
 async def test_an_uploaded_file_reaches_the_runner(
