@@ -40,10 +40,22 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+
 from tests.cluster.client import LEASES, NODES, ApiError, Cluster, ResourceRef
 from tests.cluster.controlplane import CPU_NODE, GPU_NODE, ControlPlane
 
 log = logging.getLogger(__name__)
+
+# About a minute of retries for one status report.
+STATUS_ATTEMPTS = 40
+
+
+def _log_crash(task: asyncio.Task[None]) -> None:
+    """A pod's run that died of an error would leave the pod as last reported: say so."""
+    if not task.cancelled() and (error := task.exception()) is not None:
+        log.error("%s: the stand-in's run failed", task.get_name(), exc_info=error)
+
 
 PODS = ResourceRef("", "v1", "pods")
 SECRETS = ResourceRef("", "v1", "secrets")
@@ -326,21 +338,39 @@ class Kubelet:
             )
             self.pods[key] = run
             run.task = asyncio.create_task(self._run(client, run, pod), name=f"pod {key[1]}")
+            run.task.add_done_callback(_log_crash)
         if meta.get("deletionTimestamp"):
             run.deleting.set()
 
     # --- running one pod ---
 
     async def _status(self, client: Cluster, run: PodRun, status: dict[str, Any]) -> None:
-        if run.node in self._lost:
-            return
-        with contextlib.suppress(ApiError):
-            await client.request(
-                "PATCH",
-                f"/api/v1/namespaces/{run.namespace}/pods/{run.name}/status",
-                {"metadata": {"uid": run.uid}, "status": status},
-                content_type="application/strategic-merge-patch+json",
-            )
+        """Reports the pod's status as a kubelet does: retried while the API server is
+        busy or unreachable (priority and fairness answer 429 on two loaded cores), given
+        up only once the pod is gone or replaced. A dropped final status would leave the
+        pod Running and its Job unfinished for good."""
+        for attempt in range(STATUS_ATTEMPTS):
+            if run.node in self._lost:
+                return
+            try:
+                await client.request(
+                    "PATCH",
+                    f"/api/v1/namespaces/{run.namespace}/pods/{run.name}/status",
+                    {"metadata": {"uid": run.uid}, "status": status},
+                    content_type="application/strategic-merge-patch+json",
+                )
+                return
+            except ApiError as exc:
+                if exc.status in (404, 409):  # gone, or another pod of the same name
+                    return
+                problem: Exception = exc
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                problem = exc
+            log.warning("pod %s/%s: status not taken (%s); retrying", run.namespace,
+                        run.name, problem)  # fmt: skip
+            await asyncio.sleep(min(0.1 * 2**attempt, 2.0))
+        log.error("pod %s/%s: status %s never taken", run.namespace, run.name,
+                  status.get("phase"))  # fmt: skip
 
     async def _run(self, client: Cluster, run: PodRun, pod: dict[str, Any]) -> None:
         plan = self.plans[run.job].pop(0) if self.plans.get(run.job) else PodPlan()

@@ -113,11 +113,18 @@ async def test_a_job_runs_on_a_node_and_the_controllers_clean_up(
     container["env"] = [{"name": "HOSTNAME_VALUE",
                          "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}]  # fmt: skip
     await cluster.create_object(JOBS, NS, body)
-    # The session's first pod on the stand-in (its nodes just registered): 30 s was
-    # missed once in a CI rehearsal on two busy cores.
-    done = await wait_until(
-        lambda: condition(cluster.get(JOBS, NS, "hello"), "Complete"), within=90
-    )
+    # The session's first pod on the stand-in (its nodes just registered).
+    try:
+        done = await wait_until(
+            lambda: condition(cluster.get(JOBS, NS, "hello"), "Complete"), within=90
+        )
+    except TimeoutError:
+        seen = {
+            "job": cluster.get(JOBS, NS, "hello"),
+            "pods": pods_of(cluster, "hello"),
+            "runs": [(r.name, r.node, r.exit_code) for r in node_agent.runs("hello")],
+        }
+        raise AssertionError(f"the Job did not complete: {json.dumps(seen, default=str)}") from None
     assert done["reason"] == "CompletionsReached"
     assert node_agent.logs("hello") == f"hello from {CPU_NODE}\n"
     # TTL-after-finished deletes the Job; the garbage collector its pod.
